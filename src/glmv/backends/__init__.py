@@ -1,0 +1,1 @@
+"""Backends: where generation happens (local transformers, or a remote OpenAI-compatible server)."""

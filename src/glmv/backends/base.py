@@ -1,0 +1,135 @@
+"""The backend interface every front end talks to, and the typed chunks it streams.
+
+A backend turns a :class:`GenerationRequest` (messages with images, sampling, thinking on or off,
+optional tools) into a stream of :class:`Chunk` objects: text deltas labelled ``thinking`` or
+``answer``, parsed tool calls, and one final ``done`` chunk carrying the parsed result, token counts
+and timings. Statistics travel beside the text, never inside it. Streams can be cancelled between
+tokens with a :class:`threading.Event`, or by closing the iterator.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Protocol
+
+from ..errors import GlmvError
+from ..parsing import ParsedOutput, ToolCall
+from ..prompts import Message
+from ..settings import SamplingParams
+
+ChunkType = Literal["status", "thinking", "answer", "tool_call", "done"]
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
+
+
+@dataclass
+class GenerationRequest:
+    """One generation: the conversation and how to sample it."""
+
+    messages: list[Message]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    thinking: bool = True
+    tools: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass
+class Timings:
+    """Seconds measured for one request. ``ttft_s`` includes media processing; ``prefill_s`` does not."""
+
+    ttft_s: float | None = None
+    prefill_s: float | None = None
+    total_s: float = 0.0
+    queued_s: float = 0.0
+
+    @property
+    def decode_s(self) -> float:
+        return max(0.0, self.total_s - (self.ttft_s or 0.0))
+
+    def tokens_per_s(self, completion_tokens: int) -> float | None:
+        """Decode speed: tokens after the first over the time after the first."""
+        if completion_tokens < 2 or self.decode_s <= 0:
+            return None
+        return (completion_tokens - 1) / self.decode_s
+
+    def to_dict(self, completion_tokens: int) -> dict[str, float | None]:
+        tps = self.tokens_per_s(completion_tokens)
+        return {
+            "ttft_s": None if self.ttft_s is None else round(self.ttft_s, 4),
+            "prefill_s": None if self.prefill_s is None else round(self.prefill_s, 4),
+            "total_s": round(self.total_s, 4),
+            "queued_s": round(self.queued_s, 4),
+            "tokens_per_s": None if tps is None else round(tps, 2),
+        }
+
+
+@dataclass
+class Chunk:
+    """One piece of a streamed generation."""
+
+    type: ChunkType
+    text: str = ""
+    tool_call: ToolCall | None = None
+    usage: Usage = field(default_factory=Usage)
+    timings: Timings = field(default_factory=Timings)
+    # Only on the final "done" chunk:
+    result: ParsedOutput | None = None
+    finish_reason: FinishReason | None = None
+    raw_text: str = ""
+
+
+class Backend(Protocol):
+    """What a front end needs from a model runner."""
+
+    name: str
+
+    def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        """Stream the answer. Raises :class:`GlmvError` subclasses for bad requests before any model work."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Result:
+    """A finished generation, collected from a chunk stream."""
+
+    output: ParsedOutput
+    usage: Usage
+    timings: Timings
+    finish_reason: FinishReason
+    raw_text: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.output.to_dict()
+        d.update(
+            usage=self.usage.to_dict(),
+            timings=self.timings.to_dict(self.usage.completion_tokens),
+            finish_reason=self.finish_reason,
+        )
+        return d
+
+
+def collect(chunks: Iterator[Chunk]) -> Result:
+    """Drain a chunk stream into a :class:`Result`."""
+    for chunk in chunks:
+        if chunk.type == "done":
+            assert chunk.result is not None and chunk.finish_reason is not None
+            return Result(chunk.result, chunk.usage, chunk.timings, chunk.finish_reason, chunk.raw_text)
+    raise GlmvError("the backend ended the stream without a result")

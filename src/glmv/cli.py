@@ -1,0 +1,317 @@
+"""The ``glmv`` command line: ``ask``, ``ocr`` and ``html`` (and the front ends of later issues).
+
+Flags map explicitly onto :class:`~glmv.settings.Settings` and
+:class:`~glmv.settings.SamplingParams`; everything is validated (flags, images, prompt) before the
+model is loaded. Errors print ``error: ...`` and exit 2 without a traceback (``--debug`` shows one).
+The tutorial's flags (``--model_path``, ``--input``, ``--prompt``, ``--int4``, ``--stream``) keep
+working, and ``glmv`` with no arguments does what the tutorial did: describe ``input/image_1.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
+
+from . import __version__
+from .backends.base import Backend, GenerationRequest, Result, collect
+from .errors import GlmvError
+from .media import load_image
+from .outputs import save_html, text_as_page
+from .prompts import TASKS, Message, user_message
+from .settings import DEFAULT_MAX_NEW_TOKENS, SamplingParams, Settings
+
+DEFAULT_IMAGE = "input/image_1.png"
+SUBCOMMANDS = ("ask", "ocr", "html")
+
+BackendFactory = Callable[[Settings], Backend]
+
+
+# -- argument parsing ---------------------------------------------------------------------------
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "--model_path", dest="model", metavar="ID_OR_PATH",
+                   help="hub id or local folder (default: $GLMV_MODEL or zai-org/GLM-4.6V-Flash); 'tiny' = tiny random test model")
+    g.add_argument("--int4", action="store_true", help="4-bit bitsandbytes nf4, double quantization, bf16 compute (needs CUDA)")
+    g.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None,
+                   help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: auto)")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="print tokens as they come (default: on when stdout is a terminal)")
+    g.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the model reason before answering (--no-thinking is faster)")
+    g.add_argument("--show-thinking", action="store_true", help="print the model's reasoning, marked, before the answer")
+    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help=f"answer length cap (default {DEFAULT_MAX_NEW_TOKENS})")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature, 0..2 (default 0.8; 0 = greedy)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling, (0, 1] (default 0.6)")
+    g.add_argument("--top-k", type=int, default=None, help="top-k sampling, >= 0 (default 2)")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="(default 1.1)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    g.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="scale images down to at most N pixels (fewer visual tokens, faster; default 4000000)")
+    g.add_argument("--system", default=None, help="system prompt")
+    g.add_argument("--json", action="store_true", help="print one JSON object (answer, thinking, usage, timings) instead of text")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glmv",
+        description="Run the GLM-4.6V vision-language models: describe images, read text, turn screenshots into HTML.",
+    )
+    parser.add_argument("--version", action="version", version=f"glmv {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    ask = sub.add_parser("ask", help="answer a prompt about zero or more images")
+    ask.add_argument("images", nargs="*", metavar="IMAGE", help="path, http(s) URL, data: URI or - for stdin")
+    ask.add_argument("-p", "--prompt", default=None, help="what to ask (default: 'describe this image')")
+
+    ocr = sub.add_parser("ocr", help=TASKS["ocr"].help)
+    ocr.add_argument("images", nargs="*", metavar="IMAGE")
+    ocr.add_argument("-p", "--prompt", default=None, help="override the OCR prompt")
+
+    html = sub.add_parser("html", help=TASKS["html"].help)
+    html.add_argument("images", nargs="*", metavar="IMAGE")
+    html.add_argument("-p", "--prompt", default=None, help="override the image-to-HTML prompt")
+    html.add_argument("--out", default="html_code", help="folder for generated_YYYYMMDD_HHMMSS.html (default: html_code)")
+
+    for p in (ask, ocr, html):
+        p.add_argument("--input", action="append", default=[], metavar="IMAGE", help="an image (tutorial flag; repeatable)")
+        _add_model_args(p)
+        _add_generation_args(p)
+    return parser
+
+
+def _normalize_argv(argv: list[str]) -> list[str]:
+    """Bare ``glmv`` and the tutorial's ``glmv --input x --prompt y`` mean ``glmv ask ...``."""
+    if not argv:
+        return ["ask"]
+    if argv[0] in ("-h", "--help", "--version") or not argv[0].startswith("-"):
+        return argv
+    return ["ask", *argv]
+
+
+# -- helpers -------------------------------------------------------------------------------------
+class Printer:
+    """Writes streamed thinking/answer text to stdout, with visible markers around the reasoning."""
+
+    def __init__(self, out: TextIO, err: TextIO, show_thinking: bool) -> None:
+        self.out, self.err = out, err
+        self.show_thinking = show_thinking
+        self.tty = out.isatty()
+        self._section: str | None = None
+        self._announced_thinking = False
+
+    def _style(self, text: str, code: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.tty else text
+
+    def write(self, part: str, text: str) -> None:
+        if part == "thinking":
+            if not self.show_thinking:
+                if not self._announced_thinking and self.err.isatty():
+                    self.err.write("glmv: thinking ...\n")
+                    self.err.flush()
+                self._announced_thinking = True
+                return
+            if self._section != "thinking":
+                self.out.write(self._style("── thinking ──", "2;36") + "\n")
+                self._section = "thinking"
+            self.out.write(self._style(text, "2"))
+        else:
+            if self._section == "thinking":
+                self.out.write("\n" + self._style("── answer ──", "2;36") + "\n")
+            self._section = "answer"
+            self.out.write(text)
+        self.out.flush()
+
+    def end(self) -> None:
+        if self._section is not None:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def summary_line(result: Result) -> str:
+    t, u = result.timings, result.usage
+    tps = t.tokens_per_s(u.completion_tokens)
+    parts = [
+        f"{u.completion_tokens} tokens",
+        f"prompt {u.prompt_tokens}",
+        f"TTFT {t.ttft_s:.2f} s" if t.ttft_s is not None else "TTFT -",
+        f"{tps:.1f} tok/s" if tps is not None else "- tok/s",
+        f"total {t.total_s:.2f} s",
+    ]
+    if result.finish_reason != "stop":
+        parts.append(f"finish: {result.finish_reason}")
+    return "glmv: " + ", ".join(parts)
+
+
+def _sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+    }
+    SamplingParams().merged(**overrides)  # validate now, before anything is loaded
+    return overrides
+
+
+def _default_backend(settings: Settings) -> Backend:
+    from .backends.local import LocalBackend
+
+    return LocalBackend(settings).load()
+
+
+# -- commands ------------------------------------------------------------------------------------
+def run_task(
+    args: argparse.Namespace,
+    backend_factory: BackendFactory,
+    stdout: TextIO,
+    stderr: TextIO,
+) -> int:
+    task = args.command
+    sampling_overrides = _sampling_from_args(args)
+    settings = Settings.from_env(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        int4=args.int4 or None,
+        max_pixels=args.max_pixels,
+        thinking=args.thinking,
+    )
+    sources = [*args.images, *args.input]
+    prompt = args.prompt
+    if task == "ask":
+        if not sources and prompt is None:
+            sources = [DEFAULT_IMAGE]
+        if prompt is None:
+            prompt = TASKS["describe"].prompt
+    else:
+        if not sources:
+            raise GlmvError(f"glmv {task} needs an image: glmv {task} IMAGE")
+        if task == "html" and len(sources) > 1:
+            raise GlmvError("glmv html takes one screenshot; run it once per image")
+        if prompt is None:
+            prompt = TASKS[task].prompt
+    if not prompt.strip():
+        raise GlmvError("the prompt is empty: say what you want to know (for example -p 'describe this image')")
+    if sources.count("-") > 1:
+        raise GlmvError("standard input ('-') can be read only once")
+    images = [load_image(s, max_pixels=settings.max_pixels, allow_remote=settings.allow_remote_media) for s in sources]
+    if task == "html":
+        from .outputs import ensure_writable_dir
+
+        ensure_writable_dir(Path(args.out))
+
+    messages: list[Message] = []
+    if args.system:
+        messages.append(Message("system", [args.system]))
+    messages.append(user_message(prompt, images))
+
+    backend = backend_factory(settings)
+    defaults = getattr(backend, "default_sampling", None) or SamplingParams()
+    request = GenerationRequest(messages=messages, sampling=defaults.merged(**sampling_overrides), thinking=args.thinking)
+
+    stream = args.stream if args.stream is not None else (stdout.isatty() and not args.json)
+    if args.json:
+        stream = False
+    cancel = threading.Event()
+    try:
+        chunks = backend.generate(request, cancel)
+        if stream:
+            printer = Printer(stdout, stderr, args.show_thinking)
+
+            def tee():
+                for chunk in chunks:
+                    if chunk.type in ("thinking", "answer"):
+                        printer.write(chunk.type, chunk.text)
+                    elif chunk.type == "status":
+                        stderr.write(f"glmv: {chunk.text}\n")
+                    yield chunk
+
+            result = collect(tee())
+            printer.end()
+        else:
+            result = collect(chunks)
+    except KeyboardInterrupt:
+        cancel.set()
+        stderr.write("\nglmv: cancelled\n")
+        return 130
+
+    html_path = None
+    if task == "html":
+        page = result.output.html
+        if page is None:
+            stderr.write("glmv: warning: the answer contained no HTML; saved the answer as text in a page\n")
+            page = text_as_page(result.output.answer)
+        html_path = save_html(page, Path(args.out))
+
+    if args.json:
+        payload = {"model": settings.model, "task": task, **result.to_dict()}
+        if task == "html":
+            payload["html_path"] = str(html_path)
+            payload["html_found"] = result.output.html is not None
+        stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+    else:
+        if not stream:
+            printer = Printer(stdout, stderr, args.show_thinking)
+            if result.output.thinking:
+                printer.write("thinking", result.output.thinking)
+            printer.write("answer", result.output.answer)
+            printer.end()
+        if html_path is not None:
+            stdout.write(f"{html_path}\n")
+        stderr.write(summary_line(result) + "\n")
+    stdout.flush()
+    return 0
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    backend_factory: BackendFactory | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    argv = _normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or bool(os.environ.get("GLMV_DEBUG"))
+    try:
+        if args.command in SUBCOMMANDS:
+            return run_task(args, backend_factory or _default_backend, stdout, stderr)
+        parser.print_help(stdout)
+        return 0
+    except GlmvError as exc:
+        if debug:
+            raise
+        stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        stderr.write("\nglmv: interrupted\n")
+        return 130
+    except Exception as exc:  # a bug, not a user error: say so briefly
+        if debug:
+            raise
+        stderr.write(f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)\n")
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

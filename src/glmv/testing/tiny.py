@@ -1,0 +1,210 @@
+"""A tiny random checkpoint in the real GLM-4.6V format: the test fixture and the offline smoke model.
+
+It is built here, in seconds on a CPU, because no test machine can download the real weights. What is
+real: the file layout (``config.json`` of model type ``glm4v``, a ``tokenizer.json`` holding every
+special token of GLM-4.6V, a ``chat_template.jinja`` that renders the real prompt format,
+``generation_config.json`` with the real stop tokens and sampling defaults, the ``Glm46VProcessor``
+configs) and therefore the whole loading, processing and generation path. What is not: the weights are
+random and the vocabulary is small, so its text is gibberish and its token ids differ from the real
+ones (which keeps the code honest about reading ids from the checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from ..settings import cache_root
+
+# Bump when the layout changes, so cached copies are rebuilt.
+TINY_VERSION = "3"
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+    "<|image|>",
+    "<|video|>",
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<arg_key>",
+    "</arg_key>",
+    "<arg_value>",
+    "</arg_value>",
+    "/nothink",
+    "<|begin_of_box|>",
+    "<|end_of_box|>",
+]
+
+_CORPUS = """
+describe this image. Extract all text in reading order; render tables as Markdown.
+Turn this screenshot into a single self-contained HTML file with inline CSS.
+<!DOCTYPE html><html><head><meta charset="utf-8"><title>Page</title><style>body { margin: 0; }</style>
+</head><body><header><h1>Welcome</h1></header><main><p>Hello world</p><table><tr><td>1</td></tr></table>
+</main><footer>Contact us</footer></body></html>
+The image shows a red square, a blue circle and a green triangle on a white background.
+| Item | Quantity | Price |
+|------|----------|-------|
+| Apple | 3 | 1.20 |
+The quick brown fox jumps over the lazy dog. 0123456789 !?.,;:'"()[]{}<>/\\-_=+*&^%$#@~`
+```html
+<div class="card"><button>Sign in</button></div>
+```
+{"name": "crop", "arguments": {"box": [100, 200, 300, 400]}}
+"""
+
+
+def chat_template_text() -> str:
+    return resources.files("glmv.templates").joinpath("glm46v_chat_template.jinja").read_text(encoding="utf-8")
+
+
+def _build_tokenizer(out: Path) -> None:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=700,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        special_tokens=[],
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.save_pretrained(out)
+
+
+def build_tiny_checkpoint(out: Path, seed: int = 0) -> Path:
+    """Write the tiny checkpoint into ``out`` (created) and return it."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        Glm4vConfig,
+        Glm4vForConditionalGeneration,
+        Glm46VImageProcessor,
+        Glm46VProcessor,
+        Glm46VVideoProcessor,
+        GenerationConfig,
+    )
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _build_tokenizer(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 500000.0,
+            "mrope_section": [2, 3, 3],
+            "partial_rotary_factor": 0.5,
+        },
+        "pad_token_id": ids["<|endoftext|>"],
+        "eos_token_id": [ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]],
+    }
+    vision_config = {
+        "depth": 2,
+        "hidden_size": 64,
+        "num_heads": 2,
+        "intermediate_size": 128,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+        "out_hidden_size": 128,
+        "image_size": 336,
+    }
+    config = Glm4vConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image|>"],
+        video_token_id=ids["<|video|>"],
+        image_start_token_id=ids["<|begin_of_image|>"],
+        image_end_token_id=ids["<|end_of_image|>"],
+        video_start_token_id=ids["<|begin_of_video|>"],
+        video_end_token_id=ids["<|end_of_video|>"],
+    )
+    torch.manual_seed(seed)
+    model = Glm4vForConditionalGeneration(config).to(torch.float32).eval()
+    model.generation_config = GenerationConfig(
+        do_sample=True,
+        temperature=0.8,
+        top_p=0.6,
+        top_k=2,
+        repetition_penalty=1.1,
+        max_new_tokens=8192,
+        eos_token_id=[ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    model.save_pretrained(out)
+
+    processor = Glm46VProcessor(
+        image_processor=Glm46VImageProcessor(),
+        tokenizer=tokenizer,
+        video_processor=Glm46VVideoProcessor(),
+        chat_template=chat_template_text(),
+    )
+    processor.save_pretrained(out)
+    (out / "glmv_tiny.json").write_text(json.dumps({"version": TINY_VERSION, "seed": seed}) + "\n")
+    return out
+
+
+def tiny_checkpoint_path() -> Path:
+    return cache_root() / f"tiny-glm46v-v{TINY_VERSION}"
+
+
+def ensure_tiny_checkpoint() -> Path:
+    """The cached tiny checkpoint, built atomically on first use."""
+    target = tiny_checkpoint_path()
+    if (target / "glmv_tiny.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    try:
+        build_tiny_checkpoint(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "glmv_tiny.json").exists():  # lost a race only if the winner finished
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
