@@ -182,7 +182,12 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
             return LoadedImage(image=img.copy(), source=name, original_size=original)
     except MediaError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:
+        raise MediaError(
+            f"cannot read image '{name}': its size is over the {max_decode_pixels / 1e6:.0f} Mpx safety cap "
+            f"(a decompression bomb?); scale it down first"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         detail = str(exc) or type(exc).__name__
         raise MediaError(f"cannot read image '{name}': the file is truncated or corrupt ({detail})") from None
 

@@ -1,0 +1,4 @@
+"""python -m glmv"""
+from .cli import entry
+
+entry()

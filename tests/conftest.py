@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """One glmv cache per test session (the tiny checkpoint is built once into it), no hub access."""
+    cache = os.environ.get("GLMV_TEST_CACHE") or str(tmp_path_factory.mktemp("glmv-cache"))
+    old = {k: os.environ.get(k) for k in ("GLMV_CACHE", "HF_HUB_OFFLINE", "GLMV_MODEL")}
+    os.environ["GLMV_CACHE"] = cache
+    os.environ.pop("GLMV_MODEL", None)
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_path(_isolated_cache):
+    from glmv.testing.tiny import ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def tiny_backend(tiny_path):
+    from glmv.backends.local import LocalBackend
+    from glmv.settings import Settings
+
+    backend = LocalBackend(Settings(model=str(tiny_path)), log=lambda m: None).load()
+    yield backend
+    backend.close()
+
+
+def png_bytes(size=(64, 48), color=(200, 30, 30), mode="RGB") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header announcing a huge image, with almost no data (a decompression bomb's shape)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def sample_png(tmp_path) -> Path:
+    p = tmp_path / "red.png"
+    p.write_bytes(png_bytes())
+    return p
