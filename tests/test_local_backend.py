@@ -120,3 +120,28 @@ def test_incremental_decoder_equals_full_decode(tiny_backend):
     dec = IncrementalDecoder(tok)
     out = "".join(dec.push([i]) for i in ids) + dec.flush()
     assert out == tok.decode(ids, skip_special_tokens=False)
+
+
+def test_queued_requests_are_batched_and_match_single_runs(tiny_backend):
+    def r(i, n=20):
+        img = [load_image(Image.new("RGB", (280 + 56 * i, 196), (i * 40, 100, 200)))] if i != 2 else []
+        return GenerationRequest([user_message("describe this image" + " please" * i, img)],
+                                 sampling=tiny_backend.default_sampling.merged(max_new_tokens=n, temperature=0))
+
+    singles = [collect(tiny_backend.generate(r(i))).raw_text for i in range(4)]
+    blocker = tiny_backend.generate(r(0, 400))
+    next(blocker)  # the worker is busy: the next four requests queue up together
+    results = [None] * 4
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, collect(tiny_backend.generate(r(i))).raw_text))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 10
+    while tiny_backend.queue_depth < 5 and time.time() < deadline:
+        time.sleep(0.01)
+    tiny_backend.batch_sizes.clear()
+    blocker.close()  # cancel the blocker; the four waiting requests now run as one batch
+    for t in threads:
+        t.join(60)
+    assert 4 in tiny_backend.batch_sizes
+    assert results == singles  # greedy: batching (left padding, mixed images) changes nothing

@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -67,37 +68,93 @@ class _Job:
     queued_at: float = field(default_factory=time.perf_counter)
 
 
-class _StreamToQueue:
-    """A transformers streamer that forwards generated token ids (not the prompt) to a job queue."""
+def _batch_key(job: _Job) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in job.gen_kwargs.items()))
 
-    def __init__(self, job: _Job) -> None:
-        self._job = job
+
+def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Join processed prompts into one left-padded batch (visual inputs concatenated in order)."""
+    import torch
+    import torch.nn.functional as F
+
+    if len(items) == 1:
+        return dict(items[0])
+    width = max(int(x["input_ids"].shape[1]) for x in items)
+    out: dict[str, Any] = {}
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+        if key in items[0]:
+            out[key] = torch.cat([F.pad(x[key], (width - x[key].shape[1], 0), value=fill) for x in items])
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        parts = [x[key] for x in items if key in x]
+        if parts:
+            out[key] = torch.cat(parts)
+    return out
+
+
+class _BatchStreamer:
+    """A transformers streamer that routes each row's new token ids to its job's queue.
+
+    A row is finished (and its caller told at once, not when the whole batch ends) when it emits a stop
+    token or its job is cancelled; after that the padding generate() adds for it is dropped.
+    """
+
+    def __init__(self, jobs: list[_Job], eos: set[int], started: float) -> None:
+        self._jobs = jobs
+        self._eos = eos
+        self._started = started
         self._prompt_seen = False
-        self.first_token_at: float | None = None
+        self._done = [False] * len(jobs)
+        self._first: float | None = None
+
+    def _info(self, job: _Job, cancelled: bool) -> dict[str, Any]:
+        return {
+            "cancelled": cancelled,
+            "prefill_s": None if self._first is None else self._first - self._started,
+            "queued_s": self._started - job.queued_at,
+        }
 
     def put(self, value: Any) -> None:
         if not self._prompt_seen:
             self._prompt_seen = True
             return
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        ids = value.reshape(-1).tolist()
-        self._job.out.put(("tokens", ids))
+        if self._first is None:
+            self._first = time.perf_counter()
+        ids = value.reshape(len(self._jobs), -1).tolist()
+        for i, (job, row) in enumerate(zip(self._jobs, ids)):
+            if self._done[i]:
+                continue
+            job.out.put(("tokens", row))
+            if job.cancel.is_set() or row[-1] in self._eos:
+                self._done[i] = True
+                job.out.put(("done", self._info(job, job.cancel.is_set() and row[-1] not in self._eos)))
 
     def end(self) -> None:
         pass
 
+    def finish_all(self) -> None:
+        for i, job in enumerate(self._jobs):
+            if not self._done[i]:
+                self._done[i] = True
+                job.out.put(("done", self._info(job, job.cancel.is_set())))
+
+    def fail_all(self, error: Exception) -> None:
+        for i, job in enumerate(self._jobs):
+            if not self._done[i]:
+                self._done[i] = True
+                job.out.put(("error", error))
+
 
 class _CancelCriteria:
-    """Stops generation once the job's cancel event is set (checked after every token)."""
+    """Stops each row once its job's cancel event is set (checked after every token)."""
 
-    def __init__(self, event: threading.Event) -> None:
-        self._event = event
+    def __init__(self, events: list[threading.Event]) -> None:
+        self._events = events
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
-        return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool, device=input_ids.device)
+        flags = [e.is_set() for e in self._events]
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
 
 class LocalBackend:
@@ -105,16 +162,20 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, settings: Settings, log: Log = _stderr_log) -> None:
+    def __init__(self, settings: Settings, log: Log = _stderr_log, max_batch: int = 8) -> None:
         self.settings = settings
         self._log = log
         self.processor: Any = None
         self.model: Any = None
         self.model_path: Any = None
         self.placement: Any = None
-        self._jobs: "queue.Queue[_Job | None]" = queue.Queue()
+        self._pending: deque[_Job] = deque()
+        self._cv = threading.Condition()
+        self._running = 0
+        self._stopping = False
+        self.max_batch = max_batch
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent generate() batch sizes (for metrics and tests)
         self._thread: threading.Thread | None = None
-        self._busy = threading.Event()
         self._load_lock = threading.Lock()
         self.default_sampling = settings.sampling
 
@@ -154,7 +215,9 @@ class LocalBackend:
 
     def close(self) -> None:
         if self._thread is not None:
-            self._jobs.put(None)
+            with self._cv:
+                self._stopping = True
+                self._cv.notify_all()
             self._thread.join(timeout=30)
             self._thread = None
         self.model = None
@@ -175,7 +238,9 @@ class LocalBackend:
 
     @property
     def queue_depth(self) -> int:
-        return self._jobs.qsize() + (1 if self._busy.is_set() else 0)
+        """Requests waiting or running."""
+        with self._cv:
+            return len(self._pending) + self._running
 
     # -- preparing inputs (caller's thread) ----------------------------------------------------
     def render_prompt(self, request: GenerationRequest) -> str:
@@ -227,50 +292,66 @@ class LocalBackend:
         return kwargs
 
     # -- the inference thread ------------------------------------------------------------------
+    def _take_batch(self) -> list[_Job] | None:
+        """Wait for work; return the oldest job plus queued jobs that can share its generate call."""
+        with self._cv:
+            while not self._pending and not self._stopping:
+                self._cv.wait()
+            if self._stopping and not self._pending:
+                return None
+            first = self._pending.popleft()
+            batch = [first]
+            if first.seed is None and self.max_batch > 1:
+                key = _batch_key(first)
+                for job in list(self._pending):
+                    if len(batch) >= self.max_batch:
+                        break
+                    if job.seed is None and _batch_key(job) == key:
+                        self._pending.remove(job)
+                        batch.append(job)
+            self._running = len(batch)
+            self.batch_sizes.append(len(batch))
+            return batch
+
     def _worker(self) -> None:
         import torch
 
         while True:
-            job = self._jobs.get()
-            if job is None:
+            batch = self._take_batch()
+            if batch is None:
                 return
-            if job.cancel.is_set():
-                job.out.put(("done", {"cancelled": True, "prefill_s": None, "queued_s": 0.0}))
-                continue
-            self._busy.set()
+            live = [j for j in batch if not j.cancel.is_set()]
+            for j in batch:
+                if j.cancel.is_set():
+                    j.out.put(("done", {"cancelled": True, "prefill_s": None, "queued_s": 0.0}))
             started = time.perf_counter()
-            streamer = _StreamToQueue(job)
+            streamer = _BatchStreamer(live, self._eos_ids(), started)
             try:
-                device = self.model.device
-                inputs = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in job.inputs.items()}
-                if "pixel_values" in inputs:
-                    inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-                if job.seed is not None:
-                    torch.manual_seed(job.seed)
-                with torch.inference_mode():
-                    self.model.generate(
-                        **inputs,
-                        **job.gen_kwargs,
-                        streamer=streamer,
-                        stopping_criteria=[_CancelCriteria(job.cancel)],
-                    )
-                job.out.put(
-                    (
-                        "done",
-                        {
-                            "cancelled": job.cancel.is_set(),
-                            "prefill_s": None if streamer.first_token_at is None else streamer.first_token_at - started,
-                            "queued_s": started - job.queued_at,
-                        },
-                    )
-                )
+                if live:
+                    inputs = collate([j.inputs for j in live], self.processor.tokenizer.pad_token_id)
+                    device = self.model.device
+                    inputs = {k: v.to(device) for k, v in inputs.items()}
+                    for key in ("pixel_values", "pixel_values_videos"):
+                        if key in inputs:
+                            inputs[key] = inputs[key].to(self.model.dtype)
+                    if live[0].seed is not None:
+                        torch.manual_seed(live[0].seed)
+                    with torch.inference_mode():
+                        self.model.generate(
+                            **inputs,
+                            **live[0].gen_kwargs,
+                            streamer=streamer,
+                            stopping_criteria=[_CancelCriteria([j.cancel for j in live])],
+                        )
+                streamer.finish_all()
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
-                job.out.put(("error", GenerationError("out of GPU memory: lower --max-pixels, --max-new-tokens or the number of images")))
-            except Exception as exc:  # reported to the caller; the thread keeps serving
-                job.out.put(("error", GenerationError(f"generation failed: {type(exc).__name__}: {exc}")))
+                streamer.fail_all(GenerationError("out of GPU memory: lower --max-pixels, --max-new-tokens or the number of images"))
+            except Exception as exc:  # reported to the callers; the thread keeps serving
+                streamer.fail_all(GenerationError(f"generation failed: {type(exc).__name__}: {exc}"))
             finally:
-                self._busy.clear()
+                with self._cv:
+                    self._running = 0
 
     # -- public API ----------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Chunk]:
@@ -286,8 +367,10 @@ class LocalBackend:
         gen_kwargs = self._generation_kwargs(sampling, n_prompt)
         eos = self._eos_ids()
         job = _Job(inputs=inputs, gen_kwargs=gen_kwargs, cancel=cancel, seed=sampling.seed)
-        ahead = self.queue_depth
-        self._jobs.put(job)
+        with self._cv:
+            ahead = len(self._pending) + self._running
+            self._pending.append(job)
+            self._cv.notify()
         if ahead:
             yield Chunk("status", text=f"waiting: {ahead} request(s) ahead")
 
