@@ -27,6 +27,7 @@ from .settings import DEFAULT_MAX_NEW_TOKENS, SamplingParams, Settings
 
 DEFAULT_IMAGE = "input/image_1.png"
 SUBCOMMANDS = ("ask", "ocr", "html")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 BackendFactory = Callable[[Settings], Backend]
 
@@ -40,6 +41,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None,
                    help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: auto)")
+
+
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("remote backend (any OpenAI-compatible server: vLLM, SGLang, another glmv serve)")
+    g.add_argument("--backend", choices=["local", "openai"], default="local", help="where the model runs (default: local)")
+    g.add_argument("--base-url", default=None, help="the server's API root, e.g. http://gpu-box:8000/v1")
+    g.add_argument("--api-key", default=None, help="API key for --base-url (default: $OPENAI_API_KEY)")
+    g.add_argument("--remote-model", default=None, help="model name on the server (default: the first it lists)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -86,7 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (ask, ocr, html):
         p.add_argument("--input", action="append", default=[], metavar="IMAGE", help="an image (tutorial flag; repeatable)")
         _add_model_args(p)
+        _add_backend_args(p)
         _add_generation_args(p)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions)")
+    _add_model_args(serve)
+    g = serve.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $GLMV_API_KEY)")
+    g.add_argument("--served-model-name", default=None, help="model name in the API (default: the --model value)")
+    g.add_argument("--allowed-media-dir", default=None, metavar="DIR", help="let requests name local image files inside DIR")
+    g.add_argument("--allow-remote-media", action="store_true", help="let requests name http(s) image URLs (the server fetches them)")
+    g.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; more get 429 (default 64)")
+    g.add_argument("--max-batch", type=int, default=8, help="requests batched into one generation (default 8)")
+    g.add_argument("--max-pixels", type=int, default=None, metavar="N", help="scale images down to at most N pixels")
+    g.add_argument("--max-body-mb", type=int, default=64, help="largest request body accepted; more gets 413 (default 64)")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -172,6 +197,19 @@ def _default_backend(settings: Settings) -> Backend:
     return LocalBackend(settings).load()
 
 
+def _remote_backend(args: argparse.Namespace) -> BackendFactory:
+    if not args.base_url:
+        raise GlmvError("--backend openai needs --base-url (for example http://localhost:8000/v1)")
+
+    def factory(settings: Settings) -> Backend:
+        from .backends.remote import RemoteBackend
+
+        key = args.api_key or os.environ.get("OPENAI_API_KEY")
+        return RemoteBackend(args.base_url, model=args.remote_model, api_key=key).load()
+
+    return factory
+
+
 # -- commands ------------------------------------------------------------------------------------
 def run_task(
     args: argparse.Namespace,
@@ -218,6 +256,8 @@ def run_task(
         messages.append(Message("system", [args.system]))
     messages.append(user_message(prompt, images))
 
+    if getattr(args, "backend", "local") == "openai":
+        backend_factory = _remote_backend(args)
     backend = backend_factory(settings)
     defaults = getattr(backend, "default_sampling", None) or SamplingParams()
     request = GenerationRequest(messages=messages, sampling=defaults.merged(**sampling_overrides), thinking=args.thinking)
@@ -276,6 +316,43 @@ def run_task(
     return 0
 
 
+def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr: TextIO) -> int:
+    try:
+        import uvicorn
+
+        from .server.app import ServerConfig, build_app
+    except ImportError:
+        raise GlmvError("glmv serve needs fastapi and uvicorn: pip install 'glmv[server]'") from None
+    settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, int4=args.int4 or None,
+                                 max_pixels=args.max_pixels)
+    api_key = args.api_key or os.environ.get("GLMV_API_KEY")
+    media_dir = None
+    if args.allowed_media_dir:
+        media_dir = Path(args.allowed_media_dir).expanduser()
+        if not media_dir.is_dir():
+            raise GlmvError(f"--allowed-media-dir '{args.allowed_media_dir}' is not a folder")
+    if args.max_queue < 1 or args.max_batch < 1:
+        raise GlmvError("--max-queue and --max-batch must be at least 1")
+    if args.host not in LOOPBACK and not api_key:
+        stderr.write(f"glmv: warning: listening on {args.host} without --api-key: anyone who can reach this "
+                     f"address can use the model\n")
+    backend = backend_factory(settings)
+    if hasattr(backend, "max_batch"):
+        backend.max_batch = args.max_batch
+    config = ServerConfig(model_name=args.served_model_name or settings.model, api_key=api_key,
+                          allowed_media_dir=media_dir, allow_remote_media=args.allow_remote_media,
+                          max_queue=args.max_queue, max_pixels=settings.max_pixels,
+                          max_body_bytes=args.max_body_mb * 2**20)
+    app = build_app(backend, config)
+    stderr.write(f"glmv: serving {config.model_name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)\n")
+    stderr.flush()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        backend.close()
+    return 0
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -292,6 +369,8 @@ def main(
     try:
         if args.command in SUBCOMMANDS:
             return run_task(args, backend_factory or _default_backend, stdout, stderr)
+        if args.command == "serve":
+            return run_serve(args, backend_factory or _default_backend, stderr)
         parser.print_help(stdout)
         return 0
     except GlmvError as exc:

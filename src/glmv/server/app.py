@@ -1,0 +1,419 @@
+"""``glmv serve``: an OpenAI-compatible HTTP server over any glmv backend (FastAPI + uvicorn).
+
+``build_app(backend, config)`` is a factory: nothing is global, so tests build as many apps as they
+like. Requests are parsed strictly (unknown fields: 422), converted to core messages under the media
+policy (data: URIs always; http(s) only with ``--allow-remote-media``; local files only inside
+``--allowed-media-dir``), validated and processed before they are queued, so a bad request never
+reaches the GPU. Admission is bounded (``--max-queue``; beyond it 429 with Retry-After); the backend
+batches what waits together. A client that disconnects has its generation cancelled at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..backends.base import Backend, Chunk, GenerationRequest
+from ..errors import GlmvError, MediaError, RequestError
+from ..media import load_image
+from ..parsing import ToolCall
+from ..prompts import Message
+from ..settings import SamplingParams
+from .schemas import ChatCompletionRequest, ChatMessage, ImagePart, TextPart, VideoPart
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "glmv"
+    api_key: str | None = None
+    allowed_media_dir: Path | None = None
+    allow_remote_media: bool = False
+    max_queue: int = 64
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 4_000_000
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# -- request conversion ------------------------------------------------------------------------
+def _media_policy_load(url: str, config: ServerConfig, where: str) -> Any:
+    try:
+        return _load_under_policy(url, config, where)
+    except MediaError as exc:
+        msg = str(exc)
+        raise MediaError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+
+def _load_under_policy(url: str, config: ServerConfig, where: str) -> Any:
+    if url.startswith("data:"):
+        return load_image(url, max_pixels=config.max_pixels, allow_remote=False)
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in ("http", "https"):
+        if not config.allow_remote_media:
+            raise MediaError(f"{where}: fetching remote images is disabled on this server (start it with --allow-remote-media, or send a data: URI)")
+        return load_image(url, max_pixels=config.max_pixels, allow_remote=True)
+    if scheme not in ("", "file"):
+        raise MediaError(f"{where}: unsupported image URL scheme '{scheme}': send a data: URI")
+    path_text = url[len("file://"):] if scheme == "file" else url
+    if config.allowed_media_dir is None:
+        raise MediaError(f"{where}: reading local files is disabled on this server (start it with --allowed-media-dir DIR, or send a data: URI)")
+    root = config.allowed_media_dir.resolve()
+    path = Path(path_text).expanduser()
+    path = (root / path).resolve() if not path.is_absolute() else path.resolve()
+    if not path.is_relative_to(root):
+        raise MediaError(f"{where}: '{path_text}' is outside the allowed media folder")
+    return load_image(path, max_pixels=config.max_pixels)
+
+
+def _content(parts: str | list | None, config: ServerConfig, where: str) -> list[Any]:
+    if parts is None:
+        return []
+    if isinstance(parts, str):
+        return [parts]
+    out: list[Any] = []
+    for i, part in enumerate(parts):
+        here = f"{where}.content[{i}]"
+        if isinstance(part, TextPart):
+            out.append(part.text)
+        elif isinstance(part, ImagePart):
+            out.append(_media_policy_load(part.image_url.url, config, here))
+        elif isinstance(part, VideoPart):
+            raise APIError(422, f"{here}: video_url is not supported yet", param=here, code="unsupported_content")
+    return out
+
+
+def _tool_calls_in(message: ChatMessage, where: str) -> list[ToolCall]:
+    calls = []
+    for i, tc in enumerate(message.tool_calls or []):
+        try:
+            args = json.loads(tc.function.arguments or "{}")
+        except ValueError:
+            raise RequestError(f"{where}.tool_calls[{i}].function.arguments is not valid JSON") from None
+        if not isinstance(args, dict):
+            raise RequestError(f"{where}.tool_calls[{i}].function.arguments must be a JSON object")
+        calls.append(ToolCall(tc.function.name, args))
+    return calls
+
+
+def to_generation_request(body: ChatCompletionRequest, config: ServerConfig, defaults: SamplingParams) -> GenerationRequest:
+    """Validate and convert an OpenAI request into a core request (loads images; raises GlmvError/APIError)."""
+    if body.n not in (None, 1):
+        raise APIError(422, "only n=1 is supported", param="n", code="unsupported_parameter")
+    if body.tool_choice == "required":
+        raise APIError(422, "tool_choice 'required' is not supported: use 'auto', 'none' or a named function",
+                       param="tool_choice", code="unsupported_parameter")
+    messages: list[Message] = []
+    for i, m in enumerate(body.messages):
+        where = f"messages[{i}]"
+        role = "system" if m.role == "developer" else m.role
+        content = _content(m.content, config, where)
+        messages.append(Message(role, content, tool_calls=_tool_calls_in(m, where)))  # type: ignore[arg-type]
+    stop = body.stop
+    sampling = defaults.merged(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        repetition_penalty=body.repetition_penalty,
+        max_new_tokens=body.max_completion_tokens or body.max_tokens,
+        seed=body.seed,
+        stop=tuple([stop] if isinstance(stop, str) else stop) if stop else None,
+    )
+    tools = None
+    if body.tools and body.tool_choice != "none":
+        tools = [t.model_dump(exclude_none=True) for t in body.tools]
+        if body.tool_choice is not None and not isinstance(body.tool_choice, str):
+            name = body.tool_choice.function.name
+            tools = [t for t in tools if t["function"]["name"] == name]
+            if not tools:
+                raise RequestError(f"tool_choice names '{name}', which is not among the tools")
+    thinking = True
+    if body.chat_template_kwargs and body.chat_template_kwargs.enable_thinking is not None:
+        thinking = body.chat_template_kwargs.enable_thinking
+    return GenerationRequest(messages=messages, sampling=sampling, thinking=thinking, tools=tools)
+
+
+def tool_call_out(call: ToolCall) -> dict[str, Any]:
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)},
+    }
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+class Metrics:
+    def __init__(self, queue_depth: Any) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("glmv_requests", "Chat completion requests by HTTP status", ["status"], registry=self.registry)
+        self.prompt_tokens = Counter("glmv_prompt_tokens", "Prompt tokens processed", registry=self.registry)
+        self.completion_tokens = Counter("glmv_completion_tokens", "Tokens generated", registry=self.registry)
+        self.in_flight = Gauge("glmv_requests_in_flight", "Requests admitted and not finished", registry=self.registry)
+        depth = Gauge("glmv_queue_depth", "Requests waiting for or running on the model", registry=self.registry)
+        depth.set_function(queue_depth)
+        buckets = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+        self.ttft = Histogram("glmv_time_to_first_token_seconds", "Time to first token", buckets=buckets, registry=self.registry)
+        self.latency = Histogram("glmv_request_latency_seconds", "Whole request latency", buckets=buckets, registry=self.registry)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+# -- the app -------------------------------------------------------------------------------------
+def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
+    config = config or ServerConfig()
+    app = FastAPI(title="glmv", version="1", docs_url=None, redoc_url=None)
+    state = {"admitted": 0}
+    metrics = Metrics(lambda: getattr(backend, "queue_depth", 0))
+    app.state.metrics = metrics
+    app.state.config = config
+
+    def error_response(exc: APIError) -> JSONResponse:
+        metrics.requests.labels(str(exc.status)).inc()
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        unknown, bad = [], []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            if err.get("type") == "extra_forbidden":
+                unknown.append(loc)
+            else:
+                bad.append(f"{loc}: {err.get('msg')}")
+        if unknown:
+            msg = "unknown or unsupported field(s): " + ", ".join(unknown)
+            if bad:
+                msg += "; " + "; ".join(bad)
+        else:
+            msg = "invalid request: " + "; ".join(bad)
+        return error_response(APIError(422, msg, param=(unknown or [None])[0], code="invalid_fields"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(APIError(exc.status_code, str(exc.detail), "invalid_request_error"))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(APIError(500, "internal server error", "server_error"))
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next: Any) -> Any:
+        path = request.url.path
+        if config.api_key and path.startswith(("/v1", "/metrics")):
+            auth = request.headers.get("authorization", "")
+            if auth != f"Bearer {config.api_key}":
+                return error_response(APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                                               "authentication_error", code="invalid_api_key"))
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+            return error_response(APIError(413, f"request body over {config.max_body_bytes // 2**20} MB", code="body_too_large"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": config.model_name, "queue_depth": getattr(backend, "queue_depth", 0)}
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0, "owned_by": "glmv"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        raw = await request.body()
+        if len(raw) > config.max_body_bytes:
+            raise APIError(413, f"request body over {config.max_body_bytes // 2**20} MB", code="body_too_large")
+        if state["admitted"] >= config.max_queue:
+            raise APIError(429, f"server busy: {state['admitted']} requests in progress; retry shortly",
+                           "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        state["admitted"] += 1
+        metrics.in_flight.inc()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                state["admitted"] -= 1
+                metrics.in_flight.dec()
+
+        t0 = time.perf_counter()
+        cancel = threading.Event()
+        try:
+            defaults = getattr(backend, "default_sampling", None) or SamplingParams()
+            try:
+                gen_request = await asyncio.to_thread(to_generation_request, body, config, defaults)
+                stream = await _start(backend, gen_request, cancel)
+            except GlmvError as exc:
+                raise APIError(exc.status if exc.status < 500 else 500,
+                               str(exc) if exc.status < 500 else "the model failed to start this request",
+                               "invalid_request_error" if exc.status < 500 else "server_error") from None
+        except BaseException:
+            release()
+            raise
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            gen = _sse(stream, cid, created, config.model_name, include_usage, metrics, t0, cancel, release)
+            return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            done = await _collect(stream, request, cancel)
+        finally:
+            release()
+        return JSONResponse(_completion(done, cid, created, config.model_name, metrics, t0))
+
+    return app
+
+
+class _ChunkStream:
+    """Runs a backend's chunk iterator on its own thread and hands chunks to the event loop."""
+
+    def __init__(self, chunks: Any, loop: asyncio.AbstractEventLoop, cancel: threading.Event) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._chunks = chunks
+        self._loop = loop
+        self._cancel = cancel
+        threading.Thread(target=self._pump, daemon=True, name="glmv-request").start()
+
+    def _pump(self) -> None:
+        try:
+            for chunk in self._chunks:
+                self._loop.call_soon_threadsafe(self.queue.put_nowait, chunk)
+        except BaseException as exc:  # delivered to the consumer
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, exc)
+        finally:
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, None)
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        while True:
+            item = await self.queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+async def _start(backend: Backend, request: GenerationRequest, cancel: threading.Event) -> _ChunkStream:
+    chunks = await asyncio.to_thread(backend.generate, request, cancel)  # validation + media processing
+    return _ChunkStream(chunks, asyncio.get_running_loop(), cancel)
+
+
+async def _collect(stream: _ChunkStream, request: Any, cancel: threading.Event) -> Chunk:
+    async def watch_disconnect() -> None:
+        while not cancel.is_set():
+            if await request.is_disconnected():
+                cancel.set()
+                return
+            await asyncio.sleep(0.25)
+
+    watcher = asyncio.create_task(watch_disconnect())
+    try:
+        async for chunk in stream:
+            if chunk.type == "done":
+                return chunk
+    except GlmvError as exc:
+        raise APIError(500, str(exc), "server_error") from None
+    finally:
+        watcher.cancel()
+    raise APIError(500, "generation ended without a result", "server_error")
+
+
+def _record(done: Chunk, metrics: Metrics, t0: float) -> None:
+    metrics.requests.labels("200").inc()
+    metrics.prompt_tokens.inc(done.usage.prompt_tokens)
+    metrics.completion_tokens.inc(done.usage.completion_tokens)
+    if done.timings.ttft_s is not None:
+        metrics.ttft.observe(done.timings.ttft_s)
+    metrics.latency.observe(time.perf_counter() - t0)
+
+
+def _finish_reason(done: Chunk) -> str:
+    return {"cancelled": "stop"}.get(done.finish_reason or "stop", done.finish_reason or "stop")
+
+
+def _completion(done: Chunk, cid: str, created: int, model: str, metrics: Metrics, t0: float) -> dict[str, Any]:
+    _record(done, metrics, t0)
+    result = done.result
+    assert result is not None
+    message: dict[str, Any] = {"role": "assistant", "content": result.answer or None}
+    if result.thinking:
+        message["reasoning_content"] = result.thinking
+    if result.tool_calls:
+        message["tool_calls"] = [tool_call_out(c) for c in result.tool_calls]
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": _finish_reason(done)}],
+        "usage": done.usage.to_dict(),
+    }
+
+
+async def _sse(stream: _ChunkStream, cid: str, created: int, model: str, include_usage: bool, metrics: Metrics,
+               t0: float, cancel: threading.Event, release: Any) -> AsyncIterator[str]:
+    def event(delta: dict[str, Any] | None = None, finish: str | None = None, usage: dict | None = None) -> str:
+        payload: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                                   "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if usage is not None:
+            payload["usage"] = usage
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    n_calls = 0
+    try:
+        yield event({"role": "assistant", "content": ""})
+        async for chunk in stream:
+            if chunk.type == "thinking":
+                yield event({"reasoning_content": chunk.text})
+            elif chunk.type == "answer":
+                yield event({"content": chunk.text})
+            elif chunk.type == "tool_call" and chunk.tool_call is not None:
+                yield event({"tool_calls": [{"index": n_calls, **tool_call_out(chunk.tool_call)}]})
+                n_calls += 1
+            elif chunk.type == "done":
+                _record(chunk, metrics, t0)
+                yield event({}, finish=_finish_reason(chunk))
+                if include_usage:
+                    yield event(None, usage=chunk.usage.to_dict())
+        yield "data: [DONE]\n\n"
+    except GlmvError as exc:
+        metrics.requests.labels("500").inc()
+        yield f"data: {json.dumps(error_body(str(exc), 'server_error'))}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        cancel.set()  # a no-op when finished; frees the model at once when the client went away
+        release()

@@ -1,0 +1,113 @@
+"""The OpenAI chat-completions request format that ``glmv serve`` accepts, strictly.
+
+Unknown fields are refused (422 naming them), not ignored: a client that sends ``response_format`` or
+``logprobs`` must learn that they do nothing here. Values are range-checked by
+:class:`~glmv.settings.SamplingParams`, the same rules the CLI and the web app use.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageURL(Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class VideoURL(Strict):
+    url: str
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class VideoPart(Strict):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
+
+
+class FunctionCall(Strict):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCallIn(Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None  # accepted from clients that echo it back; never re-sent to the model
+
+
+class FunctionDef(Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedToolChoiceFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedToolChoiceFunction
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class ChatTemplateKwargs(Strict):
+    enable_thinking: bool | None = None
+
+
+class ChatCompletionRequest(Strict):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    user: str | None = None
