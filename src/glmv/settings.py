@@ -92,6 +92,8 @@ class Settings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     thinking: bool = True
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    engine: str = "auto"  # auto (fast on CUDA where supported) | fast | hf (transformers generate)
+    max_seq_len: int = 16384  # per-request KV-cache capacity of the fast engine (prompt + answer)
     allow_remote_media: bool = True  # the CLI may fetch URLs it is given; the server turns this off
     cache_dir: Path | None = None
 
@@ -120,6 +122,8 @@ class Settings:
             raise RequestError(f"invalid max_pixels {self.max_pixels}: at most {MAX_DECODE_PIXELS}")
         if self.dtype not in ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"):
             raise RequestError(f"invalid dtype {self.dtype!r}: use auto, bfloat16, float16 or float32")
+        if self.engine not in ("auto", "fast", "hf"):
+            raise RequestError(f"invalid engine {self.engine!r}: use auto, fast or hf")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise RequestError(f"invalid device {self.device!r}: use auto, cpu, cuda or cuda:N")
 

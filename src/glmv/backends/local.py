@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from ..errors import ContextLengthError, GenerationError, GlmvError
+from ..errors import ContextLengthError, GenerationError, GlmvError, ModelLoadError
 from ..loading import Log, _stderr_log, choose_placement, load_checkpoint, resolve_model
 from ..parsing import StreamParser
 from ..prompts import to_template_messages, validate_messages
@@ -117,16 +117,21 @@ class _BatchStreamer:
         if not self._prompt_seen:
             self._prompt_seen = True
             return
+        self.tokens(value.reshape(len(self._jobs), -1).tolist())
+
+    def tokens(self, rows: list) -> bool:
+        """Route one step's new ids (one entry per row); True once every row is finished."""
         if self._first is None:
             self._first = time.perf_counter()
-        ids = value.reshape(len(self._jobs), -1).tolist()
-        for i, (job, row) in enumerate(zip(self._jobs, ids)):
+        for i, (job, row) in enumerate(zip(self._jobs, rows)):
             if self._done[i]:
                 continue
+            row = row if isinstance(row, list) else [row]
             job.out.put(("tokens", row))
             if job.cancel.is_set() or row[-1] in self._eos:
                 self._done[i] = True
                 job.out.put(("done", self._info(job, job.cancel.is_set() and row[-1] not in self._eos)))
+        return all(self._done)
 
     def end(self) -> None:
         pass
@@ -176,6 +181,8 @@ class LocalBackend:
         self.max_batch = max_batch
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent generate() batch sizes (for metrics and tests)
         self._thread: threading.Thread | None = None
+        self.engine: Any = None
+        self.warmup_s = 0.0
         self._load_lock = threading.Lock()
         self.default_sampling = settings.sampling
 
@@ -194,9 +201,38 @@ class LocalBackend:
             self.processor, self.model = load_checkpoint(path, placement, self.settings.model, self._log)
             self.model_path, self.placement = path, placement
             self.default_sampling = self._checkpoint_sampling(self.settings.sampling)
+            self._start_engine()
             self._thread = threading.Thread(target=self._worker, name="glmv-inference", daemon=True)
             self._thread.start()
         return self
+
+    def _start_engine(self) -> None:
+        """Use the fast decode engine where it applies (CUDA, dense bf16 model) unless told otherwise."""
+        choice = self.settings.engine
+        if choice == "hf" or (choice == "auto" and not str(self.placement.device).startswith("cuda")):
+            return
+        from ..engine.fast import EngineConfig, FastEngine, unsupported_reason
+
+        reason = unsupported_reason(self.model)
+        if reason is not None:
+            if choice == "fast":
+                raise ModelLoadError(f"--engine fast cannot run this model: {reason}")
+            self._log(f"using transformers generate ({reason})")
+            return
+        t0 = time.perf_counter()
+        self._log("warming up the fast decode engine (static KV cache, CUDA graphs) ...")
+        cfg = EngineConfig(max_batch=self.max_batch, max_seq_len=self.settings.max_seq_len)
+        self.engine = FastEngine(self.model, cfg, log=lambda m: None)
+        self.engine.capture()
+        self._warmup()
+        self.warmup_s = time.perf_counter() - t0
+        self._log(f"fast engine ready in {self.warmup_s:.1f} s")
+
+    def _warmup(self) -> None:
+        """One short generation so the first real request pays no one-time costs."""
+        inputs = dict(self.processor(text=["[gMASK]<sop><|user|>\nhi<|assistant|>"], return_tensors="pt"))
+        inputs.pop("token_type_ids", None)
+        self.engine.generate([inputs], {"max_new_tokens": 4, "do_sample": False}, lambda ids: False)
 
     def _checkpoint_sampling(self, base: SamplingParams) -> SamplingParams:
         """Model-card defaults, replaced by what the checkpoint's generation_config sets."""
@@ -222,6 +258,7 @@ class LocalBackend:
             self._thread = None
         self.model = None
         self.processor = None
+        self.engine = None
         try:
             import torch
 
@@ -328,21 +365,12 @@ class LocalBackend:
             streamer = _BatchStreamer(live, self._eos_ids(), started)
             try:
                 if live:
-                    inputs = collate([j.inputs for j in live], self.processor.tokenizer.pad_token_id)
-                    device = self.model.device
-                    inputs = {k: v.to(device) for k, v in inputs.items()}
-                    for key in ("pixel_values", "pixel_values_videos"):
-                        if key in inputs:
-                            inputs[key] = inputs[key].to(self.model.dtype)
-                    if live[0].seed is not None:
-                        torch.manual_seed(live[0].seed)
-                    with torch.inference_mode():
-                        self.model.generate(
-                            **inputs,
-                            **live[0].gen_kwargs,
-                            streamer=streamer,
-                            stopping_criteria=[_CancelCriteria([j.cancel for j in live])],
-                        )
+                    rows = [j.inputs for j in live]
+                    gen = live[0].gen_kwargs
+                    if self.engine is not None and self.engine.fits(rows, gen["max_new_tokens"]):
+                        self.engine.generate(rows, gen, streamer.tokens, live[0].seed)
+                    else:
+                        self._hf_generate(live, streamer)
                 streamer.finish_all()
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
@@ -352,6 +380,26 @@ class LocalBackend:
             finally:
                 with self._cv:
                     self._running = 0
+
+    def _hf_generate(self, live: list[_Job], streamer: "_BatchStreamer") -> None:
+        """transformers' own generate: the CPU path, quantized and multi-GPU models, very long prompts."""
+        import torch
+
+        inputs = collate([j.inputs for j in live], self.processor.tokenizer.pad_token_id)
+        device = self.model.device
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in inputs:
+                inputs[key] = inputs[key].to(self.model.dtype)
+        if live[0].seed is not None:
+            torch.manual_seed(live[0].seed)
+        with torch.inference_mode():
+            self.model.generate(
+                **inputs,
+                **live[0].gen_kwargs,
+                streamer=streamer,
+                stopping_criteria=[_CancelCriteria([j.cancel for j in live])],
+            )
 
     # -- public API ----------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Chunk]:
