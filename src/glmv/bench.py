@@ -1,0 +1,357 @@
+"""``glmv bench``: time GLM-4.6V-Flash the tutorial's way and glmv's way, against the card's limit.
+
+Without real weights, speed is measured on the full-size GLM-4.6V-Flash architecture with random bf16
+weights built directly on the GPU (``--model full-random``), fed real processor output for a real
+1288x728 screenshot, with the output length forced so every configuration decodes the same number of
+tokens. ``--model tiny --device cpu`` runs the same code in seconds (the test suite does). Also runs as
+a script: ``python -m glmv.bench``.
+
+Per configuration: time to first token with and without the processor, decode tokens/s at batch 1,
+aggregate tokens/s at larger batches, peak GPU memory, and warm-up time; plus the measured copy
+bandwidth, the batch-1 limit it implies (bandwidth / bytes of text weights), and each figure's ratio to
+it. Prints a table last and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .testing.tiny import ensure_tiny_checkpoint
+
+FLASH_TEXT = dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696, num_hidden_layers=40,
+                  num_attention_heads=32, num_key_value_heads=2, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                  rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [8, 12, 12],
+                                   "partial_rotary_factor": 0.5})
+FLASH_VISION = dict(depth=24, hidden_size=1536, num_heads=12, intermediate_size=13696, patch_size=14,
+                    temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=4096, image_size=336)
+CONFIGS = ("tutorial-bf16", "tutorial-nf4", "glmv-bf16", "glmv-4bit")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str) -> float | None:
+    """Bytes read + written per second for a 2 GiB device-to-device copy (median of 10)."""
+    if not device.startswith("cuda"):
+        return None
+    n = 2 * 2**30 // 2
+    a = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * 2 * 2**30 / statistics.median(times)
+
+
+def build_model(kind: str, device: str, dtype: torch.dtype, processor: Any) -> Any:
+    """The full-size Flash architecture with random weights (or a checkpoint path / tiny)."""
+    from transformers import AutoModelForImageTextToText, Glm4vConfig, Glm4vForConditionalGeneration
+
+    if kind != "full-random":
+        path = ensure_tiny_checkpoint() if kind == "tiny" else Path(kind)
+        return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+    tok = processor.tokenizer
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image|>", "<|video|>", "<|begin_of_image|>", "<|end_of_image|>",
+                                                     "<|begin_of_video|>", "<|end_of_video|>", "<|endoftext|>")}
+    cfg = Glm4vConfig(text_config={**FLASH_TEXT, "pad_token_id": ids["<|endoftext|>"]}, vision_config=FLASH_VISION,
+                      image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+                      image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
+                      video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"])
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Glm4vForConditionalGeneration._from_config(cfg, dtype=dtype)
+    # Random init draws from N(0, 0.02); keep activations finite in bf16 like a trained model's would be.
+    return model.eval()
+
+
+def text_weight_bytes(model: Any) -> int:
+    lm = model.model.language_model
+    total = sum(p.numel() * p.element_size() for p in lm.parameters())
+    return total + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+
+
+def make_inputs(processor: Any, image_path: Path, batch: int) -> tuple[dict[str, Any], float]:
+    """Processor output for ``batch`` copies of the screenshot prompt, and the processor's seconds (batch 1)."""
+    from PIL import Image
+
+    image = Image.open(image_path).convert("RGB")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe this image"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    t0 = time.perf_counter()
+    inputs = processor(text=[text] * batch, images=[image] * batch, return_tensors="pt", padding=True)
+    dt = time.perf_counter() - t0
+    inputs = dict(inputs)
+    inputs.pop("token_type_ids", None)
+    return inputs, dt
+
+
+class _Clock:
+    """A generate() streamer that notes when the first generated token arrives."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self._calls = 0
+
+    def put(self, value: Any) -> None:
+        self._calls += 1
+        if self._calls == 2 and self.first is None:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def time_hf(model: Any, inputs: dict[str, Any], n_tokens: int, device: str, static: bool = False) -> dict[str, float]:
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    clock = _Clock()
+    kwargs: dict[str, Any] = dict(max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False, streamer=clock)
+    if static:
+        kwargs["cache_implementation"] = "static"
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**inputs, **kwargs)
+    _sync(device)
+    total = time.perf_counter() - t0
+    b = inputs["input_ids"].shape[0]
+    gen = out.shape[1] - inputs["input_ids"].shape[1]
+    ttft = (clock.first or t0) - t0
+    return {"prefill_s": ttft, "total_s": total, "tokens": gen,
+            "decode_tok_s": b * (gen - 1) / max(total - ttft, 1e-9)}
+
+
+def time_engine(engine: Any, inputs: dict[str, Any], n_tokens: int, device: str) -> dict[str, float]:
+    b = inputs["input_ids"].shape[0]
+    rows = []
+    for i in range(b):
+        row = {"input_ids": inputs["input_ids"][i : i + 1], "attention_mask": inputs["attention_mask"][i : i + 1]}
+        if "mm_token_type_ids" in inputs:
+            row["mm_token_type_ids"] = inputs["mm_token_type_ids"][i : i + 1]
+        n_img = inputs["image_grid_thw"].shape[0] // b
+        grid = inputs["image_grid_thw"][i * n_img : (i + 1) * n_img]
+        per = int(grid.prod(-1).sum())
+        row["image_grid_thw"] = grid
+        row["pixel_values"] = inputs["pixel_values"][i * per : (i + 1) * per]
+        rows.append(row)
+    stamps: list[float] = []
+
+    def on_tokens(ids: list[int]) -> bool:
+        stamps.append(time.perf_counter())
+        return False
+
+    _sync(device)
+    t0 = time.perf_counter()
+    steps = engine.generate(rows, {"max_new_tokens": n_tokens, "do_sample": False, "repetition_penalty": 1.0}, on_tokens)
+    _sync(device)
+    total = time.perf_counter() - t0
+    ttft = stamps[0] - t0
+    return {"prefill_s": ttft, "total_s": total, "tokens": steps,
+            "decode_tok_s": b * (steps - 1) / max(stamps[-1] - stamps[0], 1e-9)}
+
+
+def peak_gb(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None
+
+
+def warmup_child(args: argparse.Namespace) -> float:
+    """Build the engine in a fresh process (to time a start with warm on-disk caches)."""
+    cmd = [sys.executable, "-m", "glmv.bench", "--model", args.model, "--device", args.device, "--warmup-only",
+           "--max-batch", str(args.max_batch)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    for line in p.stdout.splitlines():
+        if line.startswith("WARMUP_S="):
+            return float(line.split("=", 1)[1])
+    raise RuntimeError(f"warm-up child failed: {p.stderr[-2000:]}")
+
+
+def engine_warmup(model: Any, args: argparse.Namespace, processor: Any) -> tuple[Any, float]:
+    from .engine.fast import EngineConfig, FastEngine
+
+    t0 = time.perf_counter()
+    engine = FastEngine(model, EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len))
+    engine.capture()
+    inputs = dict(processor(text=["[gMASK]<sop><|user|>\nhi<|assistant|>"], return_tensors="pt"))
+    inputs.pop("token_type_ids", None)
+    engine.generate([inputs], {"max_new_tokens": 4, "do_sample": False}, lambda ids: False)
+    _sync(args.device)
+    return engine, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="glmv bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="full-random", help="full-random (default), tiny, or a checkpoint folder")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--image", default=str(Path(__file__).resolve().parents[2] / "input" / "image_3.png"))
+    p.add_argument("--tokens", type=int, default=128, help="forced output length")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--json", dest="json_path", default=None, help="write results here (default: stdout only)")
+    p.add_argument("--warmup-only", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    from transformers import AutoProcessor
+
+    os.environ.setdefault("TRITON_CACHE_DIR", str(Path(os.environ.get("GLMV_CACHE", Path.home() / ".cache" / "glmv")) / "triton"))
+    on_gpu = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    processor = AutoProcessor.from_pretrained(ensure_tiny_checkpoint())
+    model = build_model(args.model, args.device, dtype, processor)
+    if args.warmup_only:
+        _, w = engine_warmup(model, args, processor)
+        print(f"WARMUP_S={w}")
+        return 0
+
+    image = Path(args.image)
+    batches = [int(b) for b in args.batches.split(",") if b]
+    configs = [c for c in args.configs.split(",") if c]
+    bw = copy_bandwidth(args.device)
+    wbytes = text_weight_bytes(model)
+    limit = bw / wbytes if bw else None
+    report: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
+        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "date": time.strftime("%Y-%m-%d"), "model": args.model, "image": image.name, "tokens": args.tokens,
+        "copy_bandwidth_GBps": None if bw is None else round(bw / 1e9, 1),
+        "text_weight_GB": round(wbytes / 1e9, 2), "batch1_limit_tok_s": None if limit is None else round(limit, 1),
+        "batches": batches,
+        "configs": {},
+    }
+    inputs1, proc_s = make_inputs(processor, image, 1)
+    report["processor_s"] = round(proc_s, 4)
+    report["prompt_tokens"] = int(inputs1["input_ids"].shape[1])
+
+    def ratio(x: float | None) -> float | None:
+        return None if (x is None or limit is None) else round(x / limit, 3)
+
+    for name in configs:
+        entry: dict[str, Any] = {}
+        try:
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
+            if name == "tutorial-bf16":
+                time_hf(model, inputs1, 4, args.device)  # warm-up
+                r1 = time_hf(model, inputs1, args.tokens, args.device)
+                entry.update(prefill_s=r1["prefill_s"], decode_tok_s_b1=r1["decode_tok_s"])
+                for b in batches[1:]:
+                    rb = time_hf(model, make_inputs(processor, image, b)[0], args.tokens, args.device)
+                    entry[f"aggregate_tok_s_b{b}"] = rb["decode_tok_s"]
+            elif name == "glmv-bf16":
+                engine, first = engine_warmup(model, args, processor)
+                entry["warmup_first_s"] = first
+                if on_gpu:
+                    try:
+                        entry["warmup_second_s"] = warmup_child(args)
+                    except Exception as exc:  # report, keep going
+                        entry["warmup_second_error"] = str(exc)[-300:]
+                time_engine(engine, inputs1, 4, args.device)
+                t0 = time.perf_counter()
+                inp, _ = make_inputs(processor, image, 1)
+                r1 = time_engine(engine, inp, args.tokens, args.device)
+                entry["ttft_with_processor_s"] = (time.perf_counter() - t0) - r1["total_s"] + r1["prefill_s"]
+                entry.update(prefill_s=r1["prefill_s"], decode_tok_s_b1=r1["decode_tok_s"])
+                for b in batches[1:]:
+                    if b > args.max_batch:
+                        continue
+                    rb = time_engine(engine, make_inputs(processor, image, b)[0], args.tokens, args.device)
+                    entry[f"aggregate_tok_s_b{b}"] = rb["decode_tok_s"]
+                del engine
+            elif name == "tutorial-nf4":
+                entry.update(_nf4(args, processor, inputs1))
+            else:
+                entry["skipped"] = "not implemented in this build"
+        except Exception as exc:
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        entry["peak_gpu_GB"] = peak_gb(args.device)
+        entry["ratio_b1"] = ratio(entry.get("decode_tok_s_b1"))
+        report["configs"][name] = entry
+        if on_gpu:
+            torch.cuda.empty_cache()
+
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
+    print(format_table(report))
+    return 0
+
+
+def _nf4(args: argparse.Namespace, processor: Any, inputs1: dict[str, Any]) -> dict[str, Any]:
+    """The tutorial's --int4: save the random model, reload it as bitsandbytes nf4 (double quant, bf16 compute)."""
+    import tempfile
+
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    if not args.device.startswith("cuda"):
+        return {"skipped": "needs CUDA"}
+    src = build_model(args.model, args.device, torch.bfloat16, processor)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("GLMV_BENCH_TMP")) as d:
+        src.save_pretrained(d)
+        del src
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForImageTextToText.from_pretrained(d, quantization_config=q, device_map=args.device).eval()
+    time_hf(model, inputs1, 4, args.device)
+    r1 = time_hf(model, inputs1, min(args.tokens, 64), args.device)
+    out = {"prefill_s": r1["prefill_s"], "decode_tok_s_b1": r1["decode_tok_s"],
+           "weights_GB": torch.cuda.memory_allocated() / 1e9}
+    del model
+    return out
+
+
+def format_table(report: dict[str, Any]) -> str:
+    def f(x: Any, nd: int = 1) -> str:
+        return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+    lines = [
+        f"GPU: {report['gpu']}  torch {report['torch']}  transformers {report['transformers']}  {report['date']}",
+        f"copy bandwidth {f(report['copy_bandwidth_GBps'])} GB/s, text weights {report['text_weight_GB']} GB -> "
+        f"batch-1 limit {f(report['batch1_limit_tok_s'])} tok/s; prompt {report['prompt_tokens']} tokens; "
+        f"processor {f(report['processor_s'], 3)} s",
+        "| config | TTFT incl. processor (s) | prefill (s) | decode tok/s b1 | % of limit | "
+        + "".join(f"agg b{b} | " for b in report["batches"][1:]) + "peak GB | warm-up 1st / 2nd (s) |",
+        "|---|---|---|---|---|" + "---|" * len(report["batches"][1:]) + "---|---|",
+    ]
+    for name, e in report["configs"].items():
+        if "error" in e or "skipped" in e:
+            lines.append(f"| {name} | {e.get('error') or e.get('skipped')} |")
+            continue
+        ttft = e.get("ttft_with_processor_s")
+        if ttft is None and e.get("prefill_s") is not None:
+            ttft = e["prefill_s"] + report["processor_s"]
+        pct = None if e.get("ratio_b1") is None else 100 * e["ratio_b1"]
+        warm = f"{f(e.get('warmup_first_s'))} / {f(e.get('warmup_second_s'))}" if "warmup_first_s" in e else "-"
+        aggs = "".join(f"{f(e.get(f'aggregate_tok_s_b{b}'))} | " for b in report["batches"][1:])
+        lines.append(f"| {name} | {f(ttft, 3)} | {f(e.get('prefill_s'), 3)} | {f(e.get('decode_tok_s_b1'))} | {f(pct)} | "
+                     f"{aggs}{f(e.get('peak_gpu_GB'))} | {warm} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
