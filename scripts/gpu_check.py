@@ -59,6 +59,29 @@ def kernels() -> bool:
     return ok
 
 
+def w4_kernels() -> bool:
+    from glmv.engine.w4 import dequantize_w4, quantize_w4, w4_linear
+
+    ok = True
+    torch.manual_seed(2)
+    for (n, k) in ((4608, 4096), (4096, 13696), (27392, 4096)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        p, s, m = quantize_w4(w)
+        wd = dequantize_w4(p, s, m)
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
+        for r in (1, 3, 8, 32):
+            x = torch.randn(r, k, device="cuda", dtype=torch.bfloat16)
+            err = rel(w4_linear(x, p, s, m, bias), torch.nn.functional.linear(x, wd, bias))
+            gu = torch.randn(r, 2 * k, device="cuda", dtype=torch.bfloat16)
+            g, u = gu.chunk(2, -1)
+            err2 = rel(w4_linear(gu, p, s, m, silu=True), torch.nn.functional.linear(u * torch.nn.functional.silu(g), wd))
+            good = err < 1e-2 and err2 < 1e-2
+            ok &= good
+            print(f"w4 {n}x{k} rows {r:2d}: rel.err {err:.1e} / silu {err2:.1e} {'ok' if good else 'FAIL'}")
+        print(f"w4 {n}x{k}: quantization rel.err {rel(wd, w):.3f}")
+    return ok
+
+
 def tiny_parity() -> bool:
     from PIL import Image
 
@@ -127,7 +150,8 @@ def full_logits() -> bool:
 if __name__ == "__main__":
     t0 = time.time()
     results = {}
-    for name, fn in (("kernels", kernels), ("tiny_parity", tiny_parity), ("full_logits", full_logits)):
+    for name, fn in (("kernels", kernels), ("w4_kernels", w4_kernels), ("tiny_parity", tiny_parity),
+                     ("full_logits", full_logits)):
         try:
             results[name] = fn()
         except Exception as exc:

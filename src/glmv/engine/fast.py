@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import Kernels
+from .w4 import W4Linear, w4_linear
 
 TOPK_CAP = 256  # candidates kept for top-k/top-p sampling (top_k=0 means "all": approximated by these)
 
@@ -35,12 +36,21 @@ class EngineConfig:
 
 
 @dataclass
+class _W4:
+    """int4 weights of one (possibly fused) projection."""
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    mn: torch.Tensor
+
+
+@dataclass
 class _Layer:
-    wqkv: torch.Tensor
+    wqkv: Any  # torch.Tensor (bf16) or _W4
     bqkv: torch.Tensor | None
-    wo: torch.Tensor
-    w_gate_up: torch.Tensor
-    w_down: torch.Tensor
+    wo: Any
+    w_gate_up: Any
+    w_down: Any
     in_norm: torch.Tensor
     post_self_attn_norm: torch.Tensor
     post_attention_norm: torch.Tensor
@@ -56,9 +66,12 @@ def unsupported_reason(model: Any) -> str | None:
         return "the model is spread over several devices"
     try:
         lm = model.model.language_model
-        w = lm.layers[0].self_attn.q_proj.weight
+        q_proj = lm.layers[0].self_attn.q_proj
+        w = q_proj.weight
     except AttributeError:
         return "unexpected module layout"
+    if isinstance(q_proj, W4Linear):
+        return None
     if w.dtype not in (torch.bfloat16, torch.float16, torch.float32) or hasattr(w, "quant_state"):
         return f"quantized weights ({type(w).__name__})"
     return None
@@ -108,10 +121,13 @@ class FastEngine:
         self._out = torch.zeros(b, dtype=torch.long, device=self.device)
         self._host_out = torch.zeros(b, dtype=torch.long, pin_memory=self.is_cuda)
         self._graphs: dict[int, Any] = {}
+        self._pool: Any = None
 
     # -- weights -------------------------------------------------------------------------------
     def _fuse(self, layer: Any) -> _Layer:
         attn = layer.self_attn
+        if isinstance(attn.q_proj, W4Linear):
+            return self._fuse_w4(layer)
         with torch.no_grad():
             parts = [attn.q_proj, attn.k_proj, attn.v_proj]
             wqkv = torch.cat([p.weight for p in parts]).contiguous()
@@ -136,6 +152,47 @@ class FastEngine:
             post_mlp_norm=layer.post_mlp_layernorm.weight,
         )
 
+    def _fuse_w4(self, layer: Any) -> _Layer:
+        attn = layer.self_attn
+        parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+        fused = {name: torch.cat([getattr(p, name) for p in parts]).contiguous() for name in ("packed", "scale", "mn")}
+        bias = torch.cat([p.bias for p in parts]).contiguous() if attn.q_proj.bias is not None else None
+        start = 0
+        for p in parts:  # the modules keep working for prefill, as views of the fused buffers
+            n = p.packed.shape[0]
+            for name, t in fused.items():
+                setattr(p, name, t[start : start + n])
+            if bias is not None:
+                p.bias = torch.nn.Parameter(bias[start : start + n], requires_grad=False)
+            start += n
+
+        def w4(m: W4Linear) -> _W4:
+            return _W4(m.packed, m.scale, m.mn)
+
+        return _Layer(
+            wqkv=_W4(fused["packed"], fused["scale"], fused["mn"]),
+            bqkv=bias,
+            wo=w4(attn.o_proj),
+            w_gate_up=w4(layer.mlp.gate_up_proj),
+            w_down=w4(layer.mlp.down_proj),
+            in_norm=layer.input_layernorm.weight,
+            post_self_attn_norm=layer.post_self_attn_layernorm.weight,
+            post_attention_norm=layer.post_attention_layernorm.weight,
+            post_mlp_norm=layer.post_mlp_layernorm.weight,
+        )
+
+    @staticmethod
+    def _linear(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(w, _W4):
+            return w4_linear(x, w.packed, w.scale, w.mn, bias)
+        return F.linear(x, w, bias)
+
+    def _mlp(self, y: torch.Tensor, lw: _Layer) -> torch.Tensor:
+        gu = self._linear(y, lw.w_gate_up)
+        if isinstance(lw.w_down, _W4):
+            return w4_linear(gu, lw.w_down.packed, lw.w_down.scale, lw.w_down.mn, silu=True)
+        return F.linear(self.kernels.silu_mul(gu), lw.w_down)
+
     # -- one decode step ---------------------------------------------------------------------
     def _step(self, b: int) -> torch.Tensor:
         K = self.kernels
@@ -146,12 +203,12 @@ class FastEngine:
         n = len(self.layers)
         for i, lw in enumerate(self.layers):
             kc, vc = self.k_cache[i], self.v_cache[i]
-            qkv = F.linear(y, lw.wqkv, lw.bqkv)
+            qkv = self._linear(y, lw.wqkv, lw.bqkv)
             q = K.rope_cache(qkv, kc, vc, positions, write_idx, self.inv_freq, self.n_heads, self.n_kv, self.head_dim)
             a = K.decode_attention(q, kc, vc, seq_lens, self.scale, n_splits=self.config.n_splits)
-            o = F.linear(a.view(b, -1), lw.wo)
+            o = self._linear(a.view(b, -1), lw.wo)
             h, y = K.add_rmsnorm2(h, o, lw.post_self_attn_norm, lw.post_attention_norm, self.eps)
-            m = F.linear(K.silu_mul(F.linear(y, lw.w_gate_up)), lw.w_down)
+            m = self._mlp(y, lw)
             nxt = self.layers[i + 1].in_norm if i + 1 < n else self.final_norm
             h, y = K.add_rmsnorm2(h, m, lw.post_mlp_norm, nxt, self.eps)
         return F.linear(y, self.lm_head)
@@ -191,34 +248,37 @@ class FastEngine:
         return min(size, self.config.max_batch)
 
     def capture(self, sizes: list[int] | None = None) -> float:
-        """Warm up and capture CUDA graphs for the given batch sizes; returns seconds spent."""
+        """Warm up and capture CUDA graphs for the given batch sizes (default: batch 1; other sizes are
+        captured the first time they are used); returns seconds spent."""
         t0 = time.perf_counter()
         if not self.use_graphs:
             return 0.0
-        sizes = sizes or sorted({self._bucket(s) for s in (1, 2, 4, 8, 16, 32, 64) if s <= self.config.max_batch})
-        saved = [t.clone() for t in (self._positions, self._write_idx, self._seq_lens)]
-        pool = None
-        for b in sorted(sizes, reverse=True):
-            if b in self._graphs:
-                continue
-            self._reset_dummy(b)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream), torch.inference_mode():
-                for _ in range(2):
-                    self._advance(b)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+        for b in sorted(sizes or [1], reverse=True):
+            self._capture_now(self._bucket(b))
+        return time.perf_counter() - t0
+
+    def _capture_now(self, b: int) -> None:
+        if b in self._graphs:
+            return
+        saved = [t.clone() for t in (self._positions, self._write_idx, self._seq_lens, self._tokens,
+                                     self._seen, self._greedy)]
+        self._reset_dummy(b)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):
                 self._advance(b)
-                self._host_out[:b].copy_(self._out[:b], non_blocking=True)
-            pool = graph.pool()
-            self._graphs[b] = graph
-            self.log(f"captured decode graph for batch {b}")
-        for t, s in zip((self._positions, self._write_idx, self._seq_lens), saved):
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
+            self._advance(b)
+            self._host_out[:b].copy_(self._out[:b], non_blocking=True)
+        self._pool = graph.pool()
+        self._graphs[b] = graph
+        self.log(f"captured decode graph for batch {b}")
+        for t, s in zip((self._positions, self._write_idx, self._seq_lens, self._tokens, self._seen, self._greedy), saved):
             t.copy_(s)
         torch.cuda.synchronize()
-        return time.perf_counter() - t0
 
     def _reset_dummy(self, b: int) -> None:
         self._tokens[:b].zero_()
@@ -269,6 +329,8 @@ class FastEngine:
         if b > self.config.max_batch:
             raise ValueError(f"batch of {b} exceeds the engine's max_batch {self.config.max_batch}")
         bucket = self._bucket(b)
+        if self.use_graphs:
+            self._capture_now(bucket)  # first batch of this size: captured once, before its prefill
         if seed is not None:
             torch.manual_seed(seed)
         self._reset_dummy(bucket)
@@ -290,7 +352,7 @@ class FastEngine:
         steps = 1
         if on_tokens(tok.tolist()) or max_new == 1:
             return steps
-        graph = self._graphs.get(bucket) if self.use_graphs else None
+        graph = self._graphs.get(bucket)
         while steps < max_new:
             if graph is not None:
                 graph.replay()
