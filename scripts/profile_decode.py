@@ -7,6 +7,7 @@ random GLM-4.6V-Flash, batch 1), against the graph-replayed step time.
 from __future__ import annotations
 
 import collections
+import json
 import sys
 from pathlib import Path
 
@@ -28,9 +29,13 @@ if w4:
     torch.cuda.empty_cache()
 engine = FastEngine(model, EngineConfig(max_batch=1, max_seq_len=4096))
 engine.capture()
+if engine.tuner is not None:
+    for key, times in engine.tuner.timings.items():
+        print("tune", key, json.dumps(times), "->", engine.tuner.choice.get(key))
+    print("choices", json.dumps(engine.tuner.choice))
 inputs, _ = make_inputs(processor, Path("input/image_3.png"), 1)
 time_engine(engine, inputs, 8, "cuda")
-graph = engine._graphs[1]
+graph = engine._graphs[(1, True)]
 for _ in range(10):
     graph.replay()
 torch.cuda.synchronize()
@@ -44,7 +49,7 @@ step_ms = s.elapsed_time(e) / 50
 with profile(activities=[ProfilerActivity.CUDA]) as prof:
     for _ in range(5):
         with torch.inference_mode():
-            engine._advance(1)
+            engine._advance(1, True)
     torch.cuda.synchronize()
 by = collections.Counter()
 count = collections.Counter()

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .gemv import GemvTuner, tuner_cache_file
 from .kernels import Kernels
 from .w4 import W4Linear, w4_linear
 
@@ -33,6 +34,7 @@ class EngineConfig:
     use_graphs: bool = True
     use_triton: bool = True
     n_splits: int = 16
+    tune: bool = True  # time cuBLAS against Triton GEMV per shape (cached on disk)
 
 
 @dataclass
@@ -99,6 +101,7 @@ class FastEngine:
         self.kernels = Kernels(use_triton=self.config.use_triton and self.is_cuda)
         self.use_graphs = self.config.use_graphs and self.is_cuda
         self.layers = [self._fuse(layer) for layer in lm.layers]
+        self.tuner = GemvTuner(tuner_cache_file(self.device)) if (self.kernels.use_triton and self.config.tune) else None
         self.final_norm = lm.norm.weight
         self.lm_head = model.lm_head.weight
         self.embed = lm.embed_tokens.weight
@@ -181,17 +184,35 @@ class FastEngine:
             post_mlp_norm=layer.post_mlp_layernorm.weight,
         )
 
-    @staticmethod
-    def _linear(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(w, _W4):
             return w4_linear(x, w.packed, w.scale, w.mn, bias)
+        if self.tuner is not None and x.shape[0] == 1:
+            return self.tuner.linear(x, w, bias)
         return F.linear(x, w, bias)
 
     def _mlp(self, y: torch.Tensor, lw: _Layer) -> torch.Tensor:
         gu = self._linear(y, lw.w_gate_up)
         if isinstance(lw.w_down, _W4):
             return w4_linear(gu, lw.w_down.packed, lw.w_down.scale, lw.w_down.mn, silu=True)
+        if self.tuner is not None and gu.shape[0] == 1:
+            return self.tuner.linear(gu, lw.w_down, silu=True)
         return F.linear(self.kernels.silu_mul(gu), lw.w_down)
+
+    def tune(self) -> float:
+        """Pick the fastest batch-1 product for each weight shape (timed once per GPU, then cached)."""
+        t0 = time.perf_counter()
+        if self.tuner is None:
+            return 0.0
+        lw = self.layers[0]
+        if not isinstance(lw.wqkv, _W4):
+            self.tuner.tune(lw.wqkv, lw.bqkv)
+            self.tuner.tune(lw.wo)
+            self.tuner.tune(lw.w_gate_up)
+            self.tuner.tune(lw.w_down, silu=True)
+        self.tuner.tune(self.lm_head)
+        self.tuner.save()
+        return time.perf_counter() - t0
 
     # -- one decode step ---------------------------------------------------------------------
     def _step(self, b: int) -> torch.Tensor:
@@ -211,14 +232,17 @@ class FastEngine:
             m = self._mlp(y, lw)
             nxt = self.layers[i + 1].in_norm if i + 1 < n else self.final_norm
             h, y = K.add_rmsnorm2(h, m, lw.post_mlp_norm, nxt, self.eps)
-        return F.linear(y, self.lm_head)
+        return self._linear(y, self.lm_head)
 
-    def _sample(self, logits: torch.Tensor, b: int) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, b: int, greedy_only: bool = False) -> torch.Tensor:
         seen = self._seen[:b]
         logits = logits.float()
         rep = self._rep[:b, None]
         logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
         greedy_tok = logits.argmax(-1)
+        if greedy_only:  # a separate graph for greedy requests skips the top-k machinery
+            seen.scatter_(1, greedy_tok[:, None], True)
+            return greedy_tok
         vals, idx = logits.topk(min(TOPK_CAP, logits.shape[-1]), dim=-1)
         vals = vals / self._temp[:b, None].clamp_min(1e-5)
         ar = torch.arange(vals.shape[-1], device=vals.device)
@@ -233,8 +257,8 @@ class FastEngine:
         seen.scatter_(1, tok[:, None], True)
         return tok
 
-    def _advance(self, b: int) -> None:
-        out = self._sample(self._step(b), b)
+    def _advance(self, b: int, greedy: bool = False) -> None:
+        out = self._sample(self._step(b), b, greedy)
         self._out[:b].copy_(out)
         self._tokens[:b].copy_(out)
         self._positions[:b] += 1
@@ -251,14 +275,15 @@ class FastEngine:
         """Warm up and capture CUDA graphs for the given batch sizes (default: batch 1; other sizes are
         captured the first time they are used); returns seconds spent."""
         t0 = time.perf_counter()
+        self.tune()
         if not self.use_graphs:
-            return 0.0
+            return time.perf_counter() - t0
         for b in sorted(sizes or [1], reverse=True):
-            self._capture_now(self._bucket(b))
+            self._capture_now(self._bucket(b), greedy=False)
         return time.perf_counter() - t0
 
-    def _capture_now(self, b: int) -> None:
-        if b in self._graphs:
+    def _capture_now(self, b: int, greedy: bool) -> None:
+        if (b, greedy) in self._graphs:
             return
         saved = [t.clone() for t in (self._positions, self._write_idx, self._seq_lens, self._tokens,
                                      self._seen, self._greedy)]
@@ -267,14 +292,14 @@ class FastEngine:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):
-                self._advance(b)
+                self._advance(b, greedy)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
-            self._advance(b)
+            self._advance(b, greedy)
             self._host_out[:b].copy_(self._out[:b], non_blocking=True)
         self._pool = graph.pool()
-        self._graphs[b] = graph
+        self._graphs[(b, greedy)] = graph
         self.log(f"captured decode graph for batch {b}")
         for t, s in zip((self._positions, self._write_idx, self._seq_lens, self._tokens, self._seen, self._greedy), saved):
             t.copy_(s)
@@ -329,12 +354,12 @@ class FastEngine:
         if b > self.config.max_batch:
             raise ValueError(f"batch of {b} exceeds the engine's max_batch {self.config.max_batch}")
         bucket = self._bucket(b)
+        greedy = not gen.get("do_sample", False)
         if self.use_graphs:
-            self._capture_now(bucket)  # first batch of this size: captured once, before its prefill
+            self._capture_now(bucket, greedy)  # first batch of this kind: captured once, before its prefill
         if seed is not None:
             torch.manual_seed(seed)
         self._reset_dummy(bucket)
-        greedy = not gen.get("do_sample", False)
         self._greedy[:bucket].fill_(greedy)
         self._temp[:bucket].fill_(float(gen.get("temperature") or 1.0))
         self._top_k[:bucket].fill_(int(gen.get("top_k") or 0))
@@ -352,14 +377,14 @@ class FastEngine:
         steps = 1
         if on_tokens(tok.tolist()) or max_new == 1:
             return steps
-        graph = self._graphs.get(bucket)
+        graph = self._graphs.get((bucket, greedy))
         while steps < max_new:
             if graph is not None:
                 graph.replay()
                 torch.cuda.current_stream().synchronize()
                 ids = self._host_out[:b].tolist()
             else:
-                self._advance(bucket)
+                self._advance(bucket, greedy)
                 ids = self._out[:b].tolist()
             steps += 1
             if on_tokens(ids):

@@ -43,7 +43,7 @@ if HAVE_TRITON:
                         mask=pmask, other=0)
             s = tl.load(S + offs_n[:, None] * n_groups + gi[None, :], mask=nmask[:, None] & gmask[None, :], other=0.0)
             m = tl.load(M + offs_n[:, None] * n_groups + gi[None, :], mask=nmask[:, None] & gmask[None, :], other=0.0)
-            xo = gi[:, None] * GROUP + offs_h[None, :]
+            xo = gi[:, None] * 128 + offs_h[None, :]
             if SILU:
                 gl = tl.load(X + xo, mask=gmask[:, None], other=0.0).to(tl.float32)
                 ul = tl.load(X + K + xo, mask=gmask[:, None], other=0.0).to(tl.float32)
@@ -82,7 +82,7 @@ if HAVE_TRITON:
             m = tl.load(M + offs_n * n_groups + g, mask=nmask, other=0.0).to(tl.float32)
             wl = ((p & 15).to(tl.float32) * s[:, None] + m[:, None]).to(tl.bfloat16)
             wh = ((p >> 4).to(tl.float32) * s[:, None] + m[:, None]).to(tl.bfloat16)
-            xo = offs_b[:, None] * x_stride + g * GROUP + offs_h[None, :]
+            xo = offs_b[:, None] * x_stride + g * 128 + offs_h[None, :]
             if SILU:
                 gl = tl.load(X + xo, mask=bmask[:, None], other=0.0).to(tl.float32)
                 ul = tl.load(X + K + xo, mask=bmask[:, None], other=0.0).to(tl.float32)
@@ -110,7 +110,7 @@ if HAVE_TRITON:
         p = tl.load(P + row * (K // 2) + g * 64 + offs)
         s = tl.load(S + row * n_groups + g).to(tl.float32)
         m = tl.load(M + row * n_groups + g).to(tl.float32)
-        base = W + row * K + g * GROUP
+        base = W + row * K + g * 128
         tl.store(base + offs, ((p & 15).to(tl.float32) * s + m).to(W.dtype.element_ty))
         tl.store(base + 64 + offs, ((p >> 4).to(tl.float32) * s + m).to(W.dtype.element_ty))
 
