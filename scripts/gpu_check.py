@@ -91,6 +91,9 @@ def tiny_parity() -> bool:
     from glmv.prompts import user_message
     from glmv.settings import Settings
 
+    import os
+
+    os.environ["GLMV_TUNE"] = "0"  # this checks the engine's logic: same products as generate, exact tokens
     ok = True
     for dtype in ("float32",):
         hf = LocalBackend(Settings(model="tiny", engine="hf", device="cuda", dtype=dtype), log=lambda m: None).load()

@@ -13,8 +13,9 @@ Works for the dense GLM-4.6V-Flash text decoder (``glm4v``) on one GPU in bf16/f
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -34,7 +35,8 @@ class EngineConfig:
     use_graphs: bool = True
     use_triton: bool = True
     n_splits: int = 16
-    tune: bool = True  # time cuBLAS against Triton GEMV per shape (cached on disk)
+    # time cuBLAS against Triton GEMV per shape (cached on disk); GLMV_TUNE=0 turns it off
+    tune: bool = field(default_factory=lambda: os.environ.get("GLMV_TUNE", "1") != "0")
 
 
 @dataclass
@@ -186,6 +188,8 @@ class FastEngine:
 
     def _linear(self, x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(w, _W4):
+            if self.tuner is not None:
+                return self.tuner.w4_linear(x, w, bias)
             return w4_linear(x, w.packed, w.scale, w.mn, bias)
         if self.tuner is not None and x.shape[0] == 1:
             return self.tuner.linear(x, w, bias)
@@ -194,6 +198,8 @@ class FastEngine:
     def _mlp(self, y: torch.Tensor, lw: _Layer) -> torch.Tensor:
         gu = self._linear(y, lw.w_gate_up)
         if isinstance(lw.w_down, _W4):
+            if self.tuner is not None:
+                return self.tuner.w4_linear(gu, lw.w_down, silu=True)
             return w4_linear(gu, lw.w_down.packed, lw.w_down.scale, lw.w_down.mn, silu=True)
         if self.tuner is not None and gu.shape[0] == 1:
             return self.tuner.linear(gu, lw.w_down, silu=True)
@@ -205,7 +211,12 @@ class FastEngine:
         if self.tuner is None:
             return 0.0
         lw = self.layers[0]
-        if not isinstance(lw.wqkv, _W4):
+        if isinstance(lw.wqkv, _W4):
+            self.tuner.tune_w4(lw.wqkv, lw.bqkv)
+            self.tuner.tune_w4(lw.wo)
+            self.tuner.tune_w4(lw.w_gate_up)
+            self.tuner.tune_w4(lw.w_down, silu=True)
+        else:
             self.tuner.tune(lw.wqkv, lw.bqkv)
             self.tuner.tune(lw.wo)
             self.tuner.tune(lw.w_gate_up)

@@ -37,7 +37,7 @@ if HAVE_TRITON:
             if SILU:
                 g = tl.load(X + offs_k, mask=kmask, other=0.0).to(tl.float32)
                 u = tl.load(X + K + offs_k, mask=kmask, other=0.0).to(tl.float32)
-                x = (u * (g / (1.0 + tl.exp(-g)))).to(tl.bfloat16).to(tl.float32)
+                x = (u * (g / (1.0 + tl.exp(-g)))).to(X.dtype.element_ty).to(tl.float32)
             else:
                 x = tl.load(X + offs_k, mask=kmask, other=0.0).to(tl.float32)
             acc += w.to(tl.float32) * x[None, :]
@@ -47,17 +47,18 @@ if HAVE_TRITON:
         tl.store(Y + offs_n, out.to(Y.dtype.element_ty), mask=nmask)
 
 
-CONFIGS = [(8, 256, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (8, 512, 4), (4, 1024, 4)]
+CONFIGS = [(8, 256, 4, 3), (16, 256, 4, 3), (16, 512, 8, 3), (32, 256, 8, 3), (8, 512, 4, 3), (4, 1024, 4, 3),
+           (4, 512, 4, 4), (8, 1024, 8, 2)]
 
 
-def triton_gemv(x, w, bias=None, silu=False, config=(16, 256, 4)):
+def triton_gemv(x, w, bias=None, silu=False, config=(16, 256, 4, 3)):
     """y[1, N] = x[1, K] @ w[N, K]^T (+ bias); with ``silu`` x is [1, 2K] = [gate | up]."""
     n, k = w.shape
     y = torch.empty(1, n, dtype=w.dtype, device=w.device)
-    block_n, block_k, warps = config
+    block_n, block_k, warps, stages = (tuple(config) + (3,))[:4]
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, bias if bias is not None else y, y, n, k,
                                             HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=block_n,
-                                            BLOCK_K=block_k, num_warps=warps)
+                                            BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return y
 
 
@@ -118,6 +119,41 @@ class GemvTuner:
                 best, best_t = name, t
         self.choice[key] = "cublas" if best == "cublas" else json.loads(best)
         self.tuned_now += 1
+
+    def w4_linear(self, x, w, bias=None, silu=False):
+        from .w4 import w4_linear
+
+        cfg = None
+        if x.shape[0] == 1:
+            cfg = self.choice.get(self.key(w.packed.shape[0], w.packed.shape[1] * 2, silu, bias is not None) + "-w4")
+        return w4_linear(x, w.packed, w.scale, w.mn, bias, silu=silu, config=tuple(cfg) if cfg else None)
+
+    def tune_w4(self, w, bias=None, silu=False) -> None:
+        from .w4 import GEMV_CONFIGS, dequantize_w4, w4_linear
+
+        n, k = w.packed.shape[0], w.packed.shape[1] * 2
+        key = self.key(n, k, silu, bias is not None) + "-w4"
+        if key in self.choice or not HAVE_TRITON or not w.packed.is_cuda:
+            return
+        x = torch.randn(1, 2 * k if silu else k, device=w.packed.device, dtype=torch.bfloat16)
+        ref = F.linear(_silu_mul(x) if silu else x, dequantize_w4(w.packed, w.scale, w.mn), bias)
+        best, best_t = None, float("inf")
+        self.timings[key] = {}
+        for cfg in GEMV_CONFIGS:
+            try:
+                out = w4_linear(x, w.packed, w.scale, w.mn, bias, silu=silu, config=cfg)
+            except Exception:
+                continue
+            err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-6)).item()
+            if err > 2e-2:
+                continue
+            t = _time(lambda c=cfg: w4_linear(x, w.packed, w.scale, w.mn, bias, silu=silu, config=c))
+            self.timings[key][str(cfg)] = round(t, 4)
+            if t < best_t:
+                best, best_t = list(cfg), t
+        if best is not None:
+            self.choice[key] = best
+            self.tuned_now += 1
 
     def save(self) -> None:
         if not self.cache_file or not self.tuned_now:

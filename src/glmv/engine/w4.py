@@ -51,8 +51,8 @@ if HAVE_TRITON:
                 uh = tl.load(X + K + xo + 64, mask=gmask[:, None], other=0.0).to(tl.float32)
                 xl = ul * (gl / (1.0 + tl.exp(-gl)))
                 xh = uh * (gh / (1.0 + tl.exp(-gh)))
-                xl = xl.to(tl.bfloat16).to(tl.float32)  # the reference rounds the activation to bf16 too
-                xh = xh.to(tl.bfloat16).to(tl.float32)
+                xl = xl.to(X.dtype.element_ty).to(tl.float32)  # the reference rounds the activation too
+                xh = xh.to(X.dtype.element_ty).to(tl.float32)
             else:
                 xl = tl.load(X + xo, mask=gmask[:, None], other=0.0).to(tl.float32)
                 xh = tl.load(X + xo + 64, mask=gmask[:, None], other=0.0).to(tl.float32)
@@ -176,7 +176,11 @@ class W4Linear(torch.nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
-def w4_linear(x, packed, scale, mn, bias=None, silu: bool = False, out_features: int | None = None):
+GEMV_CONFIGS = [(16, 4, 4, 2), (4, 8, 4, 3), (8, 8, 4, 3), (8, 16, 4, 3), (16, 8, 4, 3), (32, 4, 8, 3),
+                (4, 16, 4, 3), (8, 4, 2, 4), (2, 16, 2, 3)]
+
+
+def w4_linear(x, packed, scale, mn, bias=None, silu: bool = False, config: tuple | None = None):
     """y = x @ W^T (+ bias). With ``silu`` the input is [R, 2K] = [gate | up] and silu(gate) * up is used."""
     r = x.shape[0]
     n = packed.shape[0]
@@ -188,9 +192,10 @@ def w4_linear(x, packed, scale, mn, bias=None, silu: bool = False, out_features:
         return F.linear(xin, dequantize_w4(packed, scale, mn, x.dtype), bias)
     b = bias if bias is not None else y
     if r == 1:
-        block_n, ng = 16, 4
+        block_n, ng, warps, stages = config or GEMV_CONFIGS[0]
         _w4_gemv_kernel[(triton.cdiv(n, block_n),)](x, packed, scale, mn, b, y, n, k, n_groups,
-                                                    HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=block_n, NG=ng)
+                                                    HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=block_n, NG=ng,
+                                                    num_warps=warps, num_stages=stages)
     else:
         block_b = 16 if r <= 16 else 32
         block_n = 64
