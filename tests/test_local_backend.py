@@ -145,3 +145,19 @@ def test_queued_requests_are_batched_and_match_single_runs(tiny_backend):
         t.join(60)
     assert 4 in tiny_backend.batch_sizes
     assert results == singles  # greedy: batching (left padding, mixed images) changes nothing
+
+
+def test_backend_around_a_model_in_memory(tiny_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from glmv.backends.local import LocalBackend
+    from glmv.settings import Settings
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path).eval()
+    backend = LocalBackend.from_model(model, AutoProcessor.from_pretrained(tiny_path), Settings(model="in-memory"),
+                                      log=lambda m: None)
+    try:
+        r = collect(backend.generate(req(backend, max_new_tokens=3)))
+        assert r.usage.completion_tokens == 3
+    finally:
+        backend.close()

@@ -198,13 +198,29 @@ class LocalBackend:
             placement = choose_placement(self.settings)
             path = resolve_model(self.settings.model, self._log)
             self._log(f"loading {self.settings.model} ({placement.describe()}) ...")
-            self.processor, self.model = load_checkpoint(path, placement, self.settings.model, self._log)
-            self.model_path, self.placement = path, placement
-            self.default_sampling = self._checkpoint_sampling(self.settings.sampling)
-            self._start_engine()
-            self._thread = threading.Thread(target=self._worker, name="glmv-inference", daemon=True)
-            self._thread.start()
+            processor, model = load_checkpoint(path, placement, self.settings.model, self._log)
+            self._attach(processor, model, placement, path)
         return self
+
+    @classmethod
+    def from_model(cls, model: Any, processor: Any, settings: Settings, log: Log = _stderr_log) -> "LocalBackend":
+        """A backend around a model already in memory (built in code, or spread over GPUs by hand)."""
+        from ..loading import Placement
+
+        backend = cls(settings, log=log)
+        device = next(model.parameters()).device
+        placement = Placement(device="cuda" if device.type == "cuda" else "cpu", dtype=model.dtype, int4=False)
+        with backend._load_lock:
+            backend._attach(processor, model, placement, None)
+        return backend
+
+    def _attach(self, processor: Any, model: Any, placement: Any, path: Any) -> None:
+        self.processor, self.model = processor, model
+        self.model_path, self.placement = path, placement
+        self.default_sampling = self._checkpoint_sampling(self.settings.sampling)
+        self._start_engine()
+        self._thread = threading.Thread(target=self._worker, name="glmv-inference", daemon=True)
+        self._thread.start()
 
     def _start_engine(self) -> None:
         """Use the fast decode engine where it applies (CUDA, dense bf16 model) unless told otherwise."""
