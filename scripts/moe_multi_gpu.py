@@ -45,7 +45,7 @@ def main() -> None:
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image|>", "<|video|>", "<|begin_of_image|>", "<|end_of_image|>",
                                                      "<|begin_of_video|>", "<|end_of_video|>", "<|endoftext|>")}
     cfg = Glm4vMoeConfig(
-        text_config={"pad_token_id": ids["<|endoftext|>"]},
+        text_config={"pad_token_id": ids["<|endoftext|>"], "head_dim": 128},
         image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
         image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
         video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"])

@@ -37,7 +37,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", "--model_path", dest="model", metavar="ID_OR_PATH",
                    help="hub id or local folder (default: $GLMV_MODEL or zai-org/GLM-4.6V-Flash); 'tiny' = tiny random test model")
-    g.add_argument("--int4", action="store_true", help="4-bit bitsandbytes nf4, double quantization, bf16 compute (needs CUDA)")
+    g.add_argument("--int4", dest="quant", action="store_const", const="nf4",
+                   help="the tutorial's 4-bit: bitsandbytes nf4, double quantization, bf16 compute (needs CUDA)")
+    g.add_argument("--quant", choices=["none", "nf4", "w4"], default=None,
+                   help="weights: none (bf16), nf4 (= --int4), w4 (glmv's fast 4-bit: int4 with Triton kernels; "
+                        "fits a 10 GB card and decodes faster than bf16)")
+    g.add_argument("--engine", choices=["auto", "fast", "hf"], default=None,
+                   help="decoder: fast (static cache, Triton kernels, CUDA graphs; default on CUDA) or hf (transformers generate)")
     g.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None,
                    help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: auto)")
@@ -223,7 +229,8 @@ def run_task(
         model=args.model,
         device=args.device,
         dtype=args.dtype,
-        int4=args.int4 or None,
+        quant=args.quant,
+        engine=args.engine,
         max_pixels=args.max_pixels,
         thinking=args.thinking,
     )
@@ -323,8 +330,8 @@ def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr:
         from .server.app import ServerConfig, build_app
     except ImportError:
         raise GlmvError("glmv serve needs fastapi and uvicorn: pip install 'glmv[server]'") from None
-    settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, int4=args.int4 or None,
-                                 max_pixels=args.max_pixels)
+    settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
+                                 engine=args.engine, max_pixels=args.max_pixels)
     api_key = args.api_key or os.environ.get("GLMV_API_KEY")
     media_dir = None
     if args.allowed_media_dir:

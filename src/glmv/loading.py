@@ -119,11 +119,12 @@ def _from_hub(repo_id: str, log: Log) -> Path:
 class Placement:
     device: str  # "cpu" or "cuda" (device_map auto spreads over all visible GPUs)
     dtype: Any  # torch dtype
-    int4: bool
+    quant: str = "none"
 
     def describe(self) -> str:
         name = str(self.dtype).replace("torch.", "")
-        return f"{'nf4 (bitsandbytes)' if self.int4 else name} on {self.device}"
+        label = {"nf4": "nf4 (bitsandbytes)", "w4": "int4 w4 (glmv)"}.get(self.quant, name)
+        return f"{label} on {self.device}"
 
 
 def choose_placement(settings: Settings) -> Placement:
@@ -136,12 +137,13 @@ def choose_placement(settings: Settings) -> Placement:
         device = "cuda" if has_cuda else "cpu"
     if device.startswith("cuda") and not has_cuda:
         raise ModelLoadError(f"--device {device} needs a CUDA GPU, and none is visible here; use --device cpu")
-    if settings.int4:
-        if not device.startswith("cuda"):
-            raise ModelLoadError(
-                "--int4 (bitsandbytes nf4) needs a CUDA GPU, and this run is on the CPU; drop --int4 to run "
-                "unquantized on the CPU (slow), or run on a machine with an NVIDIA GPU"
-            )
+    if settings.quant != "none" and not device.startswith("cuda"):
+        flag = "--int4 (bitsandbytes nf4)" if settings.quant == "nf4" else "--quant w4"
+        raise ModelLoadError(
+            f"{flag} needs a CUDA GPU, and this run is on the CPU; drop it to run unquantized on the CPU "
+            f"(slow), or run on a machine with an NVIDIA GPU"
+        )
+    if settings.quant == "nf4":
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
@@ -158,7 +160,7 @@ def choose_placement(settings: Settings) -> Placement:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     else:
         dtype = dtypes[settings.dtype]
-    return Placement(device=device, dtype=dtype, int4=settings.int4)
+    return Placement(device=device, dtype=dtype, quant=settings.quant)
 
 
 def load_checkpoint(path: Path, placement: Placement, name: str, log: Log = _stderr_log) -> tuple[Any, Any]:
@@ -176,9 +178,11 @@ def load_checkpoint(path: Path, placement: Placement, name: str, log: Log = _std
             f"this is {transformers.__version__})"
         ) from None
     kwargs: dict[str, Any] = {"dtype": placement.dtype}
-    if placement.device.startswith("cuda"):
+    if placement.device.startswith("cuda") and placement.quant != "w4":
         kwargs["device_map"] = "auto" if placement.device == "cuda" else placement.device
-    if placement.int4:
+    if placement.quant == "w4":
+        kwargs["dtype"] = torch.bfloat16  # loaded on the CPU, then quantized onto the GPU layer by layer
+    if placement.quant == "nf4":
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -193,9 +197,16 @@ def load_checkpoint(path: Path, placement: Placement, name: str, log: Log = _std
         text = str(exc)
         if "out of memory" in text.lower():
             raise ModelLoadError(
-                f"cannot load '{name}' ({placement.describe()}): out of GPU memory; try --int4 or a smaller model"
+                f"cannot load '{name}' ({placement.describe()}): out of GPU memory; try --quant w4 or a smaller model"
             ) from None
         raise ModelLoadError(f"cannot load the model '{name}': {type(exc).__name__}: {text}") from None
+    if placement.quant == "w4":
+        from .engine.w4 import quantize_text_decoder
+
+        device = "cuda" if placement.device == "cuda" else placement.device
+        log("quantizing the text decoder to int4 (w4) ...")
+        quantize_text_decoder(model, device)
+        model.to(device)
     model.eval()
     log(f"model ready ({placement.describe()}) in {time.perf_counter() - t0:.1f} s")
     return processor, model

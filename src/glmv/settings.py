@@ -88,7 +88,9 @@ class Settings:
     model: str = DEFAULT_MODEL
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float16 | float32
-    int4: bool = False  # bitsandbytes nf4, double quantization, bf16 compute (the tutorial's --int4)
+    # none | nf4 (bitsandbytes, double quantization, bf16 compute: the tutorial's --int4)
+    # | w4 (glmv's fast 4-bit: int4 groups of 128 with Triton kernels, used by the fast engine)
+    quant: str = "none"
     max_pixels: int = DEFAULT_MAX_PIXELS
     thinking: bool = True
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -122,6 +124,8 @@ class Settings:
             raise RequestError(f"invalid max_pixels {self.max_pixels}: at most {MAX_DECODE_PIXELS}")
         if self.dtype not in ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"):
             raise RequestError(f"invalid dtype {self.dtype!r}: use auto, bfloat16, float16 or float32")
+        if self.quant not in ("none", "nf4", "w4"):
+            raise RequestError(f"invalid quantization {self.quant!r}: use none, nf4 or w4")
         if self.engine not in ("auto", "fast", "hf"):
             raise RequestError(f"invalid engine {self.engine!r}: use auto, fast or hf")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):

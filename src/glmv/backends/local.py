@@ -209,7 +209,7 @@ class LocalBackend:
 
         backend = cls(settings, log=log)
         device = next(model.parameters()).device
-        placement = Placement(device="cuda" if device.type == "cuda" else "cpu", dtype=model.dtype, int4=False)
+        placement = Placement(device="cuda" if device.type == "cuda" else "cpu", dtype=model.dtype)
         with backend._load_lock:
             backend._attach(processor, model, placement, None)
         return backend

@@ -1,0 +1,196 @@
+"""The fast engine's logic on the CPU (reference kernels), its Triton kernels under Triton's interpreter,
+the int4 mode, and `glmv bench` on the tiny model. GPU speed is measured by `glmv bench` on a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+from glmv.backends.base import GenerationRequest, collect
+from glmv.backends.local import LocalBackend
+from glmv.media import load_image
+from glmv.prompts import user_message
+from glmv.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+
+def req(backend, i, **kw):
+    img = [load_image(Image.new("RGB", (280 + 56 * i, 196), (i * 40, 100, 200)))] if i != 2 else []
+    kw.setdefault("max_new_tokens", 24)
+    kw.setdefault("temperature", 0)
+    return GenerationRequest([user_message("describe this image" + " please" * i, img)],
+                             sampling=backend.default_sampling.merged(**kw))
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_path):
+    hf = LocalBackend(Settings(model=str(tiny_path), engine="hf"), log=lambda m: None).load()
+    fast = LocalBackend(Settings(model=str(tiny_path), engine="fast"), log=lambda m: None).load()
+    yield hf, fast
+    hf.close()
+    fast.close()
+
+
+def test_engine_is_used_and_matches_generate(pair):
+    hf, fast = pair
+    assert hf.engine is None and fast.engine is not None
+    for i in range(4):  # images of several sizes (multimodal rope offsets) and a text-only prompt
+        a = collect(hf.generate(req(hf, i)))
+        b = collect(fast.generate(req(fast, i)))
+        assert a.raw_text == b.raw_text
+        assert a.usage.completion_tokens == b.usage.completion_tokens
+
+
+def test_engine_batches_and_matches_single_runs(pair):
+    _, fast = pair
+    singles = [collect(fast.generate(req(fast, i))).raw_text for i in range(4)]
+    blocker = fast.generate(req(fast, 0, max_new_tokens=3000))
+    next(blocker)
+    results = [None] * 4
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, collect(fast.generate(req(fast, i))).raw_text))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 10
+    while fast.queue_depth < 5 and time.time() < deadline:
+        time.sleep(0.01)
+    fast.batch_sizes.clear()
+    blocker.close()
+    for t in threads:
+        t.join(60)
+    assert 4 in fast.batch_sizes and results == singles
+
+
+def test_engine_sampling_is_seeded_and_respects_stops(pair):
+    _, fast = pair
+    a = collect(fast.generate(req(fast, 1, seed=5, temperature=0.9, top_k=0, top_p=1.0)))
+    b = collect(fast.generate(req(fast, 1, seed=5, temperature=0.9, top_k=0, top_p=1.0)))
+    c = collect(fast.generate(req(fast, 1, seed=6, temperature=0.9, top_k=0, top_p=1.0)))
+    assert a.raw_text == b.raw_text and a.raw_text != c.raw_text
+    cancel = threading.Event()
+    n = 0
+    for chunk in fast.generate(req(fast, 0, max_new_tokens=5000), cancel):
+        n += chunk.type == "answer"
+        if n == 2:
+            cancel.set()
+        if chunk.type == "done":
+            assert chunk.finish_reason == "cancelled" and chunk.usage.completion_tokens < 10
+
+
+def test_long_requests_fall_back_to_generate(tiny_path):
+    fast = LocalBackend(Settings(model=str(tiny_path), engine="fast", max_seq_len=64), log=lambda m: None).load()
+    try:
+        r = collect(fast.generate(req(fast, 2, max_new_tokens=100)))  # prompt + answer > 64: transformers path
+        assert r.usage.completion_tokens == 100
+    finally:
+        fast.close()
+
+
+def test_w4_quantization_and_engine_parity(tiny_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from glmv.engine.w4 import W4Linear, dequantize_w4, quantize_text_decoder, quantize_w4
+
+    w = torch.randn(64, 256) * 0.02
+    packed, scale, mn = quantize_w4(w)
+    assert packed.shape == (64, 128) and packed.dtype == torch.uint8 and scale.shape == (64, 2)
+    err = (dequantize_w4(packed, scale, mn, torch.float32) - w).norm() / w.norm()
+    assert err < 0.12  # 16 levels per group of 128 gaussian weights
+
+    processor = AutoProcessor.from_pretrained(tiny_path)
+    backends = []
+    for engine in ("hf", "fast"):
+        model = AutoModelForImageTextToText.from_pretrained(tiny_path).eval()
+        assert quantize_text_decoder(model, "cpu") == 2 * 6
+        assert isinstance(model.model.language_model.layers[0].mlp.down_proj, W4Linear)
+        backends.append(LocalBackend.from_model(model, processor, Settings(model="w4", engine=engine), log=lambda m: None))
+    hf, fast = backends
+    try:
+        assert hf.engine is None and fast.engine is not None
+        for i in (0, 2):
+            assert collect(hf.generate(req(hf, i))).raw_text == collect(fast.generate(req(fast, i))).raw_text
+    finally:
+        hf.close()
+        fast.close()
+
+
+KERNEL_CHECK = r"""
+import torch
+from glmv.engine.kernels import (Kernels, add_rmsnorm2_ref, decode_attention_ref, rmsnorm_ref, rope_cache_ref,
+                                 silu_mul_ref)
+from glmv.engine.w4 import quantize_w4, dequantize_w4, w4_linear
+torch.manual_seed(0)
+K = Kernels(use_triton=True)
+def rel(a, b): return ((a.float() - b.float()).norm() / b.float().norm()).item()
+errs = {}
+x = torch.randn(3, 256); w = torch.randn(256); a = torch.randn(3, 256); w2 = torch.randn(256)
+errs["rmsnorm"] = rel(K.rmsnorm(x, w, 1e-5), rmsnorm_ref(x, w, 1e-5))
+h1, y1 = K.add_rmsnorm2(x, a, w, w2, 1e-5); h2, y2 = add_rmsnorm2_ref(x, a, w, w2, 1e-5)
+errs["add_rmsnorm2"] = max(rel(h1, h2), rel(y1, y2))
+for H, KV, D, HALF in [(4, 2, 32, 8), (32, 2, 128, 32)]:
+    B, S = 3, 64
+    qkv = torch.randn(B, (H + 2 * KV) * D)
+    kc1 = torch.zeros(B, KV, S, D); vc1 = torch.zeros_like(kc1); kc2 = kc1.clone(); vc2 = vc1.clone()
+    pos = torch.tensor([5, 100, 7]); widx = torch.tensor([1, 2, 3], dtype=torch.int32)
+    invf = 1.0 / (500000 ** (torch.arange(0, 2 * HALF, 2).float() / (2 * HALF)))
+    q1 = K.rope_cache(qkv, kc1, vc1, pos, widx, invf, H, KV, D); q2 = rope_cache_ref(qkv, kc2, vc2, pos, widx, invf, H, KV, D)
+    errs[f"rope_{H}"] = max(rel(q1, q2), rel(kc1, kc2), rel(vc1, vc2))
+    gu = torch.randn(B, 600)
+    errs[f"silu_{H}"] = rel(K.silu_mul(gu), silu_mul_ref(gu))
+    kc = torch.randn(B, KV, S, D); vc = torch.randn(B, KV, S, D); q = torch.randn(B, H, D)
+    lens = torch.tensor([1, 37, 64], dtype=torch.int32)
+    for ns in (1, 4, 16):
+        errs[f"attn_{H}_{ns}"] = rel(K.decode_attention(q, kc, vc, lens, D ** -0.5, n_splits=ns),
+                                     decode_attention_ref(q, kc, vc, lens, D ** -0.5))
+wq = torch.randn(40, 256) * 0.02
+p, s, m = quantize_w4(wq); wd = dequantize_w4(p, s, m, torch.float32); xb = torch.randn(1, 256); bias = torch.randn(40)
+errs["w4_gemv"] = rel(w4_linear(xb, p, s, m, bias), xb @ wd.T + bias)
+print("ERRS", __import__("json").dumps(errs))
+"""
+
+
+def test_triton_kernels_match_references_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, "-c", KERNEL_CHECK], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    errs = json.loads(p.stdout.split("ERRS", 1)[1])
+    bad = {k: v for k, v in errs.items() if not v < (1e-2 if k == "w4_gemv" else 1e-5)}
+    assert not bad, bad
+
+
+def test_bench_runs_on_the_tiny_model(tmp_path):
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, "-m", "glmv.cli", "bench", "--model", "tiny", "--device", "cpu", "--tokens", "6",
+                        "--batches", "1,2", "--max-batch", "2", "--json", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["configs"]) == {"tutorial-bf16", "tutorial-nf4", "glmv-bf16", "glmv-4bit"}
+    for name in ("tutorial-bf16", "glmv-bf16", "glmv-4bit"):
+        e = report["configs"][name]
+        assert e["decode_tok_s_b1"] > 0 and e["aggregate_tok_s_b2"] > 0 and e["prefill_s"] > 0, e
+    assert report["configs"]["tutorial-nf4"] == {"skipped": "needs CUDA", "peak_gpu_GB": None, "ratio_b1": None}
+    assert report["prompt_tokens"] == 1206  # the real 1288x728 screenshot through the real processor
+    assert "| glmv-bf16 |" in p.stdout
+
+
+def test_cli_quant_needs_cuda_and_engine_flag():
+    for flags in (["--quant", "w4"], ["--int4"]):
+        p = subprocess.run([sys.executable, "-m", "glmv.cli", "ask", "-p", "hi", "--model", "tiny", *flags],
+                           capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert p.returncode == 2 and "needs a CUDA GPU" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "glmv.cli", "ask", "input/image_1.png", "--model", "tiny", "--engine", "fast",
+                        "--max-new-tokens", "5", "--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "fast engine ready" in p.stderr
+    assert json.loads(p.stdout)["usage"]["completion_tokens"] == 5
