@@ -104,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
         _add_backend_args(p)
         _add_generation_args(p)
 
+    ui = sub.add_parser("ui", help="the web app (Gradio) on http://127.0.0.1:7860")
+    _add_model_args(ui)
+    _add_backend_args(ui)
+    g = ui.add_argument_group("web app")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=7860)
+    g.add_argument("--out", default="html_code", help="folder for generated pages (default: html_code)")
+    g.add_argument("--max-pixels", type=int, default=None, metavar="N", help="scale images down to at most N pixels")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
+
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions)")
     _add_model_args(serve)
     g = serve.add_argument_group("server")
@@ -323,6 +333,52 @@ def run_task(
     return 0
 
 
+def run_ui(args: argparse.Namespace, stderr: TextIO) -> int:
+    try:
+        from .ui.app import CSS, WebApp, build_ui
+        from .ui.manager import ModelManager
+    except ImportError:
+        raise GlmvError("glmv ui needs gradio: pip install 'glmv[ui]'") from None
+    settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
+                                 engine=args.engine, max_pixels=args.max_pixels)
+    from .outputs import ensure_writable_dir
+
+    out = ensure_writable_dir(Path(args.out))
+    remote = _remote_backend(args) if args.backend == "openai" else None
+
+    def factory(s: Settings, log: Callable[[str], None]) -> Backend:
+        if remote is not None:
+            return remote(s)
+        from .backends.local import LocalBackend
+
+        def both(line: str) -> None:
+            log(line)
+            stderr.write(f"glmv: {line}\n")
+
+        return LocalBackend(s, log=both).load()
+
+    manager = ModelManager(settings, factory)
+    manager.load_async()
+    app = WebApp(manager, out, max_pixels=settings.max_pixels)
+    demo = build_ui(app)
+    stderr.write(f"glmv: web app on http://{args.host}:{args.port} (the model loads in the background)\n")
+    stderr.flush()
+
+    def report() -> None:
+        manager.wait()
+        if manager.state == "error":
+            stderr.write(f"glmv: error: {manager.message}\n")
+            stderr.flush()
+
+    threading.Thread(target=report, daemon=True).start()
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, show_error=True, quiet=True,
+                    allowed_paths=[str(out.resolve())], css=CSS)
+    finally:
+        manager.close()
+    return 0
+
+
 def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr: TextIO) -> int:
     try:
         import uvicorn
@@ -383,6 +439,8 @@ def main(
             return run_task(args, backend_factory or _default_backend, stdout, stderr)
         if args.command == "serve":
             return run_serve(args, backend_factory or _default_backend, stderr)
+        if args.command == "ui":
+            return run_ui(args, stderr)
         parser.print_help(stdout)
         return 0
     except GlmvError as exc:
