@@ -270,7 +270,7 @@ def build_ui(app: WebApp) -> Any:
         with gr.Row():
             show_thinking = gr.Checkbox(True, label="Show thinking")
             thinking_on = gr.Checkbox(True, label="Think before answering (off: faster)")
-            max_new = gr.Slider(16, 8192, value=2048, step=16, label="Max new tokens")
+            max_new = gr.Slider(16, 8192, value=2048, step=16, label="Max new tokens", elem_id="max-new")
 
         gpu = {"concurrency_limit": 1, "concurrency_id": "gpu"}
         with gr.Tabs():

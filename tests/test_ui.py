@@ -1,0 +1,181 @@
+"""The web app's handlers in-process against a scripted backend (no browser)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import png_bytes
+from glmv.errors import GlmvError
+from glmv.settings import Settings
+from glmv.testing.scripted import ScriptedBackend
+from glmv.ui.app import WebApp, iframe
+from glmv.ui.manager import ModelManager, estimate
+
+PAGE = "<!DOCTYPE html>\n<html><head><title>T</title></head><body><h1>Skyline</h1></body></html>"
+
+
+def make_app(tmp_path, script, delay=0.0):
+    backend = ScriptedBackend(script, delay_s=delay)
+    backend.default_sampling = Settings().sampling
+    manager = ModelManager(Settings(model="scripted"), lambda s, log: backend)
+    manager.load_async()
+    manager.wait(10)
+    app = WebApp(manager, tmp_path / "html")
+    return app, backend
+
+
+@pytest.fixture
+def image(tmp_path) -> str:
+    p = tmp_path / "shot.png"
+    p.write_bytes(png_bytes((120, 80)))
+    return str(p)
+
+
+def last(gen):
+    out = None
+    for out in gen:
+        pass
+    return out
+
+
+def test_describe_streams_and_reports(tmp_path, image):
+    app, backend = make_app(tmp_path, "<think>looking closely</think>A red rectangle on white.")
+    updates = list(app.describe(image, "describe this image", True, 256, "s1"))
+    assert len(updates) >= 1
+    thinking, answer, stats = updates[-1]
+    assert thinking == "looking closely" and answer == "A red rectangle on white."
+    assert stats.startswith("✓") and "tokens" in stats and "tok/s" in stats
+    req = backend.requests[-1]
+    assert req.thinking is True and req.sampling.max_new_tokens == 256 and len(req.messages[-1].images) == 1
+
+
+def test_thinking_switch_reaches_the_request(tmp_path, image):
+    app, backend = make_app(tmp_path, "ok")
+    last(app.describe(image, "x", False, 64, "s1"))
+    assert backend.requests[-1].thinking is False
+
+
+def test_ocr_offers_markdown_and_text_downloads(tmp_path, image):
+    app, _ = make_app(tmp_path, "# Title\n\n| a | b |\n|---|---|\n| 1 | 2 |")
+    thinking, rendered, raw, stats, files = last(app.ocr(image, None, True, 256, "s1"))
+    assert rendered == raw and "| 1 | 2 |" in raw
+    assert sorted(Path(f).suffix for f in files) == [".md", ".txt"]
+    assert all(Path(f).read_text().strip() == raw for f in files)
+
+
+def test_html_versions_edits_and_sandboxed_preview(tmp_path, image):
+    def script(request):
+        prompt = request.messages[-1].text
+        if "Change it as follows" in prompt:
+            assert "<h1>Skyline</h1>" in prompt  # the edit starts from the previous version's code
+            return "```html\n" + PAGE.replace("<h1>", '<h1 style="background:navy">') + "\n```"
+        return f"<think>layout</think>Here:\n```html\n{PAGE}\n```"
+
+    app, _ = make_app(tmp_path, script)
+    think, code, stats, path, preview, versions, choices, chosen = last(app.html(image, None, True, 512, "desktop", [], "s1"))
+    assert code.strip() == PAGE and Path(path).read_text().strip() == PAGE
+    assert Path(path).parent == tmp_path / "html" and Path(path).name.startswith("generated_")
+    assert 'sandbox="allow-scripts"' in preview and "allow-same-origin" not in preview
+    assert len(versions) == 1 and choices == [chosen]
+    out = last(app.html_edit(image, "make the header dark blue", True, 512, "phone", versions, chosen, "s1"))
+    code2, versions2 = out[1], out[5]
+    assert "navy" in code2 and len(versions2) == 2 and len(list((tmp_path / "html").glob("*.html"))) == 2
+    assert "width:390px" in out[4]  # phone preview
+    old_code, old_path, old_preview = app.pick_version(versions2[0]["label"], versions2, "desktop")
+    assert old_code.strip() == PAGE and "navy" not in old_code
+
+
+def test_html_edit_needs_a_page_and_an_instruction(tmp_path, image):
+    app, _ = make_app(tmp_path, PAGE)
+    with pytest.raises(GlmvError, match="generate a page first"):
+        last(app.html_edit(image, "x", True, 64, "desktop", [], None, "s1"))
+    versions = last(app.html(image, None, True, 64, "desktop", [], "s1"))[5]
+    with pytest.raises(GlmvError, match="describe the change"):
+        last(app.html_edit(image, "  ", True, 64, "desktop", versions, None, "s1"))
+
+
+def test_chat_keeps_history_without_reasoning_and_takes_images_mid_conversation(tmp_path, image):
+    replies = iter(["<think>hmm</think>Hello!", "<think>look</think>It is red.", "Two images."])
+    app, backend = make_app(tmp_path, lambda r: next(replies))
+    view, history, stats, box = last(app.chat({"text": "hi", "files": []}, [], [], True, True, 64, "s1"))
+    assert [m.role for m in history] == ["user", "assistant"] and history[1].text == "Hello!"
+    assert any(m.get("metadata", {}).get("title") == "Thinking" for m in view)
+    view, history, stats, box = last(app.chat({"text": "what colour?", "files": [image]}, history, view, True, True, 64, "s1"))
+    assert history[-1].text == "It is red." and len(history[-2].images) == 1
+    view, history, _, _ = last(app.chat({"text": "and now?", "files": [image, image]}, history, view, False, True, 64, "s1"))
+    sent = backend.requests[-1].messages
+    assert [len(m.images) for m in sent] == [0, 0, 1, 0, 2]
+    assert all("hmm" not in m.text for m in sent)  # reasoning is not kept in history
+    assert box == {"text": "", "files": []}
+
+
+def test_stop_ends_generation_and_sessions_are_separate(tmp_path, image):
+    app, _ = make_app(tmp_path, ["tok "] * 400, delay=0.01)
+    results = {}
+
+    def run(session):
+        results[session] = last(app.describe(image, "x", True, 4096, session))
+
+    a = threading.Thread(target=run, args=("A",))
+    b = threading.Thread(target=run, args=("B",))
+    a.start(), b.start()
+    time.sleep(0.3)
+    app.stop("A")
+    a.join(10), b.join(20)
+    assert results["A"][2].startswith("■ stopped")
+    assert results["B"][2].startswith("✓") and results["B"][1].count("tok") == 400
+
+
+def test_errors_become_messages(tmp_path, image):
+    app, _ = make_app(tmp_path, "x")
+    with pytest.raises(GlmvError, match="upload an image"):
+        last(app.describe(None, "x", True, 64, "s1"))
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    with pytest.raises(GlmvError, match="not a PNG"):
+        last(app.describe(str(bad), "x", True, 64, "s1"))
+    with pytest.raises(GlmvError, match="type a message"):
+        last(app.chat({"text": " ", "files": []}, [], [], True, True, 64, "s1"))
+
+
+def test_model_manager_reports_load_errors_and_swaps(tmp_path):
+    calls = []
+
+    def factory(settings, log):
+        calls.append(settings.model)
+        if settings.model == "broken":
+            raise GlmvError("cannot load model 'broken': no such folder")
+        log("loading ...")
+        return ScriptedBackend("ok")
+
+    m = ModelManager(Settings(model="broken"), factory)
+    m.load_async()
+    m.wait(5)
+    assert m.state == "error" and "no such folder" in m.status_markdown()
+    with pytest.raises(GlmvError, match="no model is loaded"):
+        m.require()
+    m.load_async(model="good")
+    m.wait(5)
+    first = m.require()
+    m.load_async(model="other")
+    m.wait(5)
+    assert first.closed and m.require() is not first and calls == ["broken", "good", "other"]
+
+
+def test_memory_estimate():
+    flash = estimate("zai-org/GLM-4.6V-Flash", "none", free_gb=80.0)
+    assert 20 < flash.needed_gb < 24 and flash.warning is None
+    small_card = estimate("zai-org/GLM-4.6V-Flash", "none", free_gb=10.0)
+    assert "will not fit" in small_card.warning
+    assert estimate("zai-org/GLM-4.6V-Flash", "w4", free_gb=10.0).warning is None
+    assert "will not fit" in estimate("zai-org/GLM-4.6V", "none", free_gb=160.0).warning
+
+
+def test_iframe_escapes_and_sandboxes():
+    html = iframe('<script>parent.document.cookie="x"</script><p>"hi"</p>')
+    assert 'sandbox="allow-scripts"' in html and "allow-same-origin" not in html
+    assert "<script>" not in html  # inside srcdoc, escaped
