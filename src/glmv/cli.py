@@ -20,7 +20,6 @@ from typing import Any, Callable, Sequence, TextIO
 from . import __version__
 from .backends.base import Backend, GenerationRequest, Result, collect
 from .errors import GlmvError
-from .media import load_image
 from .outputs import save_html, text_as_page
 from .prompts import TASKS, Message, user_message
 from .settings import DEFAULT_MAX_NEW_TOKENS, SamplingParams, Settings
@@ -73,6 +72,10 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-pixels", type=int, default=None, metavar="N",
                    help="scale images down to at most N pixels (fewer visual tokens, faster; default 4000000)")
     g.add_argument("--system", default=None, help="system prompt")
+    g.add_argument("--pages", default=None, metavar="RANGE", help="PDF/deck pages, e.g. 1-5,9 (default: all)")
+    g.add_argument("--pdf-long-side", type=int, default=1600, metavar="PX",
+                   help="render PDF pages with this many pixels on the longer side (default 1600)")
+    g.add_argument("--dpi", type=float, default=None, help="render PDF pages at this dpi instead of --pdf-long-side")
     g.add_argument("--json", action="store_true", help="print one JSON object (answer, thinking, usage, timings) instead of text")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -103,6 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model_args(p)
         _add_backend_args(p)
         _add_generation_args(p)
+
+    batch = sub.add_parser("batch", help="run a task over files, folders, PDFs and decks; resumable")
+    batch.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders (recursive)")
+    batch.add_argument("--task", choices=["ocr", "describe", "html", "ask"], default="ocr")
+    batch.add_argument("-p", "--prompt", default=None, help="the prompt (required for --task ask)")
+    batch.add_argument("--out", required=True, help="output folder (results, manifest.jsonl)")
+    batch.add_argument("--format", choices=["md", "json", "both"], default="md")
+    batch.add_argument("--batch-size", type=int, default=4, help="items in flight at once (batched by the engine)")
+    batch.add_argument("--retry-failed", action="store_true", help="retry items that failed in an earlier run")
+    _add_model_args(batch)
+    _add_backend_args(batch)
+    _add_generation_args(batch)
 
     ui = sub.add_parser("ui", help="the web app (Gradio) on http://127.0.0.1:7860")
     _add_model_args(ui)
@@ -262,75 +277,125 @@ def run_task(
         raise GlmvError("the prompt is empty: say what you want to know (for example -p 'describe this image')")
     if sources.count("-") > 1:
         raise GlmvError("standard input ('-') can be read only once")
-    images = [load_image(s, max_pixels=settings.max_pixels, allow_remote=settings.allow_remote_media) for s in sources]
+    from .documents import load_inputs
+
+    media = [m for src in sources for m in load_inputs(src, pages=args.pages, long_side=args.pdf_long_side, dpi=args.dpi,
+                                                        max_pixels=settings.max_pixels,
+                                                        allow_remote=settings.allow_remote_media)]
     if task == "html":
         from .outputs import ensure_writable_dir
 
         ensure_writable_dir(Path(args.out))
-
-    messages: list[Message] = []
-    if args.system:
-        messages.append(Message("system", [args.system]))
-    messages.append(user_message(prompt, images))
+    # OCR reads one page (or image) per prompt; other tasks put everything in one prompt.
+    groups = [[m] for m in media] if task == "ocr" and len(media) > 1 else [media]
 
     if getattr(args, "backend", "local") == "openai":
         backend_factory = _remote_backend(args)
     backend = backend_factory(settings)
     defaults = getattr(backend, "default_sampling", None) or SamplingParams()
-    request = GenerationRequest(messages=messages, sampling=defaults.merged(**sampling_overrides), thinking=args.thinking)
-
+    sampling = defaults.merged(**sampling_overrides)
     stream = args.stream if args.stream is not None else (stdout.isatty() and not args.json)
     if args.json:
         stream = False
-    cancel = threading.Event()
-    try:
-        chunks = backend.generate(request, cancel)
-        if stream:
-            printer = Printer(stdout, stderr, args.show_thinking)
 
-            def tee():
-                for chunk in chunks:
-                    if chunk.type in ("thinking", "answer"):
-                        printer.write(chunk.type, chunk.text)
-                    elif chunk.type == "status":
-                        stderr.write(f"glmv: {chunk.text}\n")
-                    yield chunk
-
-            result = collect(tee())
-            printer.end()
-        else:
-            result = collect(chunks)
-    except KeyboardInterrupt:
-        cancel.set()
-        stderr.write("\nglmv: cancelled\n")
-        return 130
+    results: list[tuple[Any, Result]] = []
+    for group in groups:
+        messages: list[Message] = []
+        if args.system:
+            messages.append(Message("system", [args.system]))
+        messages.append(user_message(prompt, group))
+        if len(groups) > 1 and not args.json:
+            stdout.write(f"\n<!-- {group[0].source} -->\n\n" if results else f"<!-- {group[0].source} -->\n\n")
+        request = GenerationRequest(messages=messages, sampling=sampling, thinking=args.thinking)
+        result = _generate(backend, request, stream, args.show_thinking, stdout, stderr)
+        if result is None:
+            return 130
+        results.append((group, result))
+        if not args.json:
+            if not stream:
+                printer = Printer(stdout, stderr, args.show_thinking)
+                if result.output.thinking:
+                    printer.write("thinking", result.output.thinking)
+                printer.write("answer", result.output.answer)
+                printer.end()
+            stderr.write(summary_line(result) + "\n")
 
     html_path = None
+    result = results[-1][1]
     if task == "html":
         page = result.output.html
         if page is None:
             stderr.write("glmv: warning: the answer contained no HTML; saved the answer as text in a page\n")
             page = text_as_page(result.output.answer)
         html_path = save_html(page, Path(args.out))
+        if not args.json:
+            stdout.write(f"{html_path}\n")
 
     if args.json:
-        payload = {"model": settings.model, "task": task, **result.to_dict()}
+        if len(results) == 1:
+            payload = {"model": settings.model, "task": task, **result.to_dict()}
+        else:
+            pages = [{"source": g[0].source, **r.to_dict()} for g, r in results]
+            payload = {"model": settings.model, "task": task, "pages": pages,
+                       "answer": "\n\n".join(p["answer"] for p in pages),
+                       "usage": {k: sum(p["usage"][k] for p in pages) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
         if task == "html":
             payload["html_path"] = str(html_path)
             payload["html_found"] = result.output.html is not None
         stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
-    else:
-        if not stream:
-            printer = Printer(stdout, stderr, args.show_thinking)
-            if result.output.thinking:
-                printer.write("thinking", result.output.thinking)
-            printer.write("answer", result.output.answer)
-            printer.end()
-        if html_path is not None:
-            stdout.write(f"{html_path}\n")
-        stderr.write(summary_line(result) + "\n")
     stdout.flush()
     return 0
+
+
+def _generate(backend: Backend, request: GenerationRequest, stream: bool, show_thinking: bool, stdout: TextIO,
+              stderr: TextIO) -> Result | None:
+    """Run one request, printing tokens as they come when streaming; None if interrupted."""
+    cancel = threading.Event()
+    try:
+        chunks = backend.generate(request, cancel)
+        if not stream:
+            return collect(chunks)
+        printer = Printer(stdout, stderr, show_thinking)
+
+        def tee():
+            for chunk in chunks:
+                if chunk.type in ("thinking", "answer"):
+                    printer.write(chunk.type, chunk.text)
+                elif chunk.type == "status":
+                    stderr.write(f"glmv: {chunk.text}\n")
+                yield chunk
+
+        result = collect(tee())
+        printer.end()
+        return result
+    except KeyboardInterrupt:
+        cancel.set()
+        stderr.write("\nglmv: cancelled\n")
+        return None
+
+
+def run_batch_command(args: argparse.Namespace, backend_factory: BackendFactory, stderr: TextIO) -> int:
+    from .batch import Options, default_prompt, run_batch
+
+    overrides = _sampling_from_args(args)
+    settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
+                                 engine=args.engine, max_pixels=args.max_pixels, thinking=args.thinking)
+    if args.batch_size < 1:
+        raise GlmvError("--batch-size must be at least 1")
+    opts = Options(task=args.task, prompt=default_prompt(args.task, args.prompt), out=Path(args.out), fmt=args.format,
+                   batch_size=args.batch_size, retry_failed=args.retry_failed, pages=args.pages,
+                   long_side=args.pdf_long_side, dpi=args.dpi, max_pixels=settings.max_pixels, thinking=args.thinking,
+                   sampling_overrides=overrides)
+    if args.backend == "openai":
+        backend_factory = _remote_backend(args)
+
+    def factory() -> Backend:
+        backend = backend_factory(settings)
+        if hasattr(backend, "max_batch"):
+            backend.max_batch = max(backend.max_batch, args.batch_size)
+        return backend
+
+    return run_batch(args.inputs, opts, factory, stderr)
 
 
 def run_ui(args: argparse.Namespace, stderr: TextIO) -> int:
@@ -441,6 +506,8 @@ def main(
             return run_serve(args, backend_factory or _default_backend, stderr)
         if args.command == "ui":
             return run_ui(args, stderr)
+        if args.command == "batch":
+            return run_batch_command(args, backend_factory or _default_backend, stderr)
         parser.print_help(stdout)
         return 0
     except GlmvError as exc:

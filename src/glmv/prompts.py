@@ -17,7 +17,7 @@ from .media import LoadedImage
 from .parsing import ToolCall
 
 Role = Literal["system", "user", "assistant", "tool"]
-Content = Union[str, LoadedImage]
+Content = Union[str, LoadedImage, Any]  # text, an image, or a documents.LoadedVideo
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,18 @@ class Message:
     def images(self) -> list[LoadedImage]:
         return [c for c in self.content if isinstance(c, LoadedImage)]
 
+    @property
+    def videos(self) -> list[Any]:
+        return [c for c in self.content if _is_video(c)]
 
-def user_message(prompt: str, images: list[LoadedImage] | None = None) -> Message:
-    """A user turn with the images first, then the prompt (the order GLM's examples use)."""
-    return Message("user", [*(images or []), prompt])
+
+def _is_video(c: Any) -> bool:
+    return hasattr(c, "frames") and hasattr(c, "metadata")
+
+
+def user_message(prompt: str, media: list[Any] | None = None) -> Message:
+    """A user turn with the images (or videos, or PDF pages) first, then the prompt (GLM's usual order)."""
+    return Message("user", [*(media or []), prompt])
 
 
 def validate_messages(messages: list[Message]) -> None:
@@ -87,7 +95,8 @@ def _tool_call_dict(call: ToolCall) -> dict[str, Any]:
 
 
 def to_template_messages(messages: list[Message]) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Messages for ``apply_chat_template`` and the PIL images in the order their placeholders appear."""
+    """Messages for ``apply_chat_template`` and the PIL images in the order their placeholders appear
+    (videos: see :func:`template_videos`)."""
     out: list[dict[str, Any]] = []
     images: list[Any] = []
     for m in messages:
@@ -96,6 +105,8 @@ def to_template_messages(messages: list[Message]) -> tuple[list[dict[str, Any]],
             if isinstance(c, LoadedImage):
                 parts.append({"type": "image"})
                 images.append(c.image)
+            elif _is_video(c):
+                parts.append({"type": "video"})
             elif c:
                 parts.append({"type": "text", "text": c})
         entry: dict[str, Any] = {"role": m.role, "content": parts}
@@ -103,6 +114,11 @@ def to_template_messages(messages: list[Message]) -> tuple[list[dict[str, Any]],
             entry["tool_calls"] = [_tool_call_dict(c) for c in m.tool_calls]
         out.append(entry)
     return out, images
+
+
+def template_videos(messages: list[Message]) -> list[Any]:
+    """The videos of a conversation in the order their placeholders appear."""
+    return [v for m in messages for v in m.videos]
 
 
 def tool_result_text(value: Any) -> str:

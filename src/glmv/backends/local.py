@@ -20,7 +20,7 @@ from typing import Any, Iterator
 from ..errors import ContextLengthError, GenerationError, GlmvError, ModelLoadError
 from ..loading import Log, _stderr_log, choose_placement, load_checkpoint, resolve_model
 from ..parsing import StreamParser
-from ..prompts import to_template_messages, validate_messages
+from ..prompts import template_videos, to_template_messages, validate_messages
 from ..settings import SamplingParams, Settings
 from .base import Chunk, GenerationRequest, Timings, Usage
 
@@ -312,8 +312,13 @@ class LocalBackend:
             self.load()
         prompt = self.render_prompt(request)
         _, images = to_template_messages(request.messages)
+        videos = template_videos(request.messages)
+        kwargs: dict[str, Any] = {}
+        if videos:
+            kwargs = {"videos": [v.frames for v in videos], "video_metadata": [v.metadata for v in videos],
+                      "do_sample_frames": False}
         try:
-            inputs = self.processor(text=[prompt], images=images or None, return_tensors="pt")
+            inputs = self.processor(text=[prompt], images=images or None, return_tensors="pt", **kwargs)
         except Exception as exc:
             raise GlmvError(f"cannot prepare the prompt: {exc}") from None
         inputs = dict(inputs)
@@ -323,7 +328,8 @@ class LocalBackend:
         if n_prompt >= limit:
             raise ContextLengthError(
                 f"the prompt is {n_prompt} tokens (text plus images) but the model's context is {limit}: "
-                f"use fewer or smaller images (--max-pixels) or a shorter prompt"
+                f"use fewer pages (--pages), a lower resolution (--max-pixels, --pdf-long-side), a shorter video, "
+                f"or a shorter prompt"
             )
         return inputs, prompt
 

@@ -30,6 +30,8 @@ def to_openai_messages(messages: list[Message]) -> list[dict[str, Any]]:
         for c in m.content:
             if isinstance(c, LoadedImage):
                 parts.append({"type": "image_url", "image_url": {"url": image_to_data_uri(c.image)}})
+            elif hasattr(c, "frames"):  # a video: vLLM and glmv serve take video_url parts
+                parts.append({"type": "video_url", "video_url": {"url": c.data_uri()}})
             elif c:
                 parts.append({"type": "text", "text": c})
         entry: dict[str, Any] = {"role": m.role}

@@ -65,6 +65,34 @@ def _media_policy_load(url: str, config: ServerConfig, where: str) -> Any:
         raise MediaError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
+def _load_video_under_policy(url: str, config: ServerConfig, where: str) -> Any:
+    from ..documents import load_video
+
+    try:
+        if url.startswith("data:"):
+            return load_video(url, allow_remote=False)
+        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        if scheme in ("http", "https"):
+            if not config.allow_remote_media:
+                raise MediaError("fetching remote videos is disabled on this server (start it with --allow-remote-media)")
+            return load_video(url)
+        return load_video(_allowed_path(url, config))
+    except MediaError as exc:
+        raise MediaError(f"{where}: {exc}") from None
+
+
+def _allowed_path(url: str, config: ServerConfig) -> Path:
+    path_text = url[len("file://"):] if url.startswith("file://") else url
+    if config.allowed_media_dir is None:
+        raise MediaError("reading local files is disabled on this server (start it with --allowed-media-dir DIR, or send a data: URI)")
+    root = config.allowed_media_dir.resolve()
+    path = Path(path_text).expanduser()
+    path = (root / path).resolve() if not path.is_absolute() else path.resolve()
+    if not path.is_relative_to(root):
+        raise MediaError(f"'{path_text}' is outside the allowed media folder")
+    return path
+
+
 def _load_under_policy(url: str, config: ServerConfig, where: str) -> Any:
     if url.startswith("data:"):
         return load_image(url, max_pixels=config.max_pixels, allow_remote=False)
@@ -75,15 +103,7 @@ def _load_under_policy(url: str, config: ServerConfig, where: str) -> Any:
         return load_image(url, max_pixels=config.max_pixels, allow_remote=True)
     if scheme not in ("", "file"):
         raise MediaError(f"{where}: unsupported image URL scheme '{scheme}': send a data: URI")
-    path_text = url[len("file://"):] if scheme == "file" else url
-    if config.allowed_media_dir is None:
-        raise MediaError(f"{where}: reading local files is disabled on this server (start it with --allowed-media-dir DIR, or send a data: URI)")
-    root = config.allowed_media_dir.resolve()
-    path = Path(path_text).expanduser()
-    path = (root / path).resolve() if not path.is_absolute() else path.resolve()
-    if not path.is_relative_to(root):
-        raise MediaError(f"{where}: '{path_text}' is outside the allowed media folder")
-    return load_image(path, max_pixels=config.max_pixels)
+    return load_image(_allowed_path(url, config), max_pixels=config.max_pixels)
 
 
 def _content(parts: str | list | None, config: ServerConfig, where: str) -> list[Any]:
@@ -99,7 +119,7 @@ def _content(parts: str | list | None, config: ServerConfig, where: str) -> list
         elif isinstance(part, ImagePart):
             out.append(_media_policy_load(part.image_url.url, config, here))
         elif isinstance(part, VideoPart):
-            raise APIError(422, f"{here}: video_url is not supported yet", param=here, code="unsupported_content")
+            out.append(_load_video_under_policy(part.video_url.url, config, here))
     return out
 
 

@@ -1,0 +1,269 @@
+"""PDFs, slide decks and office files, and video: turned into what the model reads.
+
+- PDF pages are rendered with pypdfium2 at a resolution chosen from a target long side (or a dpi), for a
+  page range like ``1-5,9``; each page becomes an image.
+- Slide decks and office files (.pptx, .odp, .docx, ...) are converted to PDF by LibreOffice headless when it
+  is installed.
+- Video is decoded with PyAV and sampled at the processor's rate (2 frames a second) up to a duration cap;
+  the frames and their timestamps go through the processor's video path, so answers can refer to moments.
+
+Every failure is a :class:`~glmv.errors.MediaError` naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import MediaError
+from .media import LoadedImage, describe_source, fit_to_pixels, read_source_bytes
+from .settings import DEFAULT_MAX_PIXELS
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+PDF_EXTS = {".pdf"}
+OFFICE_EXTS = {".pptx", ".ppt", ".odp", ".docx", ".doc", ".odt", ".key"}
+VIDEO_EXTS = {".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi"}
+DEFAULT_LONG_SIDE = 1600  # pixels for a rendered page's longer side: small print stays legible
+VIDEO_FPS = 2.0
+VIDEO_MAX_SECONDS = 300.0
+VIDEO_MAX_FRAMES = 600
+
+
+@dataclass
+class LoadedVideo:
+    """Sampled RGB frames (uint8 [T, H, W, 3]) with the metadata the processor needs for timestamps."""
+
+    frames: Any
+    metadata: Any  # transformers VideoMetadata
+    source: str
+    data: bytes = field(default=b"", repr=False)  # the original file, for remote backends
+
+    @property
+    def timestamps(self) -> list[float]:
+        return list(self.metadata.timestamps)
+
+    def data_uri(self) -> str:
+        return "data:video/mp4;base64," + base64.b64encode(self.data).decode("ascii")
+
+
+def kind_of(path: Path) -> str:
+    ext = path.suffix.lower()
+    for kind, exts in (("image", IMAGE_EXTS), ("pdf", PDF_EXTS), ("office", OFFICE_EXTS), ("video", VIDEO_EXTS)):
+        if ext in exts:
+            return kind
+    return "unknown"
+
+
+def sniff_kind(data: bytes) -> str | None:
+    if data.startswith(b"%PDF"):
+        return "pdf"
+    if data[4:8] == b"ftyp" or data.startswith(b"\x1a\x45\xdf\xa3") or (data[:4] == b"RIFF" and data[8:12] == b"AVI "):
+        return "video"
+    return None
+
+
+# -- page ranges -----------------------------------------------------------------------------------
+def parse_pages(spec: str | None, n_pages: int, source: str = "document") -> list[int]:
+    """``"1-5,9"`` -> [0, 1, 2, 3, 4, 8] (0-based), checked against the document's page count."""
+    if n_pages <= 0:
+        raise MediaError(f"cannot read '{source}': it has no pages")
+    if spec is None or not spec.strip():
+        return list(range(n_pages))
+    out: list[int] = []
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                start, end = int(a) if a else 1, int(b) if b else n_pages
+            else:
+                start = end = int(part)
+        except ValueError:
+            raise MediaError(f"invalid page range '{spec}': use numbers like 1-5,9") from None
+        if start < 1 or end < start:
+            raise MediaError(f"invalid page range '{part}' in '{spec}'")
+        if end > n_pages:
+            raise MediaError(f"page range '{part}' is outside '{source}', which has {n_pages} page(s)")
+        out.extend(p for p in range(start - 1, end) if p not in out)
+    if not out:
+        raise MediaError(f"the page range '{spec}' selects no pages")
+    return out
+
+
+# -- PDF -------------------------------------------------------------------------------------------
+def _open_pdf(data: bytes, name: str) -> Any:
+    try:
+        import pypdfium2 as pdfium
+    except ImportError:
+        raise MediaError("reading PDFs needs pypdfium2: pip install pypdfium2") from None
+    try:
+        return pdfium.PdfDocument(data)
+    except pdfium.PdfiumError as exc:
+        text = str(exc).lower()
+        if "password" in text:
+            raise MediaError(f"cannot read PDF '{name}': it is encrypted (password protected); decrypt it first "
+                             f"(for example: qpdf --decrypt in.pdf out.pdf)") from None
+        raise MediaError(f"cannot read PDF '{name}': the file is corrupt or not a PDF ({exc})") from None
+
+
+def pdf_page_count(source: Any) -> int:
+    name = describe_source(source)
+    return len(_open_pdf(read_source_bytes(source), name))
+
+
+def render_pdf(
+    source: Any,
+    pages: str | None = None,
+    long_side: int | None = DEFAULT_LONG_SIDE,
+    dpi: float | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[LoadedImage]:
+    """Render the selected pages; each image's ``source`` names the file and page."""
+    name = describe_source(source)
+    data = read_source_bytes(source)
+    if not data:
+        raise MediaError(f"cannot read PDF '{name}': the file is empty (0 bytes)")
+    doc = _open_pdf(data, name)
+    try:
+        indices = parse_pages(pages, len(doc), name)
+        out = []
+        for i in indices:
+            page = doc[i]
+            w_pt, h_pt = page.get_size()
+            if dpi:
+                scale = dpi / 72.0
+            else:
+                scale = (long_side or DEFAULT_LONG_SIDE) / max(w_pt, h_pt, 1.0)
+            try:
+                bitmap = page.render(scale=scale)
+                img = bitmap.to_pil().convert("RGB")
+            except Exception as exc:
+                raise MediaError(f"cannot render page {i + 1} of '{name}': {exc}") from None
+            original = img.size
+            target = fit_to_pixels(*img.size, max_pixels)
+            if target != img.size:
+                img = img.resize(target)
+            out.append(LoadedImage(img, f"{name}#page={i + 1}", original))
+        return out
+    finally:
+        doc.close()
+
+
+# -- office files ------------------------------------------------------------------------------------
+def office_to_pdf(path: Path, workdir: Path | None = None) -> Path:
+    """Convert a deck or document to PDF with LibreOffice headless; returns the PDF's path."""
+    exe = shutil.which("soffice") or shutil.which("libreoffice")
+    if exe is None:
+        raise MediaError(
+            f"cannot read '{path}': slide decks and office files need LibreOffice "
+            f"(Debian/Ubuntu: apt-get install libreoffice-impress libreoffice-writer), or export it as PDF first"
+        )
+    if not path.exists():
+        raise MediaError(f"cannot read '{path}': no such file")
+    out_dir = Path(workdir or tempfile.mkdtemp(prefix="glmv-office-"))
+    profile = Path(tempfile.mkdtemp(prefix="glmv-lo-profile-"))
+    try:
+        proc = subprocess.run(
+            [exe, f"-env:UserInstallation=file://{profile}", "--headless", "--convert-to", "pdf", "--outdir",
+             str(out_dir), str(path)],
+            capture_output=True, text=True, timeout=300,
+        )
+    except subprocess.TimeoutExpired:
+        raise MediaError(f"cannot convert '{path}' to PDF: LibreOffice took over 5 minutes") from None
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    pdf = out_dir / (path.stem + ".pdf")
+    if proc.returncode != 0 or not pdf.exists():
+        raise MediaError(f"cannot convert '{path}' to PDF with LibreOffice: {(proc.stderr or proc.stdout).strip()[:300]}")
+    return pdf
+
+
+# -- video -------------------------------------------------------------------------------------------
+def load_video(source: Any, fps: float = VIDEO_FPS, max_seconds: float = VIDEO_MAX_SECONDS,
+               max_frames: int = VIDEO_MAX_FRAMES, max_pixels: int = 700_000, allow_remote: bool = True) -> LoadedVideo:
+    """Decode and sample a video at ``fps`` (frames in pairs, as the processor groups them in time)."""
+    try:
+        import av
+        import numpy as np
+        from transformers.video_utils import VideoMetadata
+    except ImportError:
+        raise MediaError("reading video needs PyAV: pip install av") from None
+    name = describe_source(source)
+    data = read_source_bytes(source, allow_remote=allow_remote)
+    if not data:
+        raise MediaError(f"cannot read video '{name}': the file is empty (0 bytes)")
+    try:
+        container = av.open(io.BytesIO(data))
+    except Exception as exc:
+        raise MediaError(f"cannot read video '{name}': not a video file PyAV can decode ({exc})") from None
+    frames, indices = [], []
+    try:
+        if not container.streams.video:
+            raise MediaError(f"cannot read video '{name}': it has no video stream")
+        stream = container.streams.video[0]
+        src_fps = float(stream.average_rate or stream.guessed_rate or 25.0)
+        step = 1.0 / fps
+        next_t = 0.0
+        last_t = 0.0
+        width = height = None
+        for i, frame in enumerate(container.decode(stream)):
+            t = float(frame.time) if frame.time is not None else i / src_fps
+            last_t = t
+            if t > max_seconds or len(frames) >= max_frames:
+                break
+            if t + 1e-6 >= next_t:
+                img = frame.to_image()
+                if width is None:
+                    width, height = fit_to_pixels(img.width, img.height, max_pixels)
+                    width, height = max(28, width), max(28, height)
+                frames.append(np.asarray(img.convert("RGB").resize((width, height))))
+                indices.append(int(round(t * src_fps)))
+                next_t += step
+    except MediaError:
+        raise
+    except Exception as exc:
+        raise MediaError(f"cannot read video '{name}': the file is truncated or corrupt ({exc})") from None
+    finally:
+        container.close()
+    if not frames:
+        raise MediaError(f"cannot read video '{name}': no frames could be decoded (truncated or corrupt?)")
+    if len(frames) % 2:  # the processor pairs frames in time
+        frames.append(frames[-1])
+        indices.append(indices[-1])
+    meta = VideoMetadata(total_num_frames=max(indices) + 1, fps=src_fps, duration=last_t, frames_indices=indices,
+                         video_backend="pyav", width=width, height=height)
+    return LoadedVideo(np.stack(frames), meta, name, data)
+
+
+# -- one entry point for the front ends ------------------------------------------------------------------
+def load_inputs(source: Any, *, pages: str | None = None, long_side: int | None = DEFAULT_LONG_SIDE,
+                dpi: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, allow_remote: bool = True) -> list[Any]:
+    """Images, PDF pages (as images) or a video from one source (path, URL, data URI, bytes, ``-``)."""
+    from .media import load_image
+
+    if isinstance(source, (str, Path)) and not str(source).startswith(("data:", "http://", "https://")) and str(source) != "-":
+        path = Path(source).expanduser()
+        kind = kind_of(path)
+        if kind == "office":
+            return render_pdf(office_to_pdf(path), pages, long_side, dpi, max_pixels)
+        if kind == "pdf" and path.exists() and not path.is_dir():
+            return render_pdf(path, pages, long_side, dpi, max_pixels)
+        if kind == "video" and path.exists() and not path.is_dir():
+            return [load_video(path)]
+        return [load_image(path, max_pixels=max_pixels)]
+    data = read_source_bytes(source, allow_remote=allow_remote)
+    kind = sniff_kind(data)
+    if kind == "pdf":
+        return render_pdf(data, pages, long_side, dpi, max_pixels)
+    if kind == "video":
+        return [load_video(data)]
+    from .media import decode_image
+
+    return [decode_image(data, "<stdin>" if source == "-" else describe_source(source), max_pixels=max_pixels)]
