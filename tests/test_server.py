@@ -366,3 +366,22 @@ def test_serve_warns_when_exposed_without_key(tiny_path):
         proc.terminate()
         _, err = proc.communicate(timeout=15)
     assert "without --api-key" in err
+
+
+def test_pdf_file_part_and_video_url(client, tmp_path):
+    from test_documents import make_pdf, make_video
+
+    pdf = make_pdf(tmp_path / "doc.pdf", 2)
+    pdf_uri = "data:application/pdf;base64," + base64.b64encode(pdf.read_bytes()).decode()
+    r = client.chat.completions.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": [
+        {"type": "file", "file": {"file_data": pdf_uri, "filename": "doc.pdf"}}, {"type": "text", "text": "summarize"}]}])
+    assert r.usage.prompt_tokens > 1000  # two rendered pages
+    video = make_video(tmp_path / "clip.mp4")
+    v_uri = "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode()
+    r = client.chat.completions.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": v_uri}}, {"type": "text", "text": "what happens?"}]}])
+    assert r.usage.completion_tokens == 2
+    with pytest.raises(openai.BadRequestError, match="encrypted|corrupt"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
+            {"type": "file", "file": {"file_data": "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4 junk").decode()}},
+            {"type": "text", "text": "x"}]}])

@@ -30,7 +30,7 @@ from ..media import load_image
 from ..parsing import ToolCall
 from ..prompts import Message
 from ..settings import SamplingParams
-from .schemas import ChatCompletionRequest, ChatMessage, ImagePart, TextPart, VideoPart
+from .schemas import ChatCompletionRequest, ChatMessage, FilePart, ImagePart, TextPart, VideoPart
 
 
 @dataclass
@@ -63,6 +63,22 @@ def _media_policy_load(url: str, config: ServerConfig, where: str) -> Any:
     except MediaError as exc:
         msg = str(exc)
         raise MediaError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+
+def _load_file_part(part: FilePart, config: ServerConfig, where: str) -> list[Any]:
+    """A PDF sent as an OpenAI ``file`` part (a data: URI): every page as an image."""
+    from ..documents import render_pdf
+
+    if part.file.file_id:
+        raise APIError(422, f"{where}: file_id is not supported here; send the file as file_data (a data: URI)",
+                       param=where, code="unsupported_content")
+    data_uri = part.file.file_data or ""
+    if not data_uri.startswith("data:"):
+        raise MediaError(f"{where}: file_data must be a data: URI (data:application/pdf;base64,...)")
+    try:
+        return render_pdf(data_uri, max_pixels=config.max_pixels)
+    except MediaError as exc:
+        raise MediaError(f"{where}: {exc}") from None
 
 
 def _load_video_under_policy(url: str, config: ServerConfig, where: str) -> Any:
@@ -120,6 +136,8 @@ def _content(parts: str | list | None, config: ServerConfig, where: str) -> list
             out.append(_media_policy_load(part.image_url.url, config, here))
         elif isinstance(part, VideoPart):
             out.append(_load_video_under_policy(part.video_url.url, config, here))
+        elif isinstance(part, FilePart):
+            out.extend(_load_file_part(part, config, here))
     return out
 
 

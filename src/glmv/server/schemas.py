@@ -40,7 +40,18 @@ class VideoPart(Strict):
     video_url: VideoURL
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
+class FileData(Strict):
+    file_data: str | None = None  # a data: URI (application/pdf)
+    filename: str | None = None
+    file_id: str | None = None
+
+
+class FilePart(Strict):
+    type: Literal["file"]
+    file: FileData
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart, FilePart], Field(discriminator="type")]
 
 
 class FunctionCall(Strict):

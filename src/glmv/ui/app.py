@@ -201,11 +201,14 @@ class WebApp:
         files = (message or {}).get("files", []) or []
         if not text:
             raise GlmvError("type a message (images alone need a question)")
-        images = [load_image(f if isinstance(f, str) else f.get("path"), max_pixels=self.max_pixels) for f in files]
+        from ..documents import load_inputs
+
+        paths = [f if isinstance(f, str) else f.get("path") for f in files]
+        images = [m for p in paths for m in load_inputs(p, max_pixels=self.max_pixels)]  # images, PDF pages, videos
         history = [*history, user_message(text, images)]
         view = list(chat_view or [])
-        for f in files:
-            view.append({"role": "user", "content": {"path": f if isinstance(f, str) else f.get("path")}})
+        for p in paths:
+            view.append({"role": "user", "content": {"path": p}})
         view.append({"role": "user", "content": text})
         for run in self.stream(history, thinking_on, max_new, session):
             turn = []
@@ -327,8 +330,9 @@ def build_ui(app: WebApp) -> Any:
             with gr.Tab("Chat"):
                 history = gr.State([])
                 c_view = gr.Chatbot(label="Chat", height=520, elem_id="chat")
-                c_box = gr.MultimodalTextbox(file_types=["image"], file_count="multiple",
-                                             placeholder="Ask about images (attach several, any turn)", elem_id="chat-box")
+                c_box = gr.MultimodalTextbox(file_types=["image", "video", ".pdf", ".pptx", ".odp", ".docx"],
+                                             file_count="multiple", elem_id="chat-box",
+                                             placeholder="Ask about images, PDFs, slides or a video (attach several, any turn)")
                 with gr.Row():
                     c_stats = gr.Markdown(elem_classes="glmv-stats", elem_id="chat-stats")
                     c_stop = gr.Button("Stop", variant="stop", scale=0)
