@@ -77,6 +77,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="render PDF pages with this many pixels on the longer side (default 1600)")
     g.add_argument("--dpi", type=float, default=None, help="render PDF pages at this dpi instead of --pdf-long-side")
     g.add_argument("--json", action="store_true", help="print one JSON object (answer, thinking, usage, timings) instead of text")
+    g.add_argument("--tools", action="store_true",
+                   help="let the model call tools (crop/zoom into the images, render HTML and look at it)")
+    g.add_argument("--max-steps", type=int, default=5, help="at most this many tool rounds (default 5)")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -100,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     html.add_argument("images", nargs="*", metavar="IMAGE")
     html.add_argument("-p", "--prompt", default=None, help="override the image-to-HTML prompt")
     html.add_argument("--out", default="html_code", help="folder for generated_YYYYMMDD_HHMMSS.html (default: html_code)")
+    html.add_argument("--refine", type=int, default=0, metavar="N",
+                      help="up to N rounds of: render the page, show it to the model beside the screenshot, correct it "
+                           "(stops early when the visual score stops improving)")
+
+    score = sub.add_parser("score", help="visual similarity of a page's render to a target screenshot (JSON)")
+    score.add_argument("target", help="the target screenshot (PNG/JPEG)")
+    score.add_argument("page", help="the HTML file")
+    score.add_argument("--debug", action="store_true", help="show tracebacks")
 
     for p in (ask, ocr, html):
         p.add_argument("--input", action="append", default=[], metavar="IMAGE", help="an image (tutorial flag; repeatable)")
@@ -306,10 +317,15 @@ def run_task(
         messages.append(user_message(prompt, group))
         if len(groups) > 1 and not args.json:
             stdout.write(f"\n<!-- {group[0].source} -->\n\n" if results else f"<!-- {group[0].source} -->\n\n")
-        request = GenerationRequest(messages=messages, sampling=sampling, thinking=args.thinking)
-        result = _generate(backend, request, stream, args.show_thinking, stdout, stderr)
+        trace: list[Any] = []
+        if args.tools:
+            result, trace = _generate_with_tools(backend, messages, group, sampling, args, stream, stdout, stderr)
+        else:
+            request = GenerationRequest(messages=messages, sampling=sampling, thinking=args.thinking)
+            result = _generate(backend, request, stream, args.show_thinking, stdout, stderr)
         if result is None:
             return 130
+        result.trace = [step.to_dict() for step in trace]
         results.append((group, result))
         if not args.json:
             if not stream:
@@ -321,6 +337,7 @@ def run_task(
             stderr.write(summary_line(result) + "\n")
 
     html_path = None
+    refine_versions: list[dict[str, Any]] = []
     result = results[-1][1]
     if task == "html":
         page = result.output.html
@@ -328,6 +345,18 @@ def run_task(
             stderr.write("glmv: warning: the answer contained no HTML; saved the answer as text in a page\n")
             page = text_as_page(result.output.answer)
         html_path = save_html(page, Path(args.out))
+        if args.refine > 0:
+            if result.output.html is None:
+                stderr.write("glmv: warning: no HTML to refine\n")
+            else:
+                from .media import LoadedImage
+
+                target = next(m for m in media if isinstance(m, LoadedImage))
+                versions = refine_html(backend, target, page, html_path, args.refine, sampling, args.thinking,
+                                       Path(args.out), stderr)
+                best = max(versions, key=lambda v: v["score"])
+                html_path = Path(best["path"])
+                refine_versions = versions
         if not args.json:
             stdout.write(f"{html_path}\n")
 
@@ -342,9 +371,42 @@ def run_task(
         if task == "html":
             payload["html_path"] = str(html_path)
             payload["html_found"] = result.output.html is not None
+            if refine_versions:
+                payload["versions"] = [{k: v[k] for k in ("version", "path", "score")} for v in refine_versions]
         stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
     stdout.flush()
     return 0
+
+
+def _generate_with_tools(backend: Backend, messages: list[Message], media: list[Any], sampling: SamplingParams,
+                         args: argparse.Namespace, stream: bool, stdout: TextIO, stderr: TextIO):
+    from .media import LoadedImage
+    from .tools import ToolContext, default_registry, run_tool_loop
+
+    if args.max_steps < 1:
+        raise GlmvError("--max-steps must be at least 1")
+    printer = Printer(stdout, stderr, args.show_thinking) if stream else None
+
+    def on_chunk(chunk: Any) -> None:
+        if printer is not None and chunk.type in ("thinking", "answer"):
+            printer.write(chunk.type, chunk.text)
+
+    def on_step(step: Any) -> None:
+        if printer is not None:
+            printer.end()
+        stderr.write(f"glmv: {step.line()}\n")
+        stderr.flush()
+
+    ctx = ToolContext(images=[m for m in media if isinstance(m, LoadedImage)])
+    try:
+        result, trace, _ = run_tool_loop(backend, messages, default_registry(), ctx, sampling, thinking=args.thinking,
+                                         max_steps=args.max_steps, on_step=on_step, on_chunk=on_chunk)
+    except KeyboardInterrupt:
+        stderr.write("\nglmv: cancelled\n")
+        return None, []
+    if printer is not None:
+        printer.end()
+    return result, trace
 
 
 def _generate(backend: Backend, request: GenerationRequest, stream: bool, show_thinking: bool, stdout: TextIO,
@@ -372,6 +434,54 @@ def _generate(backend: Backend, request: GenerationRequest, stream: bool, show_t
         cancel.set()
         stderr.write("\nglmv: cancelled\n")
         return None
+
+
+def run_score(args: argparse.Namespace, stdout: TextIO) -> int:
+    from .score import score_page
+
+    page = Path(args.page)
+    if not page.is_file():
+        raise GlmvError(f"cannot read page '{args.page}': no such file")
+    report, _ = score_page(Path(args.target), page.read_text(encoding="utf-8", errors="replace"))
+    stdout.write(json.dumps(report, ensure_ascii=False, indent=1) + "\n")
+    return 0
+
+
+def refine_html(backend: Backend, target_image: Any, first_html: str, first_path: Path, rounds: int,
+                sampling: SamplingParams, thinking: bool, out_dir: Path, stderr: TextIO) -> list[dict[str, Any]]:
+    """The visual feedback loop: render, compare with the target, ask for corrections; keep every version."""
+    from .media import LoadedImage
+    from .score import score_page
+
+    versions = []
+    html = first_html
+    report, render = score_page(target_image.image, html)
+    versions.append({"version": 1, "path": str(first_path), "score": report["overall"], "report": report})
+    stderr.write(f"glmv: version 1: overall {report['overall']:.3f} -> {versions[-1]['path']}\n")
+    best = report["overall"]
+    for r in range(2, rounds + 2):
+        prompt = (
+            "The first image is the target screenshot. The second image is how your HTML below renders.\n"
+            f"```html\n{html}\n```\n"
+            "Compare them carefully (layout, sizes, colours, text) and output the corrected complete page as one "
+            "```html block."
+        )
+        render_img = LoadedImage(render, "render", render.size)
+        request = GenerationRequest([user_message(prompt, [target_image, render_img])], sampling=sampling,
+                                    thinking=thinking)
+        result = collect(backend.generate(request))
+        if result.output.html is None:
+            stderr.write(f"glmv: round {r}: the answer had no HTML; stopping\n")
+            break
+        html = result.output.html
+        report, render = score_page(target_image.image, html)
+        versions.append({"version": r, "path": str(save_html(html, out_dir)), "score": report["overall"], "report": report})
+        stderr.write(f"glmv: version {r}: overall {report['overall']:.3f} -> {versions[-1]['path']}\n")
+        if report["overall"] <= best:
+            stderr.write("glmv: the score stopped improving; stopping\n")
+            break
+        best = report["overall"]
+    return versions
 
 
 def run_batch_command(args: argparse.Namespace, backend_factory: BackendFactory, stderr: TextIO) -> int:
@@ -506,6 +616,8 @@ def main(
             return run_serve(args, backend_factory or _default_backend, stderr)
         if args.command == "ui":
             return run_ui(args, stderr)
+        if args.command == "score":
+            return run_score(args, stdout)
         if args.command == "batch":
             return run_batch_command(args, backend_factory or _default_backend, stderr)
         parser.print_help(stdout)

@@ -115,6 +115,7 @@ class Result:
     timings: Timings
     finish_reason: FinishReason
     raw_text: str = ""
+    trace: list[dict[str, Any]] = field(default_factory=list)  # tool steps, when the tool loop ran
 
     def to_dict(self) -> dict[str, Any]:
         d = self.output.to_dict()
@@ -123,6 +124,8 @@ class Result:
             timings=self.timings.to_dict(self.usage.completion_tokens),
             finish_reason=self.finish_reason,
         )
+        if self.trace:
+            d["trace"] = self.trace
         return d
 
 

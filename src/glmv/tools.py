@@ -1,0 +1,261 @@
+"""Native multimodal tool calling: a small tool registry, the built-in tools, and the tool loop.
+
+GLM-4.6V calls tools in its ``<tool_call>`` format (parsed by :mod:`glmv.parsing`) and reads what tools
+return, images included, as ``tool`` messages. :func:`run_tool_loop` generates, runs each call, feeds the
+result back and continues, up to ``max_steps``. A bad call (unknown tool, malformed arguments, a box outside
+the image, a tool that fails) becomes an error message fed back to the model, never a crash.
+
+Built-in tools:
+- ``crop``: a box in the model's 0-1000 coordinates on one of the input images (or PDF pages), returned
+  enlarged, for reading small print and checking details;
+- ``render_html``: renders HTML in headless Chromium (Playwright with Debian's Chromium) at a desktop or
+  phone viewport, with the network blocked, and returns the screenshot.
+Users add their own with :meth:`ToolRegistry.register`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .backends.base import Backend, GenerationRequest, Result, collect
+from .errors import GlmvError
+from .media import LoadedImage
+from .parsing import ToolCall
+from .prompts import Message
+from .settings import SamplingParams
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+VIEWPORTS = {"desktop": (1280, 800), "phone": (390, 844)}
+
+
+class ToolError(GlmvError):
+    """A tool call that cannot be carried out; its message goes back to the model."""
+
+
+@dataclass
+class ToolContext:
+    """What tools may look at: the conversation's input images (index 0, 1, ...)."""
+
+    images: list[LoadedImage] = field(default_factory=list)
+
+
+@dataclass
+class Tool:
+    name: str
+    description: str
+    parameters: dict[str, Any]  # JSON schema of the arguments
+    fn: Callable[[dict[str, Any], ToolContext], list[Any]]  # returns text and/or LoadedImage items
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": self.parameters}}
+
+
+_TYPES = {"string": str, "integer": int, "number": (int, float), "array": list, "object": dict, "boolean": bool}
+
+
+def check_arguments(tool: Tool, args: dict[str, Any]) -> None:
+    props = tool.parameters.get("properties", {})
+    for key in tool.parameters.get("required", []):
+        if key not in args:
+            raise ToolError(f"{tool.name}: missing argument '{key}'")
+    for key, value in args.items():
+        if key not in props:
+            raise ToolError(f"{tool.name}: unknown argument '{key}' (expected: {', '.join(props)})")
+        want = props[key].get("type")
+        if want in _TYPES and (not isinstance(value, _TYPES[want]) or (want != "boolean" and isinstance(value, bool))):
+            raise ToolError(f"{tool.name}: argument '{key}' must be a {want}, got {json.dumps(value)[:60]}")
+        if "enum" in props[key] and value not in props[key]["enum"]:
+            raise ToolError(f"{tool.name}: argument '{key}' must be one of {props[key]['enum']}")
+
+
+class ToolRegistry:
+    def __init__(self, tools: list[Tool] | None = None) -> None:
+        self.tools: dict[str, Tool] = {}
+        for t in tools or []:
+            self.register(t)
+
+    def register(self, tool: Tool) -> None:
+        self.tools[tool.name] = tool
+
+    def schemas(self) -> list[dict[str, Any]]:
+        return [t.schema() for t in self.tools.values()]
+
+    def call(self, call: ToolCall, ctx: ToolContext) -> tuple[list[Any], str | None]:
+        """Run a call; returns (content for the tool message, error text or None)."""
+        tool = self.tools.get(call.name)
+        try:
+            if tool is None:
+                raise ToolError(f"unknown tool '{call.name}'; available: {', '.join(self.tools) or 'none'}")
+            if "_raw" in call.arguments:
+                raise ToolError(f"{call.name}: the arguments are not valid JSON")
+            check_arguments(tool, call.arguments)
+            return tool.fn(call.arguments, ctx), None
+        except ToolError as exc:
+            msg = f"error: {exc}"
+        except GlmvError as exc:
+            msg = f"error: {call.name}: {exc}"
+        except Exception as exc:  # a tool's own bug: reported to the model, the loop goes on
+            msg = f"error: {call.name} failed: {type(exc).__name__}: {exc}"
+        return [msg], msg
+
+
+# -- built-in tools ------------------------------------------------------------------------------------
+def crop_tool(args: dict[str, Any], ctx: ToolContext) -> list[Any]:
+    from PIL import Image
+
+    index = args.get("image", 0)
+    if not ctx.images:
+        raise ToolError("crop: there is no input image to crop")
+    if not isinstance(index, int) or not 0 <= index < len(ctx.images):
+        raise ToolError(f"crop: image index {index} is out of range (0..{len(ctx.images) - 1})")
+    box = args["box"]
+    if len(box) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
+        raise ToolError(f"crop: box must be [x1, y1, x2, y2] on a 0-1000 scale, got {json.dumps(box)[:60]}")
+    x1, y1, x2, y2 = box
+    if not (0 <= x1 < x2 <= 1000 and 0 <= y1 < y2 <= 1000):
+        raise ToolError(f"crop: box {box} is outside the image or empty (need 0 <= x1 < x2 <= 1000, 0 <= y1 < y2 <= 1000)")
+    img = ctx.images[index].image
+    w, h = img.size
+    region = img.crop((int(x1 * w / 1000), int(y1 * h / 1000), max(int(x2 * w / 1000), int(x1 * w / 1000) + 1),
+                       max(int(y2 * h / 1000), int(y1 * h / 1000) + 1)))
+    long_side = int(args.get("size", 1024))
+    scale = long_side / max(region.size)
+    region = region.resize((max(1, int(region.width * scale)), max(1, int(region.height * scale))), Image.Resampling.LANCZOS)
+    return [LoadedImage(region, f"crop of image {index} {box}", region.size),
+            f"crop of image {index}, box {box}, enlarged to {region.width}x{region.height}"]
+
+
+CROP = Tool(
+    "crop",
+    "Zoom into a region of an input image to read small print or check details. The box is [x1, y1, x2, y2] "
+    "on a 0-1000 scale of the image's width and height. Returns the region enlarged.",
+    {"type": "object", "properties": {
+        "box": {"type": "array", "items": {"type": "number"}, "description": "[x1, y1, x2, y2], 0-1000"},
+        "image": {"type": "integer", "description": "which input image (0 = the first)"},
+        "size": {"type": "integer", "description": "long side of the returned image in pixels (default 1024)"}},
+     "required": ["box"]},
+    crop_tool,
+)
+
+
+def chromium_path() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        raise ToolError("render_html needs Chromium: apt-get install chromium (and pip install playwright)")
+    return path
+
+
+def render_html(page: str, viewport: str = "desktop", full_page: bool = True, width: int | None = None):
+    """Screenshot of ``page`` in headless Chromium with every network request blocked. Returns a PIL image."""
+    import io
+
+    from PIL import Image
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        raise ToolError("render_html needs Playwright: pip install playwright") from None
+    w, h = VIEWPORTS.get(viewport, VIEWPORTS["desktop"])
+    if width:
+        w = width
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": w, "height": h}, java_script_enabled=True,
+                                          device_scale_factor=1)
+            context.route("**/*", lambda route: route.abort())  # no network: the page sees only itself
+            pg = context.new_page()
+            pg.set_content(page, wait_until="load", timeout=15000)
+            pg.wait_for_timeout(100)
+            png = pg.screenshot(full_page=full_page, timeout=15000)
+        finally:
+            browser.close()
+    return Image.open(io.BytesIO(png)).convert("RGB")
+
+
+def render_html_tool(args: dict[str, Any], ctx: ToolContext) -> list[Any]:
+    viewport = args.get("viewport", "desktop")
+    img = render_html(args["html"], viewport)
+    return [LoadedImage(img, f"render ({viewport})", img.size),
+            f"the page rendered at the {viewport} viewport ({img.width}x{img.height})"]
+
+
+RENDER_HTML = Tool(
+    "render_html",
+    "Render an HTML page in a browser and look at the screenshot, to check your own front-end code.",
+    {"type": "object", "properties": {
+        "html": {"type": "string", "description": "the complete HTML document"},
+        "viewport": {"type": "string", "enum": ["desktop", "phone"], "description": "default desktop"}},
+     "required": ["html"]},
+    render_html_tool,
+)
+
+
+def default_registry() -> ToolRegistry:
+    return ToolRegistry([CROP, RENDER_HTML])
+
+
+# -- the loop ---------------------------------------------------------------------------------------------
+@dataclass
+class Step:
+    name: str
+    arguments: dict[str, Any]
+    error: str | None
+    text: str
+    images: list[tuple[int, int]]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tool": self.name, "arguments": self.arguments, "error": self.error, "result": self.text,
+                "images": [list(s) for s in self.images], "seconds": round(self.seconds, 3)}
+
+    def line(self) -> str:
+        args = json.dumps(self.arguments, ensure_ascii=False)
+        if len(args) > 120:
+            args = args[:117] + "..."
+        out = self.error or (self.text + "".join(f" [image {w}x{h}]" for w, h in self.images))
+        return f"⚙ {self.name}({args}) → {out}"
+
+
+def run_tool_loop(backend: Backend, messages: list[Message], registry: ToolRegistry, ctx: ToolContext,
+                  sampling: SamplingParams, thinking: bool = True, max_steps: int = 5,
+                  on_step: Callable[[Step], None] | None = None,
+                  on_chunk: Callable[[Any], None] | None = None) -> tuple[Result, list[Step], list[Message]]:
+    """Generate; while the model calls tools (at most ``max_steps`` rounds), run them and continue."""
+    messages = list(messages)
+    trace: list[Step] = []
+    tools = registry.schemas()
+    for round_ in range(max_steps + 1):
+        request = GenerationRequest(messages, sampling=sampling, thinking=thinking,
+                                    tools=tools if round_ < max_steps else None)
+        chunks = backend.generate(request)
+        if on_chunk is not None:
+            chunks = _tap(chunks, on_chunk)
+        result = collect(chunks)
+        calls = result.output.tool_calls
+        if not calls or round_ == max_steps:
+            return result, trace, messages
+        messages.append(Message("assistant", [result.output.answer] if result.output.answer else [], tool_calls=calls))
+        for call in calls:
+            t0 = time.perf_counter()
+            content, error = registry.call(call, ctx)
+            images = [c for c in content if isinstance(c, LoadedImage)]
+            text = " ".join(c for c in content if isinstance(c, str))
+            step = Step(call.name, call.arguments, error, text, [i.size for i in images], time.perf_counter() - t0)
+            trace.append(step)
+            if on_step is not None:
+                on_step(step)
+            messages.append(Message("tool", content))
+    raise AssertionError("unreachable")
+
+
+def _tap(chunks, fn):
+    for c in chunks:
+        fn(c)
+        yield c
