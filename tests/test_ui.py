@@ -85,7 +85,7 @@ def test_html_versions_edits_and_sandboxed_preview(tmp_path, image):
     code2, versions2 = out[1], out[5]
     assert "navy" in code2 and len(versions2) == 2 and len(list((tmp_path / "html").glob("*.html"))) == 2
     assert "width:390px" in out[4]  # phone preview
-    old_code, old_path, old_preview = app.pick_version(versions2[0]["label"], versions2, "desktop")
+    old_code, old_path, old_preview, _ = app.pick_version(versions2[0]["label"], versions2, "desktop")
     assert old_code.strip() == PAGE and "navy" not in old_code
 
 
@@ -101,12 +101,12 @@ def test_html_edit_needs_a_page_and_an_instruction(tmp_path, image):
 def test_chat_keeps_history_without_reasoning_and_takes_images_mid_conversation(tmp_path, image):
     replies = iter(["<think>hmm</think>Hello!", "<think>look</think>It is red.", "Two images."])
     app, backend = make_app(tmp_path, lambda r: next(replies))
-    view, history, stats, box = last(app.chat({"text": "hi", "files": []}, [], [], True, True, 64, "s1"))
+    view, history, stats, box = last(app.chat({"text": "hi", "files": []}, [], [], True, False, True, 64, "s1"))
     assert [m.role for m in history] == ["user", "assistant"] and history[1].text == "Hello!"
     assert any(m.get("metadata", {}).get("title") == "Thinking" for m in view)
-    view, history, stats, box = last(app.chat({"text": "what colour?", "files": [image]}, history, view, True, True, 64, "s1"))
+    view, history, stats, box = last(app.chat({"text": "what colour?", "files": [image]}, history, view, True, False, True, 64, "s1"))
     assert history[-1].text == "It is red." and len(history[-2].images) == 1
-    view, history, _, _ = last(app.chat({"text": "and now?", "files": [image, image]}, history, view, False, True, 64, "s1"))
+    view, history, _, _ = last(app.chat({"text": "and now?", "files": [image, image]}, history, view, False, False, True, 64, "s1"))
     sent = backend.requests[-1].messages
     assert [len(m.images) for m in sent] == [0, 0, 1, 0, 2]
     assert all("hmm" not in m.text for m in sent)  # reasoning is not kept in history
@@ -139,7 +139,7 @@ def test_errors_become_messages(tmp_path, image):
     with pytest.raises(GlmvError, match="not a PNG"):
         last(app.describe(str(bad), "x", True, 64, "s1"))
     with pytest.raises(GlmvError, match="type a message"):
-        last(app.chat({"text": " ", "files": []}, [], [], True, True, 64, "s1"))
+        last(app.chat({"text": " ", "files": []}, [], [], True, False, True, 64, "s1"))
 
 
 def test_model_manager_reports_load_errors_and_swaps(tmp_path):
@@ -179,3 +179,32 @@ def test_iframe_escapes_and_sandboxes():
     html = iframe('<script>parent.document.cookie="x"</script><p>"hi"</p>')
     assert 'sandbox="allow-scripts"' in html and "allow-same-origin" not in html
     assert "<script>" not in html  # inside srcdoc, escaped
+
+
+def test_chat_with_tools_shows_steps_and_images(tmp_path, image):
+    def script(request):
+        if request.messages[-1].role == "tool":
+            return "<think>zoomed</think>It is a small red label."
+        assert request.tools
+        return ("<tool_call>crop\n<arg_key>box</arg_key>\n<arg_value>[0, 0, 500, 500]</arg_value>\n</tool_call>")
+
+    app, backend = make_app(tmp_path, script)
+    view, history, stats, _ = last(app.chat({"text": "zoom in", "files": [image]}, [], [], True, True, True, 64, "s1"))
+    titles = [m.get("metadata", {}).get("title", "") for m in view]
+    assert any(t.startswith("⚙ crop(box=[0, 0, 500, 500])") for t in titles)
+    assert any(isinstance(m["content"], dict) and m["content"]["path"].endswith("crop.png") for m in view)
+    assert history[-1].text == "It is a small red label." and stats.startswith("✓")
+    assert [m.role for m in backend.requests[-1].messages] == ["user", "assistant", "tool"]
+
+
+@pytest.mark.skipif(__import__("shutil").which("chromium") is None or __import__("shutil").which("tesseract") is None,
+                    reason="needs chromium and tesseract-ocr")
+def test_html_refine_adds_scored_versions(tmp_path, image):
+    replies = iter([f"```html\n{PAGE}\n```", f"```html\n{PAGE.replace('Skyline', 'Skyline Travel')}\n```"])
+    app, _ = make_app(tmp_path, lambda r: next(replies))
+    versions = last(app.html(image, None, True, 64, "desktop", [], "s1"))[5]
+    updates = list(app.html_refine(image, 1, True, 64, "desktop", versions, versions[0]["label"], "s1"))
+    code, status, path, preview, versions2, choices, chosen, gallery = updates[-1]
+    assert "visual score" in status and len(versions2) in (1, 2)
+    assert all("score" in v for v in versions2)
+    assert gallery[0][1] == "target" and gallery[1][1].startswith("render · score")

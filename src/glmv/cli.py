@@ -449,38 +449,14 @@ def run_score(args: argparse.Namespace, stdout: TextIO) -> int:
 
 def refine_html(backend: Backend, target_image: Any, first_html: str, first_path: Path, rounds: int,
                 sampling: SamplingParams, thinking: bool, out_dir: Path, stderr: TextIO) -> list[dict[str, Any]]:
-    """The visual feedback loop: render, compare with the target, ask for corrections; keep every version."""
-    from .media import LoadedImage
-    from .score import score_page
+    from .refine import refine
 
     versions = []
-    html = first_html
-    report, render = score_page(target_image.image, html)
-    versions.append({"version": 1, "path": str(first_path), "score": report["overall"], "report": report})
-    stderr.write(f"glmv: version 1: overall {report['overall']:.3f} -> {versions[-1]['path']}\n")
-    best = report["overall"]
-    for r in range(2, rounds + 2):
-        prompt = (
-            "The first image is the target screenshot. The second image is how your HTML below renders.\n"
-            f"```html\n{html}\n```\n"
-            "Compare them carefully (layout, sizes, colours, text) and output the corrected complete page as one "
-            "```html block."
-        )
-        render_img = LoadedImage(render, "render", render.size)
-        request = GenerationRequest([user_message(prompt, [target_image, render_img])], sampling=sampling,
-                                    thinking=thinking)
-        result = collect(backend.generate(request))
-        if result.output.html is None:
-            stderr.write(f"glmv: round {r}: the answer had no HTML; stopping\n")
-            break
-        html = result.output.html
-        report, render = score_page(target_image.image, html)
-        versions.append({"version": r, "path": str(save_html(html, out_dir)), "score": report["overall"], "report": report})
-        stderr.write(f"glmv: version {r}: overall {report['overall']:.3f} -> {versions[-1]['path']}\n")
-        if report["overall"] <= best:
-            stderr.write("glmv: the score stopped improving; stopping\n")
-            break
-        best = report["overall"]
+    for v in refine(backend, target_image, first_html, first_path, rounds, sampling, thinking, out_dir):
+        versions.append(v)
+        stderr.write(f"glmv: version {v['version']}: overall {v['score']:.3f} -> {v['path']}\n")
+        if v.get("stop"):
+            stderr.write(f"glmv: {v['stop']}\n")
     return versions
 
 

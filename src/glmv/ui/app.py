@@ -8,6 +8,7 @@ on the device. Generated pages are previewed only inside an iframe sandboxed wit
 """
 
 import html as _html
+import json
 import tempfile
 import threading
 import time
@@ -102,11 +103,12 @@ class WebApp:
             event.set()
 
     # -- the streaming core --------------------------------------------------------------------------
-    def stream(self, messages: list[Message], thinking_on: bool, max_new_tokens: int, session: str) -> Iterator[Run]:
+    def stream(self, messages: list[Message], thinking_on: bool, max_new_tokens: int, session: str,
+               tools: list | None = None) -> Iterator[Run]:
         backend = self.manager.require()
         defaults = backend.default_sampling
         request = GenerationRequest(messages, sampling=defaults.merged(max_new_tokens=int(max_new_tokens)),
-                                    thinking=bool(thinking_on))
+                                    thinking=bool(thinking_on), tools=tools)
         stop = self._new_stop(session)
         run = Run()
         chunks = backend.generate(request, stop)  # validation errors surface here, before any GPU work
@@ -187,39 +189,98 @@ class WebApp:
             yield (run.thinking, code, stats, str(path), iframe(code, viewport), versions,
                    [v["label"] for v in versions], label)
 
-    @staticmethod
-    def pick_version(label, versions, viewport):
+    def pick_version(self, label, versions, viewport, image=None):
         for v in versions or []:
             if v["label"] == label:
-                return v["code"], v["path"], iframe(v["code"], viewport)
-        return "", None, iframe(None)
+                return v["code"], v["path"], iframe(v["code"], viewport), self.comparison(image, v)
+        return "", None, iframe(None), []
 
-    def chat(self, message: dict, history: list[Message], chat_view: list, show_thinking: bool, thinking_on: bool,
-             max_new, session):
-        """One chat turn. ``message`` is a MultimodalTextbox value: {"text": ..., "files": [...]}."""
+    def chat(self, message: dict, history: list[Message], chat_view: list, show_thinking: bool, use_tools: bool,
+             thinking_on: bool, max_new, session, max_steps: int = 4):
+        """One chat turn. ``message`` is a MultimodalTextbox value: {"text": ..., "files": [...]}.
+        With ``use_tools`` the model may crop/zoom the conversation's images and render HTML; each step shows
+        up in the chat as a collapsible message followed by the image the tool returned."""
+        from ..documents import load_inputs
+        from ..tools import ToolContext, default_registry
+
         text = (message or {}).get("text", "").strip()
         files = (message or {}).get("files", []) or []
         if not text:
             raise GlmvError("type a message (images alone need a question)")
-        from ..documents import load_inputs
-
         paths = [f if isinstance(f, str) else f.get("path") for f in files]
-        images = [m for p in paths for m in load_inputs(p, max_pixels=self.max_pixels)]  # images, PDF pages, videos
-        history = [*history, user_message(text, images)]
+        media = [m for p in paths for m in load_inputs(p, max_pixels=self.max_pixels)]  # images, PDF pages, videos
+        history = [*history, user_message(text, media)]
         view = list(chat_view or [])
         for p in paths:
             view.append({"role": "user", "content": {"path": p}})
         view.append({"role": "user", "content": text})
-        for run in self.stream(history, thinking_on, max_new, session):
-            turn = []
-            if show_thinking and run.thinking:
-                turn.append({"role": "assistant", "content": run.thinking,
-                             "metadata": {"title": "Thinking", "status": "done" if run.answer or run.done else "pending"}})
-            turn.append({"role": "assistant", "content": run.answer or ("…" if run.done is None else "")})
-            new_history = history
-            if run.done is not None:
-                new_history = [*history, Message("assistant", [run.answer])]
-            yield view + turn, new_history, run.stats(), {"text": "", "files": []}
+        registry = default_registry()
+        ctx = ToolContext(images=[i for m in history for i in m.images])
+        convo = list(history)
+        steps: list[dict] = []
+        for round_ in range(max_steps + 1):
+            tools = registry.schemas() if use_tools and round_ < max_steps else None
+            run = None
+            for run in self.stream(convo, thinking_on, max_new, session, tools=tools):
+                turn = []
+                if show_thinking and run.thinking:
+                    turn.append({"role": "assistant", "content": run.thinking, "metadata": {
+                        "title": "Thinking", "status": "done" if run.answer or run.done else "pending"}})
+                turn.append({"role": "assistant", "content": run.answer or ("…" if run.done is None else "")})
+                new_history = history
+                if run.done is not None:
+                    new_history = [*history, Message("assistant", [run.answer])]
+                yield view + steps + turn, new_history, run.stats(), {"text": "", "files": []}
+            calls = run.done.result.tool_calls if run is not None and run.done is not None and run.done.result else []
+            if not tools or not calls or run.stopped:
+                return
+            convo.append(Message("assistant", [run.answer] if run.answer else [], tool_calls=calls))
+            for call in calls:
+                content, error = registry.call(call, ctx)
+                convo.append(Message("tool", content))
+                args = ", ".join(f"{k}={json.dumps(v)[:60]}" for k, v in call.arguments.items())
+                note = error or " ".join(c for c in content if isinstance(c, str))
+                steps.append({"role": "assistant", "content": note, "metadata": {"title": f"⚙ {call.name}({args})"}})
+                for img in (c for c in content if isinstance(c, LoadedImage)):
+                    path = Path(tempfile.mkdtemp(dir=self._downloads)) / f"{call.name}.png"
+                    img.image.save(path)
+                    steps.append({"role": "assistant", "content": {"path": str(path)}})
+
+    # -- Image → HTML: the visual feedback loop ------------------------------------------------------
+    def html_refine(self, image, rounds, thinking_on, max_new, viewport, versions, current, session):
+        """Render the current version, show it beside the screenshot, let the model correct it; repeat."""
+        from ..refine import refine
+
+        if not versions:
+            raise GlmvError("generate a page first, then refine it")
+        base = next((v for v in versions if v["label"] == current), versions[-1])
+        target = self._image(image, "Image → HTML")
+        backend = self.manager.require()
+        sampling = backend.default_sampling.merged(max_new_tokens=int(max_new))
+        versions = list(versions)
+        stop = self._new_stop(session)
+        for v in refine(backend, target, base["code"], Path(base["path"]), int(rounds), sampling, bool(thinking_on),
+                        self.html_dir):
+            render_path = Path(tempfile.mkdtemp(dir=self._downloads)) / f"render-v{v['version']}.png"
+            v["render"].save(render_path)
+            if v["version"] == 1:  # the starting version: attach its score and render
+                base.update(score=v["score"], render=str(render_path))
+                entry = base
+            else:
+                entry = {"label": f"v{len(versions) + 1} · refined · score {v['score']:.2f}", "code": v["html"],
+                         "path": v["path"], "score": v["score"], "render": str(render_path)}
+                versions.append(entry)
+            status = f"version {entry['label']}: visual score {v['score']:.3f}" + (f" · {v['stop']}" if v.get("stop") else "")
+            yield (entry["code"], status, entry["path"], iframe(entry["code"], viewport), versions,
+                   [x["label"] for x in versions], entry["label"], self.comparison(image, entry))
+            if stop.is_set():
+                return
+
+    @staticmethod
+    def comparison(image, entry) -> list:
+        if not entry or not entry.get("render"):
+            return []
+        return [(image, "target"), (entry["render"], f"render · score {entry.get('score', 0):.2f}")]
 
     # -- model panel -----------------------------------------------------------------------------
     def estimate(self, choice: str, local_path: str, precision: str) -> str:
@@ -318,6 +379,9 @@ def build_ui(app: WebApp) -> Any:
                             h_stop = gr.Button("Stop", variant="stop")
                         h_edit = gr.Textbox(label="Change the page", placeholder="make the header dark blue")
                         h_edit_btn = gr.Button("Apply change (new version)")
+                        with gr.Row():
+                            h_rounds = gr.Slider(1, 5, value=2, step=1, label="Refine rounds")
+                            h_refine_btn = gr.Button("Render, compare and refine", elem_id="html-refine")
                         h_versions = gr.Dropdown([], label="Versions", interactive=True, elem_id="html-versions")
                     with gr.Column(scale=2):
                         with gr.Accordion("Thinking", open=False) as h_think_box:
@@ -327,6 +391,8 @@ def build_ui(app: WebApp) -> Any:
                         h_preview = gr.HTML(iframe(None), elem_id="html-preview")
                         h_code = gr.Code(language="html", label="HTML", elem_id="html-code")
                         h_file = gr.File(label="Saved page", elem_id="html-file")
+                        h_compare = gr.Gallery(label="Target vs render (with the visual score)", columns=2, height=360,
+                                               elem_id="html-compare")
             with gr.Tab("Chat"):
                 history = gr.State([])
                 c_view = gr.Chatbot(label="Chat", height=520, elem_id="chat")
@@ -334,6 +400,7 @@ def build_ui(app: WebApp) -> Any:
                                              file_count="multiple", elem_id="chat-box",
                                              placeholder="Ask about images, PDFs, slides or a video (attach several, any turn)")
                 with gr.Row():
+                    c_tools = gr.Checkbox(False, label="Tools (zoom into images, render HTML)", elem_id="chat-tools")
                     c_stats = gr.Markdown(elem_classes="glmv-stats", elem_id="chat-stats")
                     c_stop = gr.Button("Stop", variant="stop", scale=0)
                     c_clear = gr.Button("New chat", scale=0)
@@ -357,8 +424,13 @@ def build_ui(app: WebApp) -> Any:
         def html_edit(img, instruction, think, max_tokens, view, vers, current, request: gr.Request):
             yield from html_out(app.html_edit(img, instruction, think, max_tokens, view, vers, current, session(request)))
 
-        def chat(message, hist, view, show, think, max_tokens, request: gr.Request):
-            yield from guarded(app.chat(message, hist, view, show, think, max_tokens, session(request)))
+        def chat(message, hist, view, show, tools_on, think, max_tokens, request: gr.Request):
+            yield from guarded(app.chat(message, hist, view, show, tools_on, think, max_tokens, session(request)))
+
+        def html_refine(img, rounds, think, max_tokens, view, vers, current, request: gr.Request):
+            for code, status, f, prev, new_vers, choices, chosen, gallery in guarded(
+                    app.html_refine(img, rounds, think, max_tokens, view, vers, current, session(request))):
+                yield code, status, f, prev, new_vers, gr.update(choices=choices, value=chosen), gallery
 
         def stop(request: gr.Request):
             app.stop(session(request))
@@ -374,9 +446,11 @@ def build_ui(app: WebApp) -> Any:
         h_outputs = [h_think, h_code, h_stats, h_file, h_preview, versions, h_versions]
         h_run.click(html, [h_img, h_prompt, *common, h_view, versions], h_outputs, **gpu)
         h_edit_btn.click(html_edit, [h_img, h_edit, *common, h_view, versions, h_versions], h_outputs, **gpu)
-        h_versions.change(app.pick_version, [h_versions, versions, h_view], [h_code, h_file, h_preview])
-        h_view.change(app.pick_version, [h_versions, versions, h_view], [h_code, h_file, h_preview])
-        c_box.submit(chat, [c_box, history, c_view, show_thinking, *common], [c_view, history, c_stats, c_box], **gpu)
+        h_versions.change(app.pick_version, [h_versions, versions, h_view, h_img], [h_code, h_file, h_preview, h_compare])
+        h_view.change(app.pick_version, [h_versions, versions, h_view, h_img], [h_code, h_file, h_preview, h_compare])
+        c_box.submit(chat, [c_box, history, c_view, show_thinking, c_tools, *common], [c_view, history, c_stats, c_box], **gpu)
+        h_refine_btn.click(html_refine, [h_img, h_rounds, *common, h_view, versions, h_versions],
+                           [h_code, h_stats, h_file, h_preview, versions, h_versions, h_compare], **gpu)
         c_clear.click(lambda: ([], [], ""), None, [c_view, history, c_stats])
         for btn in (d_stop, o_stop, h_stop, c_stop):
             btn.click(stop, None, None, queue=False)

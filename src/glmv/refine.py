@@ -1,0 +1,56 @@
+"""The visual feedback loop for screenshot-to-HTML: render, compare with the target, correct, repeat.
+
+Each round renders the current page in Chromium at the target's width, shows the model the render beside
+the target screenshot together with its code, and asks for a corrected page. Every version is saved and
+scored (:mod:`glmv.score`); the loop stops early when the score stops improving or the answer has no HTML.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+from .backends.base import Backend, GenerationRequest, collect
+from .media import LoadedImage
+from .outputs import save_html
+from .prompts import user_message
+from .settings import SamplingParams
+
+REFINE_PROMPT = (
+    "The first image is the target screenshot. The second image is how your HTML below renders.\n"
+    "```html\n{html}\n```\n"
+    "Compare them carefully (layout, sizes, colours, text) and output the corrected complete page as one "
+    "```html block."
+)
+
+
+def refine(backend: Backend, target: LoadedImage, first_html: str, first_path: Path, rounds: int,
+           sampling: SamplingParams, thinking: bool, out_dir: Path) -> Iterator[dict[str, Any]]:
+    """Yield one dict per version: version, path, html, score, report, render (PIL), and 'stop' on the last."""
+    from .score import score_page
+
+    html = first_html
+    report, render = score_page(target.image, html)
+    version = {"version": 1, "path": str(first_path), "html": html, "score": report["overall"], "report": report,
+               "render": render}
+    best = report["overall"]
+    for r in range(2, rounds + 2):
+        request = GenerationRequest(
+            [user_message(REFINE_PROMPT.format(html=html), [target, LoadedImage(render, "render", render.size)])],
+            sampling=sampling, thinking=thinking)
+        result = collect(backend.generate(request))
+        if result.output.html is None:
+            version["stop"] = "the answer had no HTML; stopping"
+            yield version
+            return
+        yield version
+        html = result.output.html
+        report, render = score_page(target.image, html)
+        version = {"version": r, "path": str(save_html(html, out_dir)), "html": html, "score": report["overall"],
+                   "report": report, "render": render}
+        if report["overall"] <= best:
+            version["stop"] = "the score stopped improving; stopping"
+            yield version
+            return
+        best = report["overall"]
+    yield version
