@@ -109,6 +109,11 @@ def test_bad_pdfs(tmp_path, pdf):
         render_pdf(empty)
     with pytest.raises(MediaError, match="outside"):
         render_pdf(pdf, "4-5")
+    no_pages = tmp_path / "nopages.pdf"
+    with open(no_pages, "wb") as f:
+        PdfWriter().write(f)
+    with pytest.raises(MediaError, match="nopages.pdf.*no pages"):
+        render_pdf(no_pages)
 
 
 def test_deck_without_libreoffice_names_the_package(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import shutil
 import subprocess
 import tempfile
@@ -106,10 +107,12 @@ def _open_pdf(data: bytes, name: str) -> Any:
     try:
         return pdfium.PdfDocument(data)
     except pdfium.PdfiumError as exc:
-        text = str(exc).lower()
-        if "password" in text:
+        # PDFium's error code can be stale from an earlier document, so look at the file itself.
+        if b"/Encrypt" in data:
             raise MediaError(f"cannot read PDF '{name}': it is encrypted (password protected); decrypt it first "
                              f"(for example: qpdf --decrypt in.pdf out.pdf)") from None
+        if re.search(rb"/Count\s+0\b", data) and not re.search(rb"/Type\s*/Page\b", data):
+            raise MediaError(f"cannot read PDF '{name}': it has no pages") from None
         raise MediaError(f"cannot read PDF '{name}': the file is corrupt or not a PDF ({exc})") from None
 
 
