@@ -237,17 +237,48 @@ class LocalBackend:
             return
         t0 = time.perf_counter()
         self._log("warming up the fast decode engine (static KV cache, CUDA graphs) ...")
-        cfg = EngineConfig(max_batch=self.max_batch, max_seq_len=self.settings.max_seq_len)
+        max_batch, max_seq_len = self._cache_size()
+        cfg = EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len)
+        self._log(f"KV cache: {max_batch} x {max_seq_len} tokens")
         self.engine = FastEngine(self.model, cfg, log=lambda m: None)
         self.engine.capture()
         self._warmup()
         self.warmup_s = time.perf_counter() - t0
         self._log(f"fast engine ready in {self.warmup_s:.1f} s")
 
+    def _cache_size(self) -> tuple[int, int]:
+        """Rows and tokens per row of the engine's KV cache: the settings' sizes, shrunk to what the GPU has
+        free (keeping room for prefill), so a 4-bit model still fits a 10 GB card."""
+        import torch
+
+        tc = getattr(self.model.config, "text_config", self.model.config)
+        head_dim = tc.hidden_size // tc.num_attention_heads
+        per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * 2  # K and V, bf16
+        rows, seq = self.max_batch, self.settings.max_seq_len
+        try:
+            free = torch.cuda.mem_get_info(next(self.model.parameters()).device)[0]
+        except Exception:  # not CUDA: sizes as configured
+            return rows, seq
+        budget = max(0, free - int(1.5e9))  # prefill activations and the vision tower need room too
+        while rows > 1 and rows * seq * per_token > budget:
+            rows //= 2
+        while seq > 4096 and rows * seq * per_token > budget:
+            seq //= 2
+        return rows, seq
+
     def _warmup(self) -> None:
-        """One short generation so the first real request pays no one-time costs."""
-        inputs = dict(self.processor(text=["[gMASK]<sop><|user|>\nhi<|assistant|>"], return_tensors="pt"))
+        """One short generation with an image, so the first real request pays no one-time costs (the vision
+        tower's and prefill's first calls, kernel compilation)."""
+        from PIL import Image
+
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe this image"}]}]
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        image = Image.new("RGB", (448, 448), (128, 128, 128))
+        inputs = dict(self.processor(text=[text], images=[image], return_tensors="pt"))
         inputs.pop("token_type_ids", None)
+        if not self.engine.fits([inputs], 4):  # a tiny cache (tests): warm up on text alone
+            inputs = dict(self.processor(text=["[gMASK]<sop><|user|>\nhi<|assistant|>"], return_tensors="pt"))
+            inputs.pop("token_type_ids", None)
         self.engine.generate([inputs], {"max_new_tokens": 4, "do_sample": False}, lambda ids: False)
 
     def _checkpoint_sampling(self, base: SamplingParams) -> SamplingParams:

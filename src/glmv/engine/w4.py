@@ -115,11 +115,15 @@ if HAVE_TRITON:
         tl.store(base + 64 + offs, ((p >> 4).to(tl.float32) * s + m).to(W.dtype.element_ty))
 
 
-def quantize_w4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[N, K] float weight -> (packed uint8 [N, K/2], scale fp16 [N, K/128], min fp16 [N, K/128])."""
+def quantize_w4(w: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] float weight -> (packed uint8 [N, K/2], scale fp16 [N, K/128], min fp16 [N, K/128]).
+    Large weights are done in chunks of rows, so the float32 temporaries stay small."""
     n, k = w.shape
     if k % GROUP:
         raise ValueError(f"in_features {k} is not a multiple of {GROUP}")
+    if n > rows_per_chunk:
+        parts = [quantize_w4(w[i : i + rows_per_chunk]) for i in range(0, n, rows_per_chunk)]
+        return tuple(torch.cat([p[j] for p in parts]) for j in range(3))  # type: ignore[return-value]
     g = w.float().view(n, k // GROUP, GROUP)
     lo = g.amin(-1)
     hi = g.amax(-1)
@@ -236,4 +240,6 @@ def quantize_text_decoder(model, device) -> int:
             setattr(parent, attr, W4Linear.from_linear(lin, device))
             del lin
             count += 1
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # give the quantization temporaries back
     return count
