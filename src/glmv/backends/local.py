@@ -273,7 +273,7 @@ class LocalBackend:
 
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe this image"}]}]
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        image = Image.new("RGB", (448, 448), (128, 128, 128))
+        image = Image.new("RGB", (1288, 728), (128, 128, 128))  # screenshot-sized: the common first request
         inputs = dict(self.processor(text=[text], images=[image], return_tensors="pt"))
         inputs.pop("token_type_ids", None)
         if not self.engine.fits([inputs], 4):  # a tiny cache (tests): warm up on text alone
