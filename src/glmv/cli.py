@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="glmv",
         description="Run the GLM-4.6V vision-language models: describe images, read text, turn screenshots into HTML.",
+        epilog="Also: glmv bench (speed against the GPU's bandwidth limit; glmv bench --help). "
+               "With no command, glmv describes input/image_1.png like the original tutorial.",
     )
     parser.add_argument("--version", action="version", version=f"glmv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

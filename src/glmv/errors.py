@@ -36,9 +36,3 @@ class GenerationError(GlmvError):
     """Generation failed on the device (out of memory, ...)."""
 
     status = 500
-
-
-class Cancelled(GlmvError):
-    """Generation was cancelled by the caller."""
-
-    status = 499
