@@ -487,6 +487,7 @@ def run_batch_command(args: argparse.Namespace, backend_factory: BackendFactory,
 
 
 def run_ui(args: argparse.Namespace, stderr: TextIO) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the app talks to nobody but its users
     try:
         from .ui.app import CSS, WebApp, build_ui
         from .ui.manager import ModelManager
