@@ -140,6 +140,12 @@ def test_html_tab_writes_the_file_and_previews_in_a_sandbox(page, ui):
     frame.wait_for(timeout=10000)
     sandbox = frame.get_attribute("sandbox")
     assert sandbox is not None and "allow-same-origin" not in sandbox
+    if shutil.which("tesseract"):
+        # the visual feedback loop: render in Chromium, score against the screenshot, show both
+        page.click("#html-refine")
+        page.wait_for_function("document.querySelector('#html-stats').innerText.includes('visual score')",
+                               timeout=120000)
+        page.locator("#html-compare img").nth(1).wait_for(timeout=10000)
     page.screenshot(path=str(out.parent / "html-tab.png"))
 
 
