@@ -66,45 +66,6 @@ if HAVE_TRITON:
         tl.store(Y + offs_n, acc.to(Y.dtype.element_ty), mask=nmask)
 
     @triton.jit
-    def _w4_gemv2_kernel(X, P, S, M, B_, Y, N, K, n_groups,
-                         HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr):
-        """Like _w4_gemv_kernel, but dequantises each weight and accumulates elementwise, reducing once at
-        the end (no cross-lane sums inside the loop)."""
-        pid = tl.program_id(0)
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = offs_n < N
-        offs_g = tl.arange(0, NG)
-        offs_h = tl.arange(0, 64)
-        acc = tl.zeros([BLOCK_N, NG, 64], tl.float32)
-        for g0 in range(0, n_groups, NG):
-            gi = g0 + offs_g
-            gmask = gi < n_groups
-            p = tl.load(P + offs_n[:, None, None] * (K // 2) + gi[None, :, None] * 64 + offs_h[None, None, :],
-                        mask=nmask[:, None, None] & gmask[None, :, None], other=0)
-            s = tl.load(S + offs_n[:, None] * n_groups + gi[None, :], mask=nmask[:, None] & gmask[None, :], other=0.0)
-            m = tl.load(M + offs_n[:, None] * n_groups + gi[None, :], mask=nmask[:, None] & gmask[None, :], other=0.0)
-            xo = gi[:, None] * 128 + offs_h[None, :]
-            if SILU:
-                gl = tl.load(X + xo, mask=gmask[:, None], other=0.0).to(tl.float32)
-                ul = tl.load(X + K + xo, mask=gmask[:, None], other=0.0).to(tl.float32)
-                gh = tl.load(X + xo + 64, mask=gmask[:, None], other=0.0).to(tl.float32)
-                uh = tl.load(X + K + xo + 64, mask=gmask[:, None], other=0.0).to(tl.float32)
-                xl = (ul * (gl / (1.0 + tl.exp(-gl)))).to(X.dtype.element_ty).to(tl.float32)
-                xh = (uh * (gh / (1.0 + tl.exp(-gh)))).to(X.dtype.element_ty).to(tl.float32)
-            else:
-                xl = tl.load(X + xo, mask=gmask[:, None], other=0.0).to(tl.float32)
-                xh = tl.load(X + xo + 64, mask=gmask[:, None], other=0.0).to(tl.float32)
-            s3 = s.to(tl.float32)[:, :, None]
-            m3 = m.to(tl.float32)[:, :, None]
-            wl = (p & 15).to(tl.float32) * s3 + m3
-            wh = (p >> 4).to(tl.float32) * s3 + m3
-            acc += wl * xl[None, :, :] + wh * xh[None, :, :]
-        out = tl.sum(tl.sum(acc, axis=2), axis=1)
-        if HAS_BIAS:
-            out += tl.load(B_ + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        tl.store(Y + offs_n, out.to(Y.dtype.element_ty), mask=nmask)
-
-    @triton.jit
     def _w4_gemm_kernel(X, P, S, M, B_, Y, R, N, K, n_groups, x_stride,
                         HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_n = tl.program_id(0)
@@ -219,11 +180,9 @@ class W4Linear(torch.nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
-# (BLOCK_N, groups per step, warps, stages, kernel): kernel 1 reduces per group, kernel 2 once at the end.
-GEMV_CONFIGS = [(16, 4, 4, 2, 1), (4, 8, 4, 3, 1), (8, 8, 4, 3, 1), (8, 16, 4, 3, 1), (16, 8, 4, 3, 1),
-                (32, 4, 8, 3, 1), (4, 16, 4, 3, 1), (8, 4, 2, 4, 1), (2, 16, 2, 3, 1),
-                (8, 2, 4, 3, 2), (16, 2, 4, 3, 2), (32, 1, 4, 3, 2), (16, 4, 8, 3, 2), (32, 2, 8, 3, 2),
-                (64, 1, 8, 3, 2), (4, 4, 2, 3, 2), (8, 4, 4, 4, 2)]
+# (BLOCK_N, groups per step, warps, stages), timed per shape by the tuner.
+GEMV_CONFIGS = [(16, 4, 4, 2), (4, 8, 4, 3), (8, 8, 4, 3), (8, 16, 4, 3), (16, 8, 4, 3), (32, 4, 8, 3),
+                (4, 16, 4, 3), (8, 4, 2, 4), (2, 16, 2, 3)]
 
 
 def w4_linear(x, packed, scale, mn, bias=None, silu: bool = False, config: tuple | None = None):
@@ -238,11 +197,10 @@ def w4_linear(x, packed, scale, mn, bias=None, silu: bool = False, config: tuple
         return F.linear(xin, dequantize_w4(packed, scale, mn, x.dtype), bias)
     b = bias if bias is not None else y
     if r == 1:
-        block_n, ng, warps, stages, version = (tuple(config or GEMV_CONFIGS[0]) + (1,))[:5]
-        kernel = _w4_gemv2_kernel if version == 2 else _w4_gemv_kernel
-        kernel[(triton.cdiv(n, block_n),)](x, packed, scale, mn, b, y, n, k, n_groups,
-                                           HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=block_n, NG=ng,
-                                           num_warps=warps, num_stages=stages)
+        block_n, ng, warps, stages = tuple(config or GEMV_CONFIGS[0])[:4]
+        _w4_gemv_kernel[(triton.cdiv(n, block_n),)](x, packed, scale, mn, b, y, n, k, n_groups,
+                                                    HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=block_n, NG=ng,
+                                                    num_warps=warps, num_stages=stages)
     else:
         block_b = 16 if r <= 16 else 32
         block_n = 64
