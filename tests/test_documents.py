@@ -213,9 +213,9 @@ def test_batch_end_to_end_resume_and_retry(tmp_path, tiny_path):
     for r in recs:
         if r["status"] == "done":
             assert r["completion_tokens"] == 4 and all((out / o).exists() for o in r["outputs"])
-    joined = (out / "doc.md").read_text()
+    joined = (out / "doc.pdf.md").read_text()
     assert joined.index("<!-- page 1 -->") < joined.index("<!-- page 2 -->") < joined.index("<!-- page 3 -->")
-    assert json.loads((out / "sub" / "img01.json").read_text())["usage"]["completion_tokens"] == 4
+    assert json.loads((out / "sub" / "img01.png.json").read_text())["usage"]["completion_tokens"] == 4
     # rerun: nothing to do
     p = glmv(*args)
     assert "0 to do" in p.stderr and len(manifest(out)) == len(recs)
@@ -252,7 +252,7 @@ def test_batch_survives_kill_9(tmp_path, tiny_path):
     assert sorted(done) == sorted(f"p{i:02d}.png" for i in range(10))  # every item done exactly once
     assert not list(out.rglob("*.tmp"))  # no partial files
     for i in range(10):
-        assert json.loads((out / f"p{i:02d}.json").read_text())["usage"]["completion_tokens"] == 60
+        assert json.loads((out / f"p{i:02d}.png.json").read_text())["usage"]["completion_tokens"] == 60
 
 
 def test_batch_bad_output_folder_and_missing_prompt(tmp_path):

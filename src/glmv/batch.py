@@ -153,11 +153,7 @@ def expand(inputs: list[str], pages: str | None = None, out: Path | None = None,
                 continue
             item = Item(rel, rel, f.absolute(), kind if kind in ("image", "video") else "document", st.st_size,
                         st.st_mtime_ns)
-            too_long = next((p for p in Path(rel + ".json").parts if len(p.encode()) > NAME_MAX), None)
-            if too_long:
-                plan.failed.append((item, f"cannot write results for '{f}': the name '{too_long[:40]}...' is longer "
-                                          f"than {NAME_MAX} bytes; rename the file"))
-            elif item.kind == "document":
+            if item.kind == "document":
                 _expand_document(plan, item, kind, pages, max_doc_pages)
             else:
                 plan.items.append(item)
@@ -194,6 +190,23 @@ def _joins(opts: Options) -> bool:
     return opts.fmt in ("md", "both")
 
 
+def refuse_long_names(plan: Plan, opts: Options) -> None:
+    """Fail (alone) each input whose output names would be longer than a file name may be."""
+    keep: list[Item] = []
+    refused: set[str] = set()
+    for item in plan.items:
+        names = expected_outputs(item, opts) + ([item.rel + ".md"] if item.kind == "page" else [])
+        long = next((p for n in names for p in Path(n).parts if len(p.encode()) > NAME_MAX), None)
+        if long is None:
+            keep.append(item)
+        elif item.rel not in refused:
+            refused.add(item.rel)
+            doc = Item(item.rel, item.rel, item.source, "document" if item.page else item.kind, item.size, item.mtime_ns)
+            plan.failed.append((doc, f"cannot write results for '{item.source}': the output name '{long[:40]}...' "
+                                     f"would be longer than {NAME_MAX} bytes; rename the file"))
+    plan.items = keep
+
+
 def check_collisions(plan: Plan, opts: Options, out: Path, ignores_case: bool) -> None:
     """Refuse, before any work, a plan where two inputs would write one file (or a file and a folder)."""
 
@@ -204,8 +217,8 @@ def check_collisions(plan: Plan, opts: Options, out: Path, ignores_case: bool) -
     folders: dict[str, tuple[str, str]] = {}
     clashes: list[str] = []
     docs = {item.rel: item for item in plan.items if item.kind == "page"}
-    planned = [(o, i.rel) for i in plan.items for o in expected_outputs(i, opts)]
-    planned += [(rel + ".md", rel) for rel in docs] if _joins(opts) else []
+    planned = [(o, str(i.source)) for i in plan.items for o in expected_outputs(i, opts)]
+    planned += [(rel + ".md", str(item.source)) for rel, item in docs.items()] if _joins(opts) else []
     for path, source in planned:
         owner = writers.setdefault(fold(path), (path, source))
         if owner[1] != source:
@@ -353,6 +366,7 @@ def run_batch(inputs: list[str], opts: Options, backend_factory: Callable[[], Ba
     try:
         stale = _clean_stale_temps(out)
         plan = expand(inputs, opts.pages, out, opts.max_doc_pages)
+        refuse_long_names(plan, opts)
         check_collisions(plan, opts, out, lock.ignores_case())
         manifest = Manifest(out / MANIFEST)
         try:
@@ -587,5 +601,5 @@ def default_prompt(task: str, prompt: str | None) -> str:
     return TASKS[task].prompt
 
 
-__all__ = ["run_batch", "expand", "expected_outputs", "check_collisions", "Options", "Manifest", "FolderLock",
+__all__ = ["run_batch", "expand", "expected_outputs", "refuse_long_names", "check_collisions", "Options", "Manifest", "FolderLock",
            "default_prompt"]
