@@ -418,3 +418,25 @@ def test_kill_9_at_ten_random_moments_then_resume_does_every_item_once(tmp_path)
         for rel in rec.get("outputs", []):
             assert (out / rel).read_text().startswith(("seen ", "{")), (seed, rel)
     assert (out / "doc.pdf.md").read_text().count("<!-- page ") == 4
+
+
+def test_decks_are_converted_inside_the_output_folder_and_cleaned_up(tmp_path, monkeypatch):
+    """LibreOffice is replaced by a stand-in program that "converts" any deck into a 2-page PDF, as soffice would."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    pdf = make_pdf(tmp_path / "converted.pdf", 2)
+    soffice = bin_dir / "soffice"
+    soffice.write_text(f'#!/bin/sh\n# soffice ... --outdir DIR FILE\nwhile [ "$1" != "--outdir" ]; do shift; done\n'
+                       f'name=$(basename "$3"); cp {pdf} "$2/${{name%.*}}.pdf"\n')
+    soffice.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    src = tmp_path / "in"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "talk.pptx").write_bytes(b"PK deck a")
+    (src / "talk.pptx").write_bytes(b"PK deck b")  # same stem: converted apart, written apart
+    out = tmp_path / "out"
+    rc, err = run([src], out)
+    assert rc == 0, err
+    assert done_ids(out) == ["a/talk.pptx#page=1", "a/talk.pptx#page=2", "talk.pptx#page=1", "talk.pptx#page=2"]
+    assert (out / "a" / "talk.pptx.md").exists() and (out / "talk.pptx" / "page-0002.md").exists()
+    assert not (out / ".glmv-work").exists()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -48,6 +49,7 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, the folder
 SUPPORTED = IMAGE_EXTS | PDF_EXTS | OFFICE_EXTS | VIDEO_EXTS
 MANIFEST = "manifest.jsonl"
 LOCK_FILE = ".glmv-batch.lock"
+WORK_DIR = ".glmv-work"  # decks converted to PDF live here while the batch runs (hidden: never an input)
 DEFAULT_MAX_DOC_PAGES = 2000
 NAME_MAX = 255  # bytes in one path component on common filesystems
 # A write error with one of these concerns one item's name; any other stops the batch (the folder is full,
@@ -131,7 +133,7 @@ def _walk(root: Path, out: Path | None) -> Iterable[tuple[Path, str, bool]]:
 
 
 def expand(inputs: list[str], pages: str | None = None, out: Path | None = None,
-           max_doc_pages: int = DEFAULT_MAX_DOC_PAGES) -> Plan:
+           max_doc_pages: int = DEFAULT_MAX_DOC_PAGES, workdir: Path | None = None) -> Plan:
     """Files, folders (recursive, by extension), PDFs and decks (one item per page), with their output paths."""
     plan = Plan()
     out_abs = out.resolve() if out is not None else None
@@ -154,15 +156,19 @@ def expand(inputs: list[str], pages: str | None = None, out: Path | None = None,
             item = Item(rel, rel, f.absolute(), kind if kind in ("image", "video") else "document", st.st_size,
                         st.st_mtime_ns)
             if item.kind == "document":
-                _expand_document(plan, item, kind, pages, max_doc_pages)
+                converted = None if workdir is None else workdir / str(len(plan.items) + len(plan.failed))
+                _expand_document(plan, item, kind, pages, max_doc_pages, converted)
             else:
                 plan.items.append(item)
     return plan
 
 
-def _expand_document(plan: Plan, doc: Item, kind: str, pages: str | None, max_doc_pages: int) -> None:
+def _expand_document(plan: Plan, doc: Item, kind: str, pages: str | None, max_doc_pages: int,
+                     workdir: Path | None) -> None:
     try:
-        source = doc.source if kind == "pdf" else office_to_pdf(doc.source)
+        if workdir is not None and kind != "pdf":
+            workdir.mkdir(parents=True, exist_ok=True)
+        source = doc.source if kind == "pdf" else office_to_pdf(doc.source, workdir)
         n = pdf_page_count(source)
         selected: list[int] | range = parse_pages(pages, n, str(doc.source)) if pages or n <= 0 else range(n)
         if len(selected) > max_doc_pages:
@@ -363,9 +369,11 @@ def run_batch(inputs: list[str], opts: Options, backend_factory: Callable[[], Ba
     """Run the batch; 0 if every current input is done, 1 if some failed. Raises GlmvError if it cannot run."""
     out = ensure_writable_dir(opts.out)
     lock = FolderLock(out)  # first: a second run must not clean away this run's temporary files
+    workdir = out / WORK_DIR
     try:
         stale = _clean_stale_temps(out)
-        plan = expand(inputs, opts.pages, out, opts.max_doc_pages)
+        shutil.rmtree(workdir, ignore_errors=True)  # a killed run's converted decks
+        plan = expand(inputs, opts.pages, out, opts.max_doc_pages, workdir)
         refuse_long_names(plan, opts)
         check_collisions(plan, opts, out, lock.ignores_case())
         manifest = Manifest(out / MANIFEST)
@@ -374,6 +382,7 @@ def run_batch(inputs: list[str], opts: Options, backend_factory: Callable[[], Ba
         finally:
             manifest.close()
     finally:
+        shutil.rmtree(workdir, ignore_errors=True)
         lock.release()
 
 
