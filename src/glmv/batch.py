@@ -571,14 +571,9 @@ class _Run:
         return joined
 
 
-# Until PDFium has one owner in documents.py, the batch renders one page at a time (PDFium is not thread-safe).
-_RENDER_LOCK = threading.Lock()
-
-
 def _load(item: Item, opts: Options) -> list[Any]:
-    if item.kind == "page":
-        with _RENDER_LOCK:
-            return render_pdf(item.path or item.source, str(item.page), opts.long_side, opts.dpi, opts.max_pixels)
+    if item.kind == "page":  # documents.py serializes PDFium; decoding images and video runs in parallel
+        return render_pdf(item.path or item.source, str(item.page), opts.long_side, opts.dpi, opts.max_pixels)
     if item.kind == "video":
         return [load_video(item.source)]
     return [load_image(item.source, max_pixels=opts.max_pixels)]
