@@ -131,6 +131,7 @@ def test_done_is_keyed_by_source_size_and_mtime(tmp_path):
     assert run([first], out)[0] == 0
     rc, err = run([second], out)
     assert "1 to do" in err and (out / "x.png.md").read_text() == f"seen {second / 'x.png'}\n"
+    assert f"replacing 1 result(s) written earlier for other files (first: 'x.png' from '{first / 'x.png'}')" in err
     rc, err = run([second], out)
     assert "0 to do, 1 already done" in err
     os.utime(second / "x.png", ns=(time.time_ns(), time.time_ns() + 10**9))  # touched: done again
@@ -440,3 +441,36 @@ def test_decks_are_converted_inside_the_output_folder_and_cleaned_up(tmp_path, m
     assert done_ids(out) == ["a/talk.pptx#page=1", "a/talk.pptx#page=2", "talk.pptx#page=1", "talk.pptx#page=2"]
     assert (out / "a" / "talk.pptx.md").exists() and (out / "talk.pptx" / "page-0002.md").exists()
     assert not (out / ".glmv-work").exists()
+
+
+def test_the_output_folder_may_be_the_input_folder(tmp_path):
+    src = tmp_path / "in"
+    img(src / "x.png")
+    img(src / "sub" / "y.jpg")
+    rc, err = run([src], src, fmt="both")
+    assert rc == 0 and "2 to do" in err
+    rc, err = run([src], src, fmt="both")  # its own results are not inputs
+    assert rc == 0 and "0 to do, 2 already done" in err and "skipped" not in err.replace("0 skipped", "")
+    make_pdf(src / "doc.pdf", 2)  # its pages would need a folder doc.pdf/ where the PDF itself is
+    with pytest.raises(GlmvError, match="doc.pdf' needs the folder 'doc.pdf' where a file is in the way"):
+        run([src], src)
+
+
+def test_ctrl_c_stops_at_once_with_the_summary_and_resumes(tmp_path):
+    src = mixed_inputs(tmp_path / "in", n_images=8, pdf_pages=2)
+    out = tmp_path / "out"
+    args = [sys.executable, "-c", KILLABLE, "batch", str(src), "--out", str(out), "--batch-size", "2"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "manifest.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.time()
+    err = proc.communicate(timeout=30)[1]
+    assert time.time() - t0 < 5 and proc.returncode == 130, err
+    assert "glmv: done " in err and "not done" in err and "interrupted" in err and "Traceback" not in err
+    assert_clean(out)
+    p = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert len(done_ids(out)) == len(set(done_ids(out))) == 10

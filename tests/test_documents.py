@@ -265,6 +265,7 @@ def batch_folder(root: Path, n_images: int = 3) -> Path:
     for i in range(n_images):
         (src / ("sub" if i % 2 else "") / f"img{i:02d}.png").write_bytes(png_bytes((200 + 28 * i, 150), (i * 40, 90, 200)))
     make_pdf(src / "doc.pdf", 3)
+    make_video(src / "clip.mp4", seconds=1.0)  # in flight with the images: the engine must not batch them together
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 40)
     (src / "notes.txt").write_text("not an input")
     return src
@@ -285,7 +286,8 @@ def test_batch_end_to_end_resume_and_retry(tmp_path, tiny_path):
     assert "skipped" in p.stderr and "notes.txt" in p.stderr and "broken.jpg" in p.stderr
     recs = manifest(out)
     done = {r["id"] for r in recs if r["status"] == "done"}
-    assert done == {"img00.png", "sub/img01.png", "img02.png", "doc.pdf#page=1", "doc.pdf#page=2", "doc.pdf#page=3"}
+    assert done == {"img00.png", "sub/img01.png", "img02.png", "clip.mp4", "doc.pdf#page=1", "doc.pdf#page=2",
+                    "doc.pdf#page=3"}
     assert [r["id"] for r in recs if r["status"] == "failed"] == ["broken.jpg"]
     for r in recs:
         if r["status"] == "done":

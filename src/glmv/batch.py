@@ -236,6 +236,11 @@ def check_collisions(plan: Plan, opts: Options, out: Path, ignores_case: bool) -
     for key, (path, source) in writers.items():
         if key in folders and folders[key][1] != source:
             clashes.append(f"'{source}' writes the file '{path}' where '{folders[key][1]}' needs a folder")
+        elif (out / path).is_dir():
+            clashes.append(f"'{source}' writes the file '{path}' where a folder is in the way")
+    for path, source in folders.values():
+        if (out / path).exists() and not (out / path).is_dir():
+            clashes.append(f"'{source}' needs the folder '{path}' where a file is in the way")
     if clashes:
         more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
         case = " (this output folder ignores case)" if ignores_case else ""
@@ -376,7 +381,11 @@ def run_batch(inputs: list[str], opts: Options, backend_factory: Callable[[], Ba
         plan = expand(inputs, opts.pages, out, opts.max_doc_pages, workdir)
         refuse_long_names(plan, opts)
         check_collisions(plan, opts, out, lock.ignores_case())
-        manifest = Manifest(out / MANIFEST)
+        try:
+            manifest = Manifest(out / MANIFEST)
+        except OSError as exc:
+            raise GlmvError(f"cannot open the manifest '{out / MANIFEST}': {exc.strerror or exc}; check the output "
+                            f"folder (is the disk full?) and rerun") from None
         try:
             return _Run(out, opts, plan, manifest, stderr).run(backend_factory, stale)
         finally:
@@ -436,6 +445,12 @@ class _Run:
             self.stderr.write(f"glmv: removed {stale} unfinished temporary file(s) from an interrupted run\n")
         if self.manifest.repaired:
             self.stderr.write(f"glmv: repaired the last line of {out / MANIFEST}, cut by an interrupted run\n")
+        others = [(i, r) for i in todo if (r := self.manifest.latest.get(i.id)) and r.get("status") == "done"
+                  and r.get("source") != str(i.source)]
+        if others:
+            self.stderr.write(f"glmv: replacing {len(others)} result(s) written earlier for other files (first: "
+                              f"'{others[0][0].id}' from '{others[0][1].get('source')}'); use another --out to keep "
+                              f"both\n")
         self.stderr.write(f"glmv: {len(plan.items)} item(s): {len(todo)} to do, {already} already done, "
                           f"{len(plan.items) - len(todo) - already} failed earlier (--retry-failed retries them), "
                           f"{len(plan.skipped)} skipped\n")
