@@ -25,6 +25,9 @@ from ..settings import SamplingParams, Settings
 from .base import Chunk, GenerationRequest, Timings, Usage
 
 
+WITHDRAW_POLL_S = 0.1  # how often a waiting caller checks whether its request was cancelled
+
+
 class IncrementalDecoder:
     """Token ids in, text deltas out, without re-decoding the whole sequence each step.
 
@@ -58,7 +61,7 @@ class IncrementalDecoder:
         return full[len(prefix_text) :]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue removes jobs by identity (comparing tensors would raise)
 class _Job:
     inputs: dict[str, Any]
     gen_kwargs: dict[str, Any]
@@ -458,6 +461,13 @@ class LocalBackend:
     def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Chunk]:
         t0 = time.perf_counter()
         inputs, prompt = self.prepare(request)  # raises before any GPU work
+        n_prompt, limit = int(inputs["input_ids"].shape[1]), self.context_length
+        if request.exact_max_tokens and n_prompt + request.sampling.max_new_tokens > limit:
+            raise ContextLengthError(
+                f"max_tokens is too large: the prompt is {n_prompt} tokens and the model's context is {limit}, "
+                f"so at most {limit - n_prompt} new tokens fit (asked for {request.sampling.max_new_tokens}): "
+                f"lower max_tokens or shorten the prompt"
+            )
         return self._stream(request, inputs, prompt, cancel or threading.Event(), t0)
 
     def _stream(
@@ -498,7 +508,14 @@ class LocalBackend:
         emitted_calls = [0]
         try:
             while True:
-                kind, payload = job.out.get()
+                try:
+                    kind, payload = job.out.get(timeout=WITHDRAW_POLL_S)
+                except queue.Empty:
+                    if not (cancel.is_set() and self._withdraw(job)):
+                        continue
+                    # cancelled while still queued: it leaves the queue and never reaches the model
+                    kind, payload = "done", {"cancelled": True, "prefill_s": None,
+                                             "queued_s": time.perf_counter() - job.queued_at}
                 if kind == "tokens":
                     if timings.ttft_s is None:
                         timings.ttft_s = time.perf_counter() - t0
@@ -557,6 +574,16 @@ class LocalBackend:
         finally:
             if not finished:
                 cancel.set()  # the caller went away: free the inference thread at the next token
+                self._withdraw(job)  # or, still queued, leave the queue now
+
+    def _withdraw(self, job: _Job) -> bool:
+        """Take a job out of the queue if it is still waiting there (True if it was)."""
+        with self._cv:
+            try:
+                self._pending.remove(job)
+            except ValueError:
+                return False
+            return True
 
     def _eos_ids(self) -> set[int]:
         gc = getattr(self.model, "generation_config", None)
