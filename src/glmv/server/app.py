@@ -166,7 +166,8 @@ def to_generation_request(body: ChatCompletionRequest, config: ServerConfig, def
         where = f"messages[{i}]"
         role = "system" if m.role == "developer" else m.role
         content = _content(m.content, config, where)
-        messages.append(Message(role, content, tool_calls=_tool_calls_in(m, where)))  # type: ignore[arg-type]
+        messages.append(Message(role, content, tool_calls=_tool_calls_in(m, where),  # type: ignore[arg-type]
+                                reasoning=m.reasoning_content or ""))
     stop = body.stop
     sampling = defaults.merged(
         temperature=body.temperature,
