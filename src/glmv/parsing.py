@@ -545,6 +545,7 @@ _LABEL_KEYS = ("label", "name", "category", "object", "text")
 _BOX_KEYS = ("bbox_2d", "bbox", "box_2d", "box")
 _NOT_LABEL_ENDS = {"at", "in", "on", "is", "are", "of", "the", "a", "an", "to", "by", "near", "located", "box", "boxes",
                    "coordinates", "be", "was", "were", "and", "or", "from", "within", "around", "with"}
+_SENTENCE_RE = re.compile(r"[，。？！；,.?!;]|box")
 _LABEL_TAIL_RE = re.compile(r"([^\n\[\](){}<>:：]{1,60}?)\s*[:：]?\s*[\[(<{]*\s*$")
 
 
@@ -589,7 +590,7 @@ def _label_before(text: str) -> str | None:
         return None
     label = m.group(1).strip(" ,;-")
     words = label.lower().split()
-    if not words or len(words) > 6 or words[-1] in _NOT_LABEL_ENDS:
+    if not words or len(words) > 6 or len(label) > 40 or words[-1] in _NOT_LABEL_ENDS or _SENTENCE_RE.search(label):
         return None  # a sentence leading into the box ("... is at [[...]]"), not a name for it
     return label
 
