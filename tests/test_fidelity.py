@@ -262,10 +262,13 @@ CASES = [
      "<tool_call>f\n<arg_key>o</arg_key>\n<arg_value>{'pattern': '\\d+'}</arg_value>\n</tool_call>",
      [_fn("f", o={"type": "object"})], [("f", {"o": {"pattern": "\\d+"}})], ""),
 ]
+CASES.append(("glmv: a newline before the name", "<tool_call>\nget_weather\n<arg_key>city</arg_key>\n"
+              "<arg_value>Paris</arg_value>\n</tool_call>", WEATHER, [("get_weather", {"city": "Paris"})], ""))
 NO_CALL_CASES = [
     # (source, text): no call, the text is the answer
     ("vllm no_tools", "This is a test"),
     ("vllm streaming_empty_tool_call", "<tool_call></tool_call>"),
+    ("sglang empty_function_name_handling", "<tool_call>\n</tool_call>"),
 ]
 
 
