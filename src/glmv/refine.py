@@ -37,7 +37,7 @@ def refine(backend: Backend, target: LoadedImage, first_html: str, first_path: P
     for r in range(2, rounds + 2):
         request = GenerationRequest(
             [user_message(REFINE_PROMPT.format(html=html), [target, LoadedImage(render, "render", render.size)])],
-            sampling=sampling, thinking=thinking)
+            sampling=sampling, thinking=thinking, speculate=True)  # the new page mostly copies the old one
         result = collect(backend.generate(request))
         if result.output.html is None:
             version["stop"] = "the answer had no HTML; stopping"

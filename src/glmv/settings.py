@@ -98,6 +98,10 @@ class Settings:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     engine: str = "auto"  # auto (fast on CUDA where supported) | fast | hf (transformers generate)
     max_seq_len: int = 16384  # per-request KV-cache capacity of the fast engine (prompt + answer)
+    # fast engine: prompt-lookup speculative decoding: auto (for prompts that carry text to copy: HTML edits,
+    # refine rounds, OCR re-runs) | on | off
+    speculate: str = "auto"
+    prefix_cache_gb: float | None = None  # fast engine's prefix cache (None: auto, from free memory; 0: off)
     allow_remote_media: bool = True  # the CLI may fetch URLs it is given; the server turns this off
     cache_dir: Path | None = None
 
@@ -130,6 +134,10 @@ class Settings:
             raise RequestError(f"invalid quantization {self.quant!r}: use none, nf4 or w4")
         if self.engine not in ("auto", "fast", "hf"):
             raise RequestError(f"invalid engine {self.engine!r}: use auto, fast or hf")
+        if self.speculate not in ("auto", "on", "off"):
+            raise RequestError(f"invalid speculate {self.speculate!r}: use auto, on or off")
+        if self.prefix_cache_gb is not None and not self.prefix_cache_gb >= 0:
+            raise RequestError(f"invalid prefix_cache_gb {self.prefix_cache_gb!r}: must be a number >= 0 (0 turns it off)")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise RequestError(f"invalid device {self.device!r}: use auto, cpu, cuda or cuda:N")
 

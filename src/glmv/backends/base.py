@@ -32,22 +32,47 @@ class GenerationRequest:
     tools: list[dict[str, Any]] | None = None
     # max_new_tokens was asked for (an API's max_tokens): a prompt that leaves less room is refused, not cut
     exact_max_tokens: bool = False
+    # prompt-lookup speculative decoding (fast engine): None = the backend's setting (auto: on when the prompt
+    # carries text the answer is likely to copy)
+    speculate: bool | None = None
 
 
 @dataclass
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    # speculative decoding: drafted tokens the model kept / threw away; decode passes that verified a draft
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+    speculative_steps: int = 0
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
     def to_dict(self) -> dict[str, int]:
+        d = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "cached_tokens": self.cached_tokens,
+        }
+        if self.speculative_steps:
+            d.update(accepted_prediction_tokens=self.accepted_prediction_tokens,
+                     rejected_prediction_tokens=self.rejected_prediction_tokens,
+                     speculative_steps=self.speculative_steps)
+        return d
+
+    def to_openai(self) -> dict[str, Any]:
+        """As the OpenAI API names these counts (``prompt_tokens_details.cached_tokens``, ...)."""
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "completion_tokens_details": {"accepted_prediction_tokens": self.accepted_prediction_tokens,
+                                          "rejected_prediction_tokens": self.rejected_prediction_tokens},
         }
 
 

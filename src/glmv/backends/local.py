@@ -26,6 +26,7 @@ from .base import Chunk, GenerationRequest, Timings, Usage, delta_chunk
 
 
 WITHDRAW_POLL_S = 0.1  # how often a waiting caller checks whether its request was cancelled
+SPECULATE_MIN_CHARS = 400  # a prompt text this long (code, a page, an earlier transcript) turns speculation on
 
 
 class IncrementalDecoder:
@@ -67,6 +68,7 @@ class _Job:
     gen_kwargs: dict[str, Any]
     cancel: threading.Event
     seed: int | None
+    speculate: bool = False
     out: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)
     queued_at: float = field(default_factory=time.perf_counter)
 
@@ -185,6 +187,7 @@ class LocalBackend:
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent generate() batch sizes (for metrics and tests)
         self._thread: threading.Thread | None = None
         self.engine: Any = None
+        self.batcher: Any = None  # continuous batching over the fast engine (glmv.engine.scheduler)
         self.warmup_s = 0.0
         self._load_lock = threading.Lock()
         self.default_sampling = settings.sampling
@@ -246,7 +249,13 @@ class LocalBackend:
         self.engine = FastEngine(self.model, cfg, log=lambda m: None)
         self.engine.capture()
         self._warmup()
+        from ..engine.prefix_cache import PrefixCache
+        from ..engine.scheduler import Batcher
+
+        budget = self._prefix_budget()
+        self.batcher = Batcher(self.engine, PrefixCache(cfg.prefix_block, budget, self.engine.kv_bytes_per_token))
         self.warmup_s = time.perf_counter() - t0
+        self._log(f"prefix cache: {budget / 1e9:.2f} GB")
         self._log(f"fast engine ready in {self.warmup_s:.1f} s")
 
     def _cache_size(self) -> tuple[int, int]:
@@ -268,6 +277,19 @@ class LocalBackend:
         while seq > 4096 and rows * seq * per_token > budget:
             seq //= 2
         return rows, seq
+
+    def _prefix_budget(self) -> int:
+        """Bytes for the prefix cache: as configured, else half of what the GPU has free after the engine's
+        own cache (keeping 2 GB for prefill and the vision tower), at most 16 GB; 256 MB on the CPU."""
+        import torch
+
+        if self.settings.prefix_cache_gb is not None:
+            return int(self.settings.prefix_cache_gb * 1e9)
+        try:
+            free = torch.cuda.mem_get_info(next(self.model.parameters()).device)[0]
+        except Exception:  # not CUDA
+            return 256 * 2**20
+        return int(min(16e9, max(0.0, (free - 2e9) / 2)))
 
     def _warmup(self) -> None:
         """One short generation with an image, so the first real request pays no one-time costs (the vision
@@ -309,6 +331,7 @@ class LocalBackend:
         self.model = None
         self.processor = None
         self.engine = None
+        self.batcher = None
         try:
             import torch
 
@@ -409,6 +432,8 @@ class LocalBackend:
     def _worker(self) -> None:
         import torch
 
+        if self.batcher is not None:
+            return self._engine_worker()
         while True:
             batch = self._take_batch()
             if batch is None:
@@ -436,6 +461,65 @@ class LocalBackend:
             finally:
                 with self._cv:
                     self._running = 0
+
+    def _engine_worker(self) -> None:
+        """Continuous batching: admit queued jobs into free cache rows between steps, run one step, repeat."""
+        import torch
+
+        batcher = self.batcher
+        while True:
+            with self._cv:
+                while not self._pending and not batcher.busy and not self._stopping:
+                    self._cv.wait()
+                if self._stopping and not self._pending and not batcher.busy:
+                    return
+                admitted = []
+                while self._pending and batcher.can_admit(self._pending[0].seed) and len(admitted) < len(batcher.free):
+                    admitted.append(self._pending.popleft())
+                self._running = len(batcher.running) + len(batcher.prefilling) + len(admitted)
+                if admitted:
+                    self.batch_sizes.append(self._running)
+            try:
+                for job in admitted:
+                    self._admit(job)
+                if batcher.busy:
+                    batcher.step()
+            except Exception as exc:  # reported to the callers; the thread keeps serving
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+                    exc = GenerationError("out of GPU memory: lower --max-pixels, --max-new-tokens or the number of images")
+                else:
+                    exc = GenerationError(f"generation failed: {type(exc).__name__}: {exc}")
+                batcher.fail_all(exc, lambda seq, e: seq.job.out.put(("error", e)))
+            with self._cv:
+                self._running = len(batcher.running) + len(batcher.prefilling)
+
+    def _admit(self, job: _Job) -> None:
+        """Hand a job to the batcher (or, too long for the engine's cache, to transformers' generate)."""
+        from ..engine.scheduler import RowParams, Sequence
+
+        started = time.perf_counter()
+        if job.cancel.is_set():
+            job.out.put(("done", {"cancelled": True, "prefill_s": None, "queued_s": started - job.queued_at}))
+            return
+        if not self.engine.fits([job.inputs], job.gen_kwargs["max_new_tokens"]):
+            streamer = _BatchStreamer([job], self._eos_ids(), started)
+            self._hf_generate([job], streamer)
+            streamer.finish_all()
+            return
+
+        def finish(info: dict[str, Any]) -> None:
+            job.out.put(("done", {**info, "queued_s": started - job.queued_at}))
+
+        seq = Sequence(inputs=job.inputs, params=RowParams.from_gen(job.gen_kwargs),
+                       emit=lambda ids: job.out.put(("tokens", ids)), finish=finish, cancelled=job.cancel.is_set,
+                       eos=frozenset(self._eos_ids()), speculate=job.speculate, seed=job.seed)
+        seq.job = job  # type: ignore[attr-defined]  # fail_all reports errors through it
+        self.batcher.add(seq)
+
+    def serving_stats(self) -> dict[str, float]:
+        """Prefix-cache and speculation counters of the fast engine (empty without it)."""
+        return self.batcher.stats() if self.batcher is not None else {}
 
     def _hf_generate(self, live: list[_Job], streamer: "_BatchStreamer") -> None:
         """transformers' own generate: the CPU path, quantized and multi-GPU models, very long prompts."""
@@ -477,9 +561,12 @@ class LocalBackend:
         n_prompt = int(inputs["input_ids"].shape[1])
         gen_kwargs = self._generation_kwargs(sampling, n_prompt)
         eos = self._eos_ids()
-        job = _Job(inputs=inputs, gen_kwargs=gen_kwargs, cancel=cancel, seed=sampling.seed)
+        job = _Job(inputs=inputs, gen_kwargs=gen_kwargs, cancel=cancel, seed=sampling.seed,
+                   speculate=self._speculate(request))
         with self._cv:
             ahead = len(self._pending) + self._running
+            if self.batcher is not None and self.batcher.can_admit(sampling.seed) and not self._pending:
+                ahead = 0  # a free cache row: it joins the running batch at the next step
             self._pending.append(job)
             self._cv.notify()
         if ahead:
@@ -549,6 +636,10 @@ class LocalBackend:
                     timings.total_s = time.perf_counter() - t0
                     timings.prefill_s = payload["prefill_s"]
                     timings.queued_s = payload["queued_s"]
+                    usage.cached_tokens = payload.get("cached_tokens", 0)
+                    usage.accepted_prediction_tokens = payload.get("accepted", 0)
+                    usage.rejected_prediction_tokens = payload.get("drafted", 0) - payload.get("accepted", 0)
+                    usage.speculative_steps = payload.get("verify_steps", 0)
                     result = parser.result()
                     if stopped_by_string:
                         reason = "stop"
@@ -576,6 +667,20 @@ class LocalBackend:
             if not finished:
                 cancel.set()  # the caller went away: free the inference thread at the next token
                 self._withdraw(job)  # or, still queued, leave the queue now
+
+    def _speculate(self, request: GenerationRequest) -> bool:
+        """Whether to draft from the prompt: asked for, or (auto) the conversation carries text the answer is
+        likely to copy: an earlier answer (a re-run, an edit) or a long text part (HTML or code to revise)."""
+        if request.speculate is not None:
+            return request.speculate
+        mode = self.settings.speculate
+        if mode != "auto":
+            return mode == "on"
+        for m in request.messages:
+            texts = [c for c in m.content if isinstance(c, str)]
+            if (m.role == "assistant" and texts) or any(len(t) >= SPECULATE_MIN_CHARS for t in texts):
+                return True
+        return False
 
     def _withdraw(self, job: _Job) -> bool:
         """Take a job out of the queue if it is still waiting there (True if it was)."""

@@ -147,6 +147,8 @@ class RemoteBackend:
                 if event.usage is not None:
                     usage.prompt_tokens = event.usage.prompt_tokens or 0
                     usage.completion_tokens = event.usage.completion_tokens or 0
+                    details = getattr(event.usage, "prompt_tokens_details", None)
+                    usage.cached_tokens = getattr(details, "cached_tokens", None) or 0
                 for choice in event.choices or []:
                     delta = choice.delta
                     reasoning = getattr(delta, "reasoning_content", None) or (delta.model_extra or {}).get("reasoning_content")

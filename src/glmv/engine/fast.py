@@ -7,6 +7,13 @@ Triton kernels of :mod:`glmv.engine.kernels`; sampling (repetition penalty, temp
 happens inside the step, on the GPU. On CUDA the step is captured once per batch size as a CUDA graph,
 so decoding a token is one graph replay and one 8-byte copy to the host.
 
+The KV cache is one pool of rows (``max_batch`` x ``max_seq_len``). Rows are independent: a decode step
+advances only the rows marked active, so requests can join and leave between steps (continuous
+batching, driven by :mod:`glmv.engine.scheduler`). Prompts and drafted tokens go through
+:meth:`FastEngine.extend`, a multi-token forward over the same fused weights that writes into any row at
+any offset: it runs prefill in chunks (after a prefix-cache hit, only the uncached tail) and verifies
+speculative drafts in one pass.
+
 Works for the dense GLM-4.6V-Flash text decoder (``glm4v``) on one GPU in bf16/fp16. Anything else
 (quantized weights, the MoE model, several GPUs) uses transformers' ``generate``.
 """
@@ -35,6 +42,10 @@ class EngineConfig:
     use_graphs: bool = True
     use_triton: bool = True
     n_splits: int = 16
+    prefill_chunk: int = 512  # prompt tokens per prefill pass: the longest a decoding row waits for a newcomer
+    prefix_block: int = 32  # tokens per prefix-cache block
+    prefix_cache_bytes: int | None = None  # prefix-cache budget (None: decided by the caller; 0: off)
+    spec_tokens: int = 8  # prompt-lookup draft length
     # time cuBLAS against Triton GEMV per shape (cached on disk); GLMV_TUNE=0 turns it off
     tune: bool = field(default_factory=lambda: os.environ.get("GLMV_TUNE", "1") != "0")
 
@@ -123,10 +134,20 @@ class FastEngine:
         self._top_p = torch.ones(b, device=self.device)
         self._rep = torch.ones(b, device=self.device)
         self._greedy = torch.zeros(b, dtype=torch.bool, device=self.device)
+        self._active = torch.ones(b, dtype=torch.bool, device=self.device)  # rows a decode step advances
         self._out = torch.zeros(b, dtype=torch.long, device=self.device)
         self._host_out = torch.zeros(b, dtype=torch.long, pin_memory=self.is_cuda)
         self._graphs: dict[int, Any] = {}
         self._pool: Any = None
+        self.kv_bytes_per_token = 2 * n_layers * self.n_kv * self.head_dim * self.k_cache.element_size()
+        # multimodal rope: which of the (temporal, height, width) positions drives each rotary frequency
+        rope = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}
+        section = list(rope.get("mrope_section") or [self.inv_freq.shape[0]])
+        comp = [i % 3 for i, n in enumerate(section) for _ in range(n)]
+        if len(comp) != self.inv_freq.shape[0]:
+            comp = [0] * self.inv_freq.shape[0]
+        self._rope_comp = torch.tensor(comp, dtype=torch.long, device=self.device)
+        self.image_token_id = getattr(model.config, "image_token_id", None)
 
     # -- weights -------------------------------------------------------------------------------
     def _fuse(self, layer: Any) -> _Layer:
@@ -246,13 +267,13 @@ class FastEngine:
         return self._linear(y, self.lm_head)
 
     def _sample(self, logits: torch.Tensor, b: int, greedy_only: bool = False) -> torch.Tensor:
-        seen = self._seen[:b]
+        seen, active = self._seen[:b], self._active[:b, None]
         logits = logits.float()
         rep = self._rep[:b, None]
         logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
         greedy_tok = logits.argmax(-1)
         if greedy_only:  # a separate graph for greedy requests skips the top-k machinery
-            seen.scatter_(1, greedy_tok[:, None], True)
+            _mark_seen(seen, greedy_tok, active)
             return greedy_tok
         vals, idx = logits.topk(min(TOPK_CAP, logits.shape[-1]), dim=-1)
         vals = vals / self._temp[:b, None].clamp_min(1e-5)
@@ -265,16 +286,20 @@ class FastEngine:
         race = probs / torch.empty_like(probs).exponential_(1.0)
         sampled = idx.gather(1, race.argmax(-1, keepdim=True)).squeeze(1)
         tok = torch.where(self._greedy[:b], greedy_tok, sampled)
-        seen.scatter_(1, tok[:, None], True)
+        _mark_seen(seen, tok, active)
         return tok
 
     def _advance(self, b: int, greedy: bool = False) -> None:
         out = self._sample(self._step(b), b, greedy)
+        # rows that are not decoding this step (free, prefilling, verifying a draft) keep their state; the
+        # step's write into their next KV slot is overwritten by whatever fills that slot for real
+        active = self._active[:b]
+        step = active.to(torch.int32)
         self._out[:b].copy_(out)
-        self._tokens[:b].copy_(out)
-        self._positions[:b] += 1
-        self._write_idx[:b] += 1
-        self._seq_lens[:b] += 1
+        self._tokens[:b].copy_(torch.where(active, out, self._tokens[:b]))
+        self._positions[:b] += step
+        self._write_idx[:b] += step
+        self._seq_lens[:b] += step
 
     def _bucket(self, b: int) -> int:
         size = 1
@@ -296,8 +321,10 @@ class FastEngine:
     def _capture_now(self, b: int, greedy: bool) -> None:
         if (b, greedy) in self._graphs:
             return
-        saved = [t.clone() for t in (self._positions, self._write_idx, self._seq_lens, self._tokens,
-                                     self._seen, self._greedy)]
+        state = (self._positions, self._write_idx, self._seq_lens, self._tokens, self._seen, self._greedy, self._active)
+        saved = [t.clone() for t in state]
+        # the dummy steps write slots 0..2 of rows < b, which may hold a live request's cache: keep them
+        kv_saved = (self.k_cache[:, :b, :, :4].clone(), self.v_cache[:, :b, :, :4].clone())
         self._reset_dummy(b)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -312,8 +339,10 @@ class FastEngine:
         self._pool = graph.pool()
         self._graphs[(b, greedy)] = graph
         self.log(f"captured decode graph for batch {b}")
-        for t, s in zip((self._positions, self._write_idx, self._seq_lens, self._tokens, self._seen, self._greedy), saved):
+        for t, s in zip(state, saved):
             t.copy_(s)
+        self.k_cache[:, :b, :, :4].copy_(kv_saved[0])
+        self.v_cache[:, :b, :, :4].copy_(kv_saved[1])
         torch.cuda.synchronize()
 
     def _reset_dummy(self, b: int) -> None:
@@ -323,31 +352,155 @@ class FastEngine:
         self._seq_lens[:b].fill_(1)
         self._seen[:b].zero_()
         self._greedy[:b].fill_(True)
+        self._active[:b].fill_(True)
 
-    # -- prefill -------------------------------------------------------------------------------
-    def _prefill_row(self, row: int, inputs: dict[str, Any]) -> torch.Tensor:
-        """Run one prompt through the model, store its KV in cache row ``row``; return the last logits."""
-        model = self.model
-        inputs = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in inputs.items()}
-        for key in ("pixel_values", "pixel_values_videos"):
-            if key in inputs:
-                inputs[key] = inputs[key].to(self.dtype)
-        n = int(inputs["input_ids"].shape[1])
-        if n + 1 > self.config.max_seq_len:
-            raise ValueError(f"prompt of {n} tokens exceeds the engine's {self.config.max_seq_len}-token cache")
-        model.model.rope_deltas = None  # never reuse the previous prompt's multimodal rope offsets
-        out = model(**inputs, use_cache=True, logits_to_keep=1)
-        for i, (k, v) in enumerate(_cache_layers(out.past_key_values)):
-            self.k_cache[i, row, :, :n].copy_(k[0])
-            self.v_cache[i, row, :, :n].copy_(v[0])
-        delta = getattr(model.model, "rope_deltas", None)
-        delta_v = int(delta.reshape(-1)[0]) if delta is not None else 0
-        self._positions[row] = n + delta_v
-        self._write_idx[row] = n
-        self._seq_lens[row] = n + 1
+    # -- prompts: positions and embeddings -----------------------------------------------------
+    def prompt_positions(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """Multimodal rope positions [3, n] of a processed prompt, and the offset of the first position after it
+        (``rope_deltas``): cheap, no vision tower."""
+        ids = inputs["input_ids"]
+        n = int(ids.shape[1])
+        grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None}
+        if not grids:
+            return torch.arange(n, device=self.device).expand(3, n), 0
+        types = inputs.get("mm_token_type_ids")
+        if types is None:
+            types = (ids == self.image_token_id).to(torch.int32)
+        pos, delta = self.model.model.get_rope_index(ids, mm_token_type_ids=types, **grids)
+        return pos[:, 0].to(self.device), int(delta.reshape(-1)[0])
+
+    def prompt_embeds(self, inputs: dict[str, Any], start: int = 0) -> torch.Tensor:
+        """Input embeddings of prompt tokens ``start:`` [n - start, hidden]; the vision tower runs only when an
+        image or video token lies in that range (a prefix-cache hit that covers the image skips it)."""
+        ids = inputs["input_ids"][0].to(self.device)
+        emb = F.embedding(ids[start:], self.embed)
+        where = (ids == self.image_token_id).nonzero().squeeze(1)
+        if not bool((where >= start).any()):
+            return emb
+        mm = self.model.model
+        if inputs.get("pixel_values") is not None:
+            out = mm.get_image_features(inputs["pixel_values"].to(self.device, self.dtype),
+                                        inputs["image_grid_thw"].to(self.device), return_dict=True)
+        else:
+            out = mm.get_video_features(inputs["pixel_values_videos"].to(self.device, self.dtype),
+                                        inputs["video_grid_thw"].to(self.device), return_dict=True)
+        feats = torch.cat(list(out.pooler_output)).to(self.dtype)
+        keep = where >= start
+        emb[where[keep] - start] = feats[keep]
+        return emb
+
+    # -- multi-token forward: prefill chunks and draft verification --------------------------------
+    def _rope_multi(self, x: torch.Tensor, pos3: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, heads, D] at multimodal positions pos3 [3, T] (interleaved pairs, as the decode step)."""
+        rot = 2 * self.inv_freq.shape[0]
+        freqs = pos3.float()[self._rope_comp].T * self.inv_freq[None, :]  # [T, rot/2]
+        cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+        xf = x.float()
+        e, o = xf[..., 0:rot:2], xf[..., 1:rot:2]
+        out = xf.clone()
+        out[..., 0:rot:2] = e * cos - o * sin
+        out[..., 1:rot:2] = o * cos + e * sin
+        return out.to(x.dtype)
+
+    @torch.inference_mode()
+    def extend(self, segments: list["Segment"]) -> list[torch.Tensor | None]:
+        """Run several rows' new tokens through the decoder in one pass: each segment's keys/values are written
+        into its row from ``start`` on, and its tokens attend to that row's cache causally. Returns, per
+        segment, float logits for the positions it asks for ([T, vocab], [1, vocab], or None)."""
+        K = self.kernels
+        h = torch.cat([s.embeds for s in segments]).to(self.dtype)
+        pos3 = torch.cat([s.pos3.to(self.device) for s in segments], dim=1)
+        n_tok = h.shape[0]
+        masks = [torch.ones(s.length, s.start + s.length, dtype=torch.bool, device=self.device).tril(s.start)
+                 for s in segments]
+        y = K.rmsnorm(h, self.layers[0].in_norm, self.eps)
+        n, hq, hkv, d = len(self.layers), self.n_heads, self.n_kv, self.head_dim
+        for i, lw in enumerate(self.layers):
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            x = self._linear(y, lw.wqkv, lw.bqkv).view(n_tok, hq + 2 * hkv, d)
+            q = self._rope_multi(x[:, :hq], pos3)
+            k = self._rope_multi(x[:, hq : hq + hkv], pos3)
+            v = x[:, hq + hkv :]
+            outs, off = [], 0
+            for s, mask in zip(segments, masks):
+                end = s.start + s.length
+                kc[s.row, :, s.start : end] = k[off : off + s.length].transpose(0, 1)
+                vc[s.row, :, s.start : end] = v[off : off + s.length].transpose(0, 1)
+                a = F.scaled_dot_product_attention(q[off : off + s.length].transpose(0, 1)[None],
+                                                   kc[s.row, :, :end][None], vc[s.row, :, :end][None],
+                                                   attn_mask=mask, scale=self.scale, enable_gqa=True)
+                outs.append(a[0].transpose(0, 1).reshape(s.length, hq * d))
+                off += s.length
+            o = self._linear(torch.cat(outs), lw.wo)
+            h, y = K.add_rmsnorm2(h, o, lw.post_self_attn_norm, lw.post_attention_norm, self.eps)
+            m = self._mlp(y, lw)
+            nxt = self.layers[i + 1].in_norm if i + 1 < n else self.final_norm
+            h, y = K.add_rmsnorm2(h, m, lw.post_mlp_norm, nxt, self.eps)
+        result: list[torch.Tensor | None] = []
+        off = 0
+        for s in segments:
+            if s.logits == "all":
+                result.append(F.linear(y[off : off + s.length], self.lm_head).float())
+            elif s.logits == "last":
+                result.append(F.linear(y[off + s.length - 1 : off + s.length], self.lm_head).float())
+            else:
+                result.append(None)
+            off += s.length
+        return result
+
+    # -- rows ------------------------------------------------------------------------------------
+    def start_row(self, row: int, params: "RowParams", prompt_ids: torch.Tensor) -> None:
+        """Set a row's sampling parameters and repetition-penalty history for a new request."""
+        self._greedy[row] = params.greedy
+        self._temp[row] = params.temperature
+        self._top_k[row] = params.top_k
+        self._top_p[row] = params.top_p
+        self._rep[row] = params.repetition_penalty
         self._seen[row].zero_()
-        self._seen[row, inputs["input_ids"][0]] = True
-        return out.logits[:, -1]
+        self._seen[row, prompt_ids.to(self.device)] = True
+
+    def set_row(self, row: int, token: int, kv_len: int, position: int, new_ids: list[int] | None = None) -> None:
+        """Point a row's next decode step at ``token`` (not yet in the cache), written at slot ``kv_len``."""
+        self._tokens[row] = token
+        self._write_idx[row] = kv_len
+        self._positions[row] = position
+        self._seq_lens[row] = kv_len + 1
+        if new_ids:
+            self._seen[row, torch.tensor(new_ids, device=self.device)] = True
+
+    def sample_rows(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
+        """Sample one token per row from [len(rows), vocab] logits with each row's own parameters."""
+        b = self._bucket(max(rows) + 1)
+        full = torch.zeros(b, logits.shape[-1], device=self.device)
+        idx = torch.tensor(rows, device=self.device)
+        full[idx] = logits.to(full.device)
+        keep = self._active[:b].clone()
+        self._active[:b] = False
+        self._active[idx] = True
+        try:
+            tok = self._sample(full, b)
+        finally:
+            self._active[:b] = keep
+        return tok[idx].tolist()
+
+    def decode(self, rows: list[int], greedy: bool | None = None) -> list[int]:
+        """One decode step for these rows (the others keep their state); returns one new id per row.
+        ``greedy``: every row samples greedily (a cheaper graph); None: look it up on the device."""
+        b = self._bucket(max(rows) + 1)
+        mask = torch.zeros(b, dtype=torch.bool)
+        mask[rows] = True
+        self._active[:b].copy_(mask)
+        if greedy is None:
+            greedy = bool(self._greedy[:b][mask.to(self.device)].all())
+        if self.use_graphs:
+            self._capture_now(b, greedy)
+            self._graphs[(b, greedy)].replay()
+            torch.cuda.current_stream().synchronize()
+            out = self._host_out[:b].tolist()
+        else:
+            self._advance(b, greedy)
+            out = self._out[:b].tolist()
+        return [out[r] for r in rows]
 
     # -- generation ------------------------------------------------------------------------------
     def fits(self, rows: list[dict[str, Any]], max_new_tokens: int) -> bool:
@@ -355,63 +508,63 @@ class FastEngine:
         longest = max(int(r["input_ids"].shape[1]) for r in rows)
         return len(rows) <= self.config.max_batch and longest + max_new_tokens <= self.config.max_seq_len
 
-
-    @torch.inference_mode()
     def generate(self, rows: list[dict[str, Any]], gen: dict[str, Any], on_tokens: Callable[[list[int]], bool],
                  seed: int | None = None) -> int:
-        """Generate for up to ``max_batch`` prompts. ``on_tokens`` gets each step's new ids (one per row)
-        and returns True when every row is finished. Returns the number of steps run."""
+        """Generate for up to ``max_batch`` prompts in lock step (benchmarks and warm-up; serving goes through
+        :class:`glmv.engine.scheduler.Batcher`). ``on_tokens`` gets each step's new ids (one per row) and
+        returns True when every row is finished. Returns the number of steps run."""
+        from .scheduler import RowParams
+
         b = len(rows)
         if b > self.config.max_batch:
             raise ValueError(f"batch of {b} exceeds the engine's max_batch {self.config.max_batch}")
-        bucket = self._bucket(b)
-        greedy = not gen.get("do_sample", False)
-        if self.use_graphs:
-            self._capture_now(bucket, greedy)  # first batch of this kind: captured once, before its prefill
         if seed is not None:
             torch.manual_seed(seed)
-        self._reset_dummy(bucket)
-        self._greedy[:bucket].fill_(greedy)
-        self._temp[:bucket].fill_(float(gen.get("temperature") or 1.0))
-        self._top_k[:bucket].fill_(int(gen.get("top_k") or 0))
-        self._top_p[:bucket].fill_(float(gen.get("top_p") or 1.0))
-        self._rep[:bucket].fill_(float(gen.get("repetition_penalty") or 1.0))
-        first = []
-        for r, inputs in enumerate(rows):
-            logits = self._prefill_row(r, inputs)
-            first.append(logits)
-        tok = self._sample(torch.cat(first).float(), b)
-        self._tokens[:b].copy_(tok)
-        max_new = int(gen["max_new_tokens"])
-        limit = self.config.max_seq_len - int(self._write_idx[:b].max()) - 1
-        max_new = max(1, min(max_new, limit + 1))
-        steps = 1
-        if on_tokens(tok.tolist()) or max_new == 1:
+        params = RowParams.from_gen(gen)
+        self._reset_dummy(self._bucket(b))
+        with torch.inference_mode():
+            first, kv, pos = [], [], []
+            for r, inputs in enumerate(rows):
+                n = int(inputs["input_ids"].shape[1])
+                if n + 1 > self.config.max_seq_len:
+                    raise ValueError(f"prompt of {n} tokens exceeds the engine's {self.config.max_seq_len}-token cache")
+                self.start_row(r, params, inputs["input_ids"][0])
+                pos3, delta = self.prompt_positions(inputs)
+                logits = self.prefill(r, inputs, 0, pos3)
+                first.append(logits)
+                kv.append(n)
+                pos.append(n + delta)
+            tok = self.sample_rows(torch.cat(first), list(range(b)))
+            for r in range(b):
+                self.set_row(r, tok[r], kv[r], pos[r])
+            max_new = int(gen["max_new_tokens"])
+            max_new = max(1, min(max_new, self.config.max_seq_len - max(kv)))
+            steps = 1
+            if on_tokens(tok) or max_new == 1:
+                return steps
+            while steps < max_new:
+                ids = self.decode(list(range(b)), params.greedy)
+                steps += 1
+                if on_tokens(ids):
+                    break
             return steps
-        graph = self._graphs.get((bucket, greedy))
-        while steps < max_new:
-            if graph is not None:
-                graph.replay()
-                torch.cuda.current_stream().synchronize()
-                ids = self._host_out[:b].tolist()
-            else:
-                self._advance(bucket, greedy)
-                ids = self._out[:b].tolist()
-            steps += 1
-            if on_tokens(ids):
-                break
-        return steps
+
+    def prefill(self, row: int, inputs: dict[str, Any], start: int, pos3: torch.Tensor) -> torch.Tensor:
+        """Prefill prompt tokens ``start:`` of one row in chunks; returns the last position's logits [1, vocab]."""
+        from .scheduler import Segment
+
+        emb = self.prompt_embeds(inputs, start)
+        n = int(inputs["input_ids"].shape[1])
+        chunk = self.config.prefill_chunk
+        logits = None
+        for s in range(start, n, chunk):
+            e = min(n, s + chunk)
+            seg = Segment(row, emb[s - start : e - start], pos3[:, s:e], s, "last" if e == n else None)
+            logits = self.extend([seg])[0]
+        assert logits is not None
+        return logits
 
 
-def _cache_layers(cache: Any):
-    """(keys, values) per layer from a transformers cache object, across versions."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        for layer in layers:
-            yield layer.keys, layer.values
-        return
-    if hasattr(cache, "key_cache"):
-        yield from zip(cache.key_cache, cache.value_cache)
-        return
-    for k, v in cache:  # legacy tuples
-        yield k, v
+def _mark_seen(seen: torch.Tensor, tok: torch.Tensor, active: torch.Tensor) -> None:
+    """Add each active row's new token to its repetition-penalty history (inactive rows unchanged)."""
+    seen.scatter_(1, tok[:, None], seen.gather(1, tok[:, None]) | active)

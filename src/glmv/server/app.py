@@ -492,7 +492,7 @@ def _completion(done: Chunk, cid: str, created: int, model: str, metrics: Metric
         "created": created,
         "model": model,
         "choices": [{"index": 0, "message": message, "finish_reason": _finish_reason(done)}],
-        "usage": done.usage.to_dict(),
+        "usage": done.usage.to_openai(),
     }
 
 
@@ -533,7 +533,7 @@ async def _sse(stream: _ChunkStream, cid: str, created: int, model: str, include
                 _record(chunk, metrics, t0)
                 yield event({}, finish=_finish_reason(chunk))
                 if include_usage:
-                    yield event(None, usage=chunk.usage.to_dict())
+                    yield event(None, usage=chunk.usage.to_openai())
         yield "data: [DONE]\n\n"
     except GlmvError as exc:
         metrics.requests.labels("500").inc()

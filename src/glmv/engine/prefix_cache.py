@@ -1,0 +1,146 @@
+"""The prefix cache: keys/values of prompts already computed, reused by later requests that start the same way.
+
+A prompt is cut into blocks of ``block`` tokens. Each block's key hashes the previous block's key, the
+block's token ids and the content of every image (or video) whose placeholder tokens fall inside it, so a
+key stands for the whole prefix up to the end of its block: two different images behind the same text never
+share an entry, and a block is only ever reused after the exact same prefix (multimodal rope positions
+included, since they depend only on what comes before). Blocks live in memory on the engine's device, at
+most ``budget_bytes`` of them, the least recently used going first.
+
+A follow-up question on the same screenshot shares the chat template, the image and the first question
+with the earlier turn: those blocks are copied into the new request's cache row and neither the vision
+tower nor those tokens run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class PrefixStats:
+    lookups: int = 0
+    hits: int = 0  # lookups that reused at least one block
+    prompt_tokens: int = 0  # tokens of the prompts looked up
+    cached_tokens: int = 0  # of those, tokens served from the cache
+    evicted_blocks: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of prompt tokens that came from the cache."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+def media_digests(inputs: dict[str, Any]) -> list[bytes]:
+    """One digest per image (then per video) of a processed prompt: pixels and grid, in prompt order."""
+    out: list[bytes] = []
+    for pix_key, grid_key in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        pixels, grids = inputs.get(pix_key), inputs.get(grid_key)
+        if pixels is None or grids is None:
+            continue
+        start = 0
+        for grid in grids.tolist():
+            n = grid[0] * grid[1] * grid[2]  # patches of this image
+            part = pixels[start : start + n].detach().to("cpu").contiguous()
+            h = hashlib.blake2b(repr(grid).encode(), digest_size=16)
+            h.update(part.view(torch.uint8).numpy().tobytes() if part.numel() else b"")
+            out.append(h.digest())
+            start += n
+    return out
+
+
+def media_spans(ids: list[int], media_token: int | None) -> list[tuple[int, int]]:
+    """(start, end) of each run of media placeholder tokens, in order."""
+    spans: list[tuple[int, int]] = []
+    i = 0
+    while media_token is not None and i < len(ids):
+        if ids[i] == media_token:
+            j = i
+            while j < len(ids) and ids[j] == media_token:
+                j += 1
+            spans.append((i, j))
+            i = j
+        else:
+            i += 1
+    return spans
+
+
+class PrefixCache:
+    def __init__(self, block: int, budget_bytes: int, bytes_per_token: int) -> None:
+        self.block = block
+        self.budget_bytes = budget_bytes
+        self.block_bytes = block * bytes_per_token
+        self._blocks: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.stats = PrefixStats()
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget_bytes >= self.block_bytes
+
+    @property
+    def cached_blocks(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def used_bytes(self) -> int:
+        return len(self._blocks) * self.block_bytes
+
+    def keys(self, ids: list[int], spans: list[tuple[int, int]], digests: list[bytes]) -> list[bytes]:
+        """Keys of the full blocks of ``ids``; ``spans[i]`` holds the tokens of the media ``digests[i]``
+        (a video's frames are several runs: all of them get the video's digest)."""
+        keys, prev = [], b""
+        if len(digests) != len(spans):  # videos: runs per frame; salt every block with all media instead
+            spans, digests = [(0, len(ids))], [b"".join(digests)]
+        for b in range(len(ids) // self.block):
+            s, e = b * self.block, (b + 1) * self.block
+            h = hashlib.blake2b(prev, digest_size=16)
+            h.update(torch.tensor(ids[s:e], dtype=torch.int64).numpy().tobytes())
+            for (ms, me), d in zip(spans, digests):
+                if ms < e and me > s:
+                    h.update(d)
+            prev = h.digest()
+            keys.append(prev)
+        return keys
+
+    def match(self, keys: list[bytes], limit: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The cached blocks of the longest cached prefix of ``keys``, at most ``limit`` tokens long."""
+        found = []
+        for key in keys[: limit // self.block]:
+            kv = self._blocks.get(key)
+            if kv is None:
+                break
+            self._blocks.move_to_end(key)
+            found.append(kv)
+        return found
+
+    def record(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self.stats.lookups += 1
+        self.stats.hits += cached_tokens > 0
+        self.stats.prompt_tokens += prompt_tokens
+        self.stats.cached_tokens += cached_tokens
+
+    def insert(self, keys: list[bytes], k_row: torch.Tensor, v_row: torch.Tensor) -> int:
+        """Store the blocks of ``keys`` not cached yet, copied from a cache row (``k_row[layer, head, pos, dim]``).
+        Returns how many were added."""
+        if not self.enabled:
+            return 0
+        added = 0
+        for b, key in enumerate(keys):
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
+                continue
+            while self._blocks and self.used_bytes + self.block_bytes > self.budget_bytes:
+                self._blocks.popitem(last=False)
+                self.stats.evicted_blocks += 1
+            s, e = b * self.block, (b + 1) * self.block
+            self._blocks[key] = (k_row[:, :, s:e].clone(), v_row[:, :, s:e].clone())
+            added += 1
+        return added
+
+    def clear(self) -> None:
+        self._blocks.clear()
