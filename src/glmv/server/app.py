@@ -275,14 +275,29 @@ def tool_call_out(call: ToolCall | PartialCall) -> dict[str, Any]:
 
 
 # -- metrics ---------------------------------------------------------------------------------------
+# engine counters shown in /metrics: name, help, key in the backend's serving_stats()
+ENGINE_GAUGES = (
+    ("glmv_prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache", "prefix_hit_rate"),
+    ("glmv_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache since start", "prefix_cached_tokens"),
+    ("glmv_prefix_cache_blocks", "Blocks held by the prefix cache", "prefix_blocks"),
+    ("glmv_prefix_cache_bytes", "Memory held by the prefix cache", "prefix_bytes"),
+    ("glmv_speculative_tokens_per_step", "Tokens produced per draft-verification pass (prompt lookup)",
+     "spec_tokens_per_step"),
+)
+
+
 class Metrics:
-    def __init__(self, queue_depth: Any) -> None:
+    def __init__(self, queue_depth: Any, engine_stats: Any = None) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
         self.requests = Counter("glmv_requests", "Chat completion requests by HTTP status", ["status"], registry=self.registry)
         self.prompt_tokens = Counter("glmv_prompt_tokens", "Prompt tokens processed", registry=self.registry)
         self.completion_tokens = Counter("glmv_completion_tokens", "Tokens generated", registry=self.registry)
+        self.cached_tokens = Counter("glmv_cached_prompt_tokens", "Prompt tokens whose keys/values came from the prefix cache",
+                                     registry=self.registry)
+        for name, doc, key in ENGINE_GAUGES if engine_stats is not None else ():
+            Gauge(name, doc, registry=self.registry).set_function(lambda key=key: float(engine_stats().get(key, 0.0)))
         self.in_flight = Gauge("glmv_requests_in_flight", "Requests admitted and not finished", registry=self.registry)
         depth = Gauge("glmv_queue_depth", "Requests waiting for or running on the model", registry=self.registry)
         depth.set_function(queue_depth)
@@ -301,7 +316,7 @@ def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     app = FastAPI(title="glmv", version="1", docs_url=None, redoc_url=None)
     state = {"admitted": 0}
-    metrics = Metrics(lambda: getattr(backend, "queue_depth", 0))
+    metrics = Metrics(lambda: getattr(backend, "queue_depth", 0), getattr(backend, "serving_stats", None))
     app.state.metrics = metrics
     app.state.config = config
 
@@ -467,6 +482,7 @@ def _record(done: Chunk, metrics: Metrics, t0: float) -> None:
     metrics.requests.labels("200").inc()
     metrics.prompt_tokens.inc(done.usage.prompt_tokens)
     metrics.completion_tokens.inc(done.usage.completion_tokens)
+    metrics.cached_tokens.inc(done.usage.cached_tokens)
     if done.timings.ttft_s is not None:
         metrics.ttft.observe(done.timings.ttft_s)
     metrics.latency.observe(time.perf_counter() - t0)

@@ -1,0 +1,205 @@
+"""Serving on the fast engine (CPU, tiny model): continuous batching, the prefix cache, prompt-lookup
+speculation, and what the server reports about them. Every output is compared with the same request run
+alone through the same engine, greedy, so any cross-talk between rows or cached blocks shows up as text."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from glmv.backends.base import GenerationRequest, collect
+from glmv.backends.local import LocalBackend
+from glmv.media import load_image
+from glmv.prompts import Message, user_message
+from glmv.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+
+def image(color: tuple[int, int, int], size: tuple[int, int] = (336, 196)):
+    return load_image(Image.new("RGB", size, color))
+
+
+def request(backend, text, images=(), history=(), **kw) -> GenerationRequest:
+    kw.setdefault("max_new_tokens", 24)
+    kw.setdefault("temperature", 0)
+    speculate = kw.pop("speculate", False)
+    messages = [*history, user_message(text, list(images))]
+    return GenerationRequest(messages, sampling=backend.default_sampling.merged(**kw), speculate=speculate)
+
+
+@pytest.fixture(scope="module")
+def fast(tiny_path):
+    backend = LocalBackend(Settings(model=str(tiny_path), engine="fast"), log=lambda m: None).load()
+    backend.engine.config.prefill_chunk = 16  # prompts of ~100 tokens prefill in several chunks between decode steps
+    yield backend
+    backend.close()
+
+
+def alone(backend, req) -> str:
+    """The request's output with nothing else running and an empty prefix cache."""
+    backend.batcher.cache.clear()
+    return collect(backend.generate(req)).raw_text
+
+
+def stream_in_thread(backend, req, out: dict, key, cancel=None):
+    def run():
+        events = []
+        for chunk in backend.generate(req, cancel):
+            events.append((time.perf_counter(), chunk.type))
+            if chunk.type == "done":
+                out[key] = (chunk, events)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def wait_for(cond, timeout=30.0):
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def test_rows_join_and_leave_mid_generation_with_the_same_output(fast):
+    reqs = {
+        "long": request(fast, "describe this image", [image((200, 30, 30))], max_new_tokens=160),
+        "short": request(fast, "what colour is it?", [image((30, 200, 30), (280, 280))], max_new_tokens=6),
+        "text": request(fast, "say something about pages", max_new_tokens=40),
+    }
+    singles = {k: alone(fast, r) for k, r in reqs.items()}
+    fast.batcher.cache.clear()
+    out: dict = {}
+    steps0 = fast.batcher.steps
+    threads = [stream_in_thread(fast, reqs["long"], out, "long")]
+    wait_for(lambda: fast.batcher.steps >= steps0 + 5)  # the long request is decoding
+    threads.append(stream_in_thread(fast, reqs["short"], out, "short"))
+    wait_for(lambda: "short" in out)
+    threads.append(stream_in_thread(fast, reqs["text"], out, "text"))
+    for t in threads:
+        t.join(120)
+    assert {k: v[0].raw_text for k, v in out.items()} == singles
+    long_done = out["long"][1][-1][0]
+    short_first = min(t for t, kind in out["short"][1] if kind in ("thinking", "answer"))
+    # the short request joined and left while the long one was generating, instead of waiting for it
+    assert out["short"][1][-1][0] < long_done and short_first < long_done
+    assert out["long"][0].usage.completion_tokens == 160
+    assert max(fast.batch_sizes) >= 2
+
+
+def test_cancelling_one_row_leaves_the_others_untouched(fast):
+    a = request(fast, "describe this image", [image((10, 20, 200))], max_new_tokens=60)
+    b = request(fast, "and this one?", [image((200, 200, 10))], max_new_tokens=3000)
+    single = alone(fast, a)
+    fast.batcher.cache.clear()
+    out: dict = {}
+    cancel = threading.Event()
+    tb = stream_in_thread(fast, b, out, "b", cancel)
+    wait_for(lambda: fast.batcher.running)
+    ta = stream_in_thread(fast, a, out, "a")
+    wait_for(lambda: len(fast.batcher.running) == 2)
+    cancel.set()
+    ta.join(120)
+    tb.join(120)
+    assert out["b"][0].finish_reason == "cancelled" and out["b"][0].usage.completion_tokens < 3000
+    assert out["a"][0].raw_text == single
+
+
+def prompt_ids(backend, req) -> list[int]:
+    return backend.prepare(req)[0]["input_ids"][0].tolist()
+
+
+def count_vision_calls(backend):
+    calls = []
+    handle = backend.model.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+def test_prefix_cache_follow_up_skips_the_vision_tower(fast):
+    img = image((120, 40, 160))
+    first = request(fast, "describe this image", [img])
+    fast.batcher.cache.clear()
+    r1 = collect(fast.generate(first))
+    assert r1.usage.cached_tokens == 0
+    history = [*first.messages, Message("assistant", [r1.output.answer])]
+    follow = request(fast, "what is the title?", history=history)
+    expected = alone(fast, follow)
+    collect(fast.generate(first))  # the first turn again, into a cleared cache
+    calls, handle = count_vision_calls(fast)
+    try:
+        r2 = collect(fast.generate(follow))
+    finally:
+        handle.remove()
+    assert r2.raw_text == expected
+    assert calls == []  # the image's keys/values came from the cache
+    ids = prompt_ids(fast, follow)
+    last_image_token = len(ids) - 1 - ids[::-1].index(fast.engine.image_token_id)
+    assert r2.usage.cached_tokens > last_image_token and r2.usage.cached_tokens % fast.batcher.cache.block == 0
+    assert fast.serving_stats()["prefix_hit_rate"] > 0
+
+
+def test_prefix_cache_never_shares_between_different_images(fast):
+    red, blue = image((250, 0, 0)), image((0, 0, 250))
+    q_blue = request(fast, "describe this image", [blue])
+    expected = alone(fast, q_blue)
+    fast.batcher.cache.clear()
+    collect(fast.generate(request(fast, "describe this image", [red])))  # same text, same size, other pixels
+    calls, handle = count_vision_calls(fast)
+    try:
+        r = collect(fast.generate(q_blue))
+    finally:
+        handle.remove()
+    assert r.raw_text == expected and calls == [1]
+    ids = prompt_ids(fast, q_blue)
+    assert r.usage.cached_tokens <= ids.index(fast.engine.image_token_id)  # at most the text before the image
+
+
+def test_prefix_cache_evicts_least_recently_used_under_its_budget(fast):
+    cache = fast.batcher.cache
+    budget = cache.budget_bytes
+    cache.clear()
+    cache.budget_bytes = 3 * cache.block_bytes
+    evicted = cache.stats.evicted_blocks
+    try:
+        reqs = [request(fast, "describe this image", [image((c, 90, 90))]) for c in (10, 60, 110)]
+        outs = [collect(fast.generate(r)).raw_text for r in reqs]
+        assert cache.cached_blocks <= 3 and cache.stats.evicted_blocks > evicted
+        assert collect(fast.generate(reqs[0])).raw_text == outs[0]  # evicted: recomputed, same answer
+    finally:
+        cache.budget_bytes = budget
+        cache.clear()
+
+
+def test_speculation_gives_the_same_greedy_output_in_fewer_passes(fast):
+    page = "<html><body><h1>Orders</h1><ul>" + "".join(f"<li>item {i}: {i * 7} units</li>" for i in range(30)) + "</ul>"
+    reqs = [request(fast, f"Change the title of this page to Sales.\n{page}", max_new_tokens=120, repetition_penalty=1.0),
+            request(fast, "describe this image", [image((90, 160, 30))], max_new_tokens=80)]
+    for r in reqs:
+        plain = alone(fast, r)
+        r.speculate = True
+        fast.batcher.cache.clear()
+        res = collect(fast.generate(r))
+        assert res.raw_text == plain
+        u = res.usage
+        assert u.speculative_steps > 0 and u.accepted_prediction_tokens > 0
+        assert u.accepted_prediction_tokens + u.rejected_prediction_tokens >= u.speculative_steps
+    assert fast.serving_stats()["spec_tokens_per_step"] > 1.0
+
+
+def test_speculation_with_sampling_and_a_seed_is_reproducible(fast):
+    r = request(fast, "describe this image", [image((5, 5, 5))], max_new_tokens=60, temperature=0.9, top_k=0,
+                top_p=1.0, seed=3, speculate=True)
+    a, b = collect(fast.generate(r)), collect(fast.generate(r))
+    assert a.raw_text == b.raw_text and a.usage.completion_tokens > 0
+
+
+def test_speculation_is_on_by_default_for_edits(fast):
+    page = "<html>" + "<p>x</p>" * 80 + "</html>"
+    assert fast._speculate(GenerationRequest([user_message(f"make it blue\n{page}")]))
+    assert not fast._speculate(GenerationRequest([user_message("describe this image")]))
+    ocr_rerun = [user_message("read the text"), Message("assistant", ["Hello"]), user_message("again, carefully")]
+    assert fast._speculate(GenerationRequest(ocr_rerun))
