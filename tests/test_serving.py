@@ -203,3 +203,37 @@ def test_speculation_is_on_by_default_for_edits(fast):
     assert not fast._speculate(GenerationRequest([user_message("describe this image")]))
     ocr_rerun = [user_message("read the text"), Message("assistant", ["Hello"]), user_message("again, carefully")]
     assert fast._speculate(GenerationRequest(ocr_rerun))
+
+
+def test_server_reports_cached_tokens_and_cache_metrics(fast):
+    import base64
+    import io
+
+    import httpx
+    import openai
+
+    from test_server import serve_in_thread
+
+    buf = io.BytesIO()
+    Image.new("RGB", (336, 196), (70, 140, 210)).save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    fast.batcher.cache.clear()
+    with serve_in_thread(fast) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        first = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                              {"type": "text", "text": "describe this image"}]}]
+        r1 = client.chat.completions.create(model="tiny", messages=first, max_tokens=8, temperature=0)
+        assert r1.usage.prompt_tokens_details.cached_tokens == 0
+        follow = [*first, {"role": "assistant", "content": r1.choices[0].message.content},
+                  {"role": "user", "content": "what is the title?"}]
+        r2 = client.chat.completions.create(model="tiny", messages=follow, max_tokens=8, temperature=0)
+        cached = r2.usage.prompt_tokens_details.cached_tokens
+        assert 64 <= cached < r2.usage.prompt_tokens  # the image and the first question came from the cache
+        stream = client.chat.completions.create(model="tiny", messages=follow, max_tokens=8, temperature=0, stream=True,
+                                                stream_options={"include_usage": True})
+        usage = [ev.usage for ev in stream if ev.usage][-1]
+        assert usage.prompt_tokens_details.cached_tokens >= cached
+        metrics = httpx.get(f"{url}/metrics").text
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line and line[0] != "#"}
+    assert values["glmv_cached_prompt_tokens_total"] >= 2 * cached
+    assert 0 < values["glmv_prefix_cache_hit_rate"] < 1 and values["glmv_prefix_cache_blocks"] > 0
