@@ -237,3 +237,15 @@ def test_server_reports_cached_tokens_and_cache_metrics(fast):
     values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line and line[0] != "#"}
     assert values["glmv_cached_prompt_tokens_total"] >= 2 * cached
     assert 0 < values["glmv_prefix_cache_hit_rate"] < 1 and values["glmv_prefix_cache_blocks"] > 0
+
+
+def test_device_side_image_digest_tells_nearly_equal_pixels_apart():
+    import torch
+
+    from glmv.engine.prefix_cache import linear_digest
+
+    x = torch.randn(300, 1176)
+    y = x.clone()
+    y[17, 3] = torch.nextafter(y[17, 3], torch.tensor(10.0))  # one pixel value, one ulp
+    assert linear_digest(x) == linear_digest(x.clone())
+    assert len({linear_digest(x), linear_digest(y), linear_digest(x.flip(0)), linear_digest(x[:299])}) == 4

@@ -216,6 +216,10 @@ def engine_warmup(model: Any, args: argparse.Namespace, processor: Any) -> tuple
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--serve" in (sys.argv[1:] if argv is None else argv):  # the load benchmark: the server under Poisson arrivals
+        from .bench_serve import main as serve_main
+
+        return serve_main(argv)
     p = argparse.ArgumentParser(prog="glmv bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="full-random", help="full-random (default), tiny, or a checkpoint folder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -209,11 +209,12 @@ class LocalBackend:
         return self
 
     @classmethod
-    def from_model(cls, model: Any, processor: Any, settings: Settings, log: Log = _stderr_log) -> "LocalBackend":
+    def from_model(cls, model: Any, processor: Any, settings: Settings, log: Log = _stderr_log,
+                   max_batch: int = 8) -> "LocalBackend":
         """A backend around a model already in memory (built in code, or spread over GPUs by hand)."""
         from ..loading import Placement
 
-        backend = cls(settings, log=log)
+        backend = cls(settings, log=log, max_batch=max_batch)
         device = next(model.parameters()).device
         placement = Placement(device="cuda" if device.type == "cuda" else "cpu", dtype=model.dtype)
         with backend._load_lock:

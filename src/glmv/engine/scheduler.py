@@ -83,6 +83,7 @@ class Sequence:
     delta: int = 0  # rope offset of positions after the prompt
     pos3: torch.Tensor | None = None
     embeds: torch.Tensor | None = None
+    digests: list[bytes] | None = None  # of the prompt's images (prefix-cache keys)
     cached_tokens: int = 0
     generated: int = 0
     pending: int | None = None  # the last sampled token, not yet in the cache
@@ -229,8 +230,13 @@ class Batcher:
     # -- prefix cache ----------------------------------------------------------------------------
     def _keys(self, seq: Sequence, n: int) -> list[bytes]:
         assert self.cache is not None
+        if seq.digests is None:
+            for key in ("pixel_values", "pixel_values_videos"):  # hashed on the device, where prefill needs them too
+                if seq.inputs.get(key) is not None:
+                    seq.inputs[key] = seq.inputs[key].to(self.engine.device)
+            seq.digests = media_digests(seq.inputs)
         spans = media_spans(seq.ids[: seq.n_prompt], self.engine.image_token_id)
-        return self.cache.keys(seq.ids[:n], spans, media_digests(seq.inputs))
+        return self.cache.keys(seq.ids[:n], spans, seq.digests)
 
     def _reuse_prefix(self, seq: Sequence) -> int:
         """Copy the longest cached prefix of the prompt into the row (leaving at least one token to run)."""
@@ -280,6 +286,7 @@ class Batcher:
 
     def stats(self) -> dict[str, float]:
         out: dict[str, float] = {"running": len(self.running), "prefilling": len(self.prefilling),
+                                 "spec_steps": self.spec_steps, "spec_tokens": self.spec_tokens,
                                  "spec_tokens_per_step": self.spec_tokens / self.spec_steps if self.spec_steps else 0.0}
         if self.cache is not None:
             s = self.cache.stats

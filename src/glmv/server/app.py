@@ -283,6 +283,8 @@ ENGINE_GAUGES = (
     ("glmv_prefix_cache_bytes", "Memory held by the prefix cache", "prefix_bytes"),
     ("glmv_speculative_tokens_per_step", "Tokens produced per draft-verification pass (prompt lookup)",
      "spec_tokens_per_step"),
+    ("glmv_speculative_steps", "Draft-verification passes since start", "spec_steps"),
+    ("glmv_speculative_tokens", "Tokens produced by draft-verification passes since start", "spec_tokens"),
 )
 
 
