@@ -64,11 +64,11 @@ def test_engine_batches_and_matches_single_runs(pair):
     deadline = time.time() + 10
     while fast.queue_depth < 5 and time.time() < deadline:
         time.sleep(0.01)
-    fast.batch_sizes.clear()
-    blocker.close()
-    for t in threads:
+    for t in threads:  # continuous batching: they join the running blocker instead of waiting for it
         t.join(60)
-    assert 4 in fast.batch_sizes and results == singles
+    assert max(fast.batch_sizes) >= 5  # all four ran beside the blocker
+    blocker.close()
+    assert results == singles
 
 
 def test_engine_sampling_is_seeded_and_respects_stops(pair):

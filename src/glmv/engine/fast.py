@@ -30,9 +30,11 @@ import torch.nn.functional as F
 
 from .gemv import GemvTuner, tuner_cache_file
 from .kernels import Kernels
-from .w4 import W4Linear, w4_linear
+from .w4 import W4Linear, dequantize_w4, w4_linear
 
-TOPK_CAP = 256  # candidates kept for top-k/top-p sampling (top_k=0 means "all": approximated by these)
+W4_KERNEL_ROWS = 32  # the int4 kernels serve up to this many rows (decode, drafts); longer inputs dequantize
+TOPK_CAP = 256
+ALONE_CHUNKS = 4  # with no other request decoding, prefill runs in passes this many chunks long  # candidates kept for top-k/top-p sampling (top_k=0 means "all": approximated by these)
 
 
 @dataclass
@@ -208,6 +210,8 @@ class FastEngine:
         )
 
     def _linear(self, x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(w, _W4) and x.shape[0] > W4_KERNEL_ROWS:  # a prefill chunk: dequantize once, as W4Linear does
+            return F.linear(x, dequantize_w4(w.packed, w.scale, w.mn, x.dtype), bias)
         if isinstance(w, _W4):
             if self.tuner is not None:
                 return self.tuner.w4_linear(x, w, bias)
@@ -218,6 +222,8 @@ class FastEngine:
 
     def _mlp(self, y: torch.Tensor, lw: _Layer) -> torch.Tensor:
         gu = self._linear(y, lw.w_gate_up)
+        if isinstance(lw.w_down, _W4) and gu.shape[0] > W4_KERNEL_ROWS:
+            return self._linear(self.kernels.silu_mul(gu), lw.w_down)
         if isinstance(lw.w_down, _W4):
             if self.tuner is not None:
                 return self.tuner.w4_linear(gu, lw.w_down, silu=True)
@@ -411,7 +417,10 @@ class FastEngine:
         h = torch.cat([s.embeds for s in segments]).to(self.dtype)
         pos3 = torch.cat([s.pos3.to(self.device) for s in segments], dim=1)
         n_tok = h.shape[0]
-        masks = [torch.ones(s.length, s.start + s.length, dtype=torch.bool, device=self.device).tril(s.start)
+        # a segment from slot 0 is plain causal attention (flash kernels apply); later ones see the row's
+        # earlier slots through an offset causal mask
+        masks = [None if s.start == 0 else
+                 torch.ones(s.length, s.start + s.length, dtype=torch.bool, device=self.device).tril(s.start)
                  for s in segments]
         y = K.rmsnorm(h, self.layers[0].in_norm, self.eps)
         n, hq, hkv, d = len(self.layers), self.n_heads, self.n_kv, self.head_dim
@@ -428,7 +437,8 @@ class FastEngine:
                 vc[s.row, :, s.start : end] = v[off : off + s.length].transpose(0, 1)
                 a = F.scaled_dot_product_attention(q[off : off + s.length].transpose(0, 1)[None],
                                                    kc[s.row, :, :end][None], vc[s.row, :, :end][None],
-                                                   attn_mask=mask, scale=self.scale, enable_gqa=True)
+                                                   attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                                   enable_gqa=True)
                 outs.append(a[0].transpose(0, 1).reshape(s.length, hq * d))
                 off += s.length
             o = self._linear(torch.cat(outs), lw.wo)
@@ -555,7 +565,7 @@ class FastEngine:
 
         emb = self.prompt_embeds(inputs, start)
         n = int(inputs["input_ids"].shape[1])
-        chunk = self.config.prefill_chunk
+        chunk = self.config.prefill_chunk * ALONE_CHUNKS
         logits = None
         for s in range(start, n, chunk):
             e = min(n, s + chunk)

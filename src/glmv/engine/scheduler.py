@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from .fast import FastEngine
+from .fast import ALONE_CHUNKS, FastEngine
 from .prefix_cache import PrefixCache, media_digests, media_spans
 from .speculate import NgramIndex, verify
 
@@ -165,7 +165,9 @@ class Batcher:
             start = self._reuse_prefix(seq)
             seq.embeds = eng.prompt_embeds(seq.inputs, start)
             seq.filled = start
-        end = min(seq.n_prompt, seq.filled + eng.config.prefill_chunk)
+        # short chunks only while others decode (they wait for each); alone, longer passes
+        chunk = eng.config.prefill_chunk * (1 if self.running else ALONE_CHUNKS)
+        end = min(seq.n_prompt, seq.filled + chunk)
         base = seq.n_prompt - seq.embeds.shape[0]
         seg = Segment(seq.row, seq.embeds[seq.filled - base : end - base], seq.pos3[:, seq.filled : end], seq.filled,
                       "last" if end == seq.n_prompt else None)
