@@ -43,6 +43,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "fits a 10 GB card and decodes faster than bf16)")
     g.add_argument("--engine", choices=["auto", "fast", "hf"], default=None,
                    help="decoder: fast (static cache, Triton kernels, CUDA graphs; default on CUDA) or hf (transformers generate)")
+    g.add_argument("--speculate", choices=["auto", "on", "off"], default=None,
+                   help="fast engine: prompt-lookup speculative decoding (auto: on when the prompt carries text to copy, "
+                        "as HTML edits, refine rounds and OCR re-runs do)")
+    g.add_argument("--prefix-cache-gb", type=float, default=None, metavar="GB",
+                   help="fast engine: memory for cached prompt prefixes (default: half the free GPU memory, "
+                        "at most 16; 0 = off)")
     g.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None,
                    help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: auto)")
@@ -270,7 +276,7 @@ def run_task(
         device=args.device,
         dtype=args.dtype,
         quant=args.quant,
-        engine=args.engine,
+        engine=args.engine, speculate=args.speculate, prefix_cache_gb=args.prefix_cache_gb,
         max_pixels=args.max_pixels,
         thinking=args.thinking,
     )
@@ -472,7 +478,7 @@ def run_batch_command(args: argparse.Namespace, backend_factory: BackendFactory,
 
     overrides = _sampling_from_args(args)
     settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-                                 engine=args.engine, max_pixels=args.max_pixels, thinking=args.thinking)
+                                 engine=args.engine, speculate=args.speculate, prefix_cache_gb=args.prefix_cache_gb, max_pixels=args.max_pixels, thinking=args.thinking)
     if args.batch_size < 1 or args.max_doc_pages < 1:
         raise GlmvError("--batch-size and --max-doc-pages must be at least 1")
     opts = Options(task=args.task, prompt=default_prompt(args.task, args.prompt), out=Path(args.out), fmt=args.format,
@@ -499,7 +505,7 @@ def run_ui(args: argparse.Namespace, stderr: TextIO) -> int:
     except ImportError:
         raise GlmvError("glmv ui needs gradio: pip install 'glmv[ui]'") from None
     settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-                                 engine=args.engine, max_pixels=args.max_pixels)
+                                 engine=args.engine, speculate=args.speculate, prefix_cache_gb=args.prefix_cache_gb, max_pixels=args.max_pixels)
     from .outputs import ensure_writable_dir
 
     out = ensure_writable_dir(Path(args.out))
@@ -546,7 +552,7 @@ def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr:
     except ImportError:
         raise GlmvError("glmv serve needs fastapi and uvicorn: pip install 'glmv[server]'") from None
     settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-                                 engine=args.engine, max_pixels=args.max_pixels)
+                                 engine=args.engine, speculate=args.speculate, prefix_cache_gb=args.prefix_cache_gb, max_pixels=args.max_pixels)
     api_key = args.api_key or os.environ.get("GLMV_API_KEY")
     media_dir = None
     if args.allowed_media_dir:
