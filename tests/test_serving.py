@@ -249,3 +249,47 @@ def test_device_side_image_digest_tells_nearly_equal_pixels_apart():
     y[17, 3] = torch.nextafter(y[17, 3], torch.tensor(10.0))  # one pixel value, one ulp
     assert linear_digest(x) == linear_digest(x.clone())
     assert len({linear_digest(x), linear_digest(y), linear_digest(x.flip(0)), linear_digest(x[:299])}) == 4
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    """The rejection rule: whatever the draft, the first token is distributed as plain sampling would draw it
+    (temperature, top-k and repetition penalty applied), here over 1200 draws of a 6-token vocabulary."""
+    import torch
+
+    from glmv.engine.speculate import verify
+
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -1.0, -3.0], [0.0, 3.0, 0.0, 0.0, 0.0, 0.0]])
+    seen = torch.tensor([False, True, False, False, False, False])
+    x = torch.where(seen, logits[0] / 1.3, logits[0])  # repetition penalty 1.3 on token 1
+    vals, idx = (x / 0.7).topk(4)  # temperature 0.7, top-k 4
+    target = torch.zeros(6)
+    target[idx] = vals.softmax(-1)
+    for draft in ([1], [4]):  # a likely draft and an impossible one (outside the top-k)
+        counts = torch.zeros(6)
+        for _ in range(1200):
+            new, kept = verify(logits, draft, seen, False, 0.7, 4, 1.0, 1.3)
+            counts[new[0]] += 1
+            assert kept in (0, 1) and len(new) == kept + 1
+        assert (counts / 1200 - target).abs().max() < 0.05, (draft, counts / 1200, target)  # 3.5 sigma
+
+
+def test_bench_serve_runs_the_server_under_load(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "serve.json"
+    p = subprocess.run([sys.executable, "-m", "glmv.cli", "bench", "--serve", "--model", "tiny", "--device", "cpu",
+                        "--rates", "8", "--requests", "4", "--tokens", "4", "--image", str(REPO / "input" / "image_1.png"),
+                        "--mix", "question:1,follow_up:1,edit:1", "--json", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["idle_ttft_s"] > 0 and report["follow_up_cached_tokens"] > 500  # the screenshot came from the cache
+    (rate,) = report["rates"]
+    assert rate["requests"] == 4 and 0 < rate["p50_ttft_s"] <= rate["p99_ttft_s"] and rate["aggregate_tok_s"] > 0
+    assert 0 < rate["prefix_hit_rate"] < 1
+    assert "| 8.0 | 4 |" in p.stdout
