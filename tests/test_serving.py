@@ -293,3 +293,50 @@ def test_bench_serve_runs_the_server_under_load(tmp_path):
     assert rate["requests"] == 4 and 0 < rate["p50_ttft_s"] <= rate["p99_ttft_s"] and rate["aggregate_tok_s"] > 0
     assert 0 < rate["prefix_hit_rate"] < 1
     assert "| 8.0 | 4 |" in p.stdout
+
+
+VERIFY_CHECK = r"""
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from glmv.testing.tiny import ensure_tiny_checkpoint
+from glmv.engine.fast import EngineConfig, FastEngine
+from glmv.engine.kernels import Kernels
+from glmv.engine.scheduler import Segment
+torch.manual_seed(0)
+model = AutoModelForImageTextToText.from_pretrained(ensure_tiny_checkpoint()).eval()
+eng = FastEngine(model, EngineConfig(max_batch=3, max_seq_len=128, spec_tokens=4))
+ids = torch.randint(0, 500, (1, 40))
+inputs = {"input_ids": ids}
+pos3, _ = eng.prompt_positions(inputs)
+for row in (0, 2):
+    eng.prefill(row, inputs, 0, pos3)
+draft = [5, 77, 301]
+ref = eng.extend([Segment(2, torch.nn.functional.embedding(torch.tensor([9] + draft), eng.embed),
+                          (torch.arange(4) + 40).expand(3, -1), 40, "all")])[0]
+k_ref = eng.k_cache[:, 2, :, :44].clone()
+eng.k_cache[:, 2, :, 40:].zero_()
+eng.kernels = Kernels(use_triton=True)  # the CUDA path's kernels, interpreted on the CPU
+got = eng.verify_logits(2, [9] + draft, 40, 40)
+err = ((got - ref).abs().max() / ref.abs().max()).item()
+kerr = (eng.k_cache[:, 2, :, :44] - k_ref).abs().max().item()
+other = eng.k_cache[:, 0, :, :44].abs().sum().item() > 0 and eng.k_cache[:, 1].abs().sum().item() == 0
+print("VERIFY", err, kerr, other, got.shape)
+"""
+
+
+def test_cuda_verification_path_matches_the_multi_token_forward():
+    """On CUDA a draft is verified by the decode step's kernels, its positions as virtual rows sharing one
+    cache row (stride 0); here those Triton kernels run in Triton's interpreter on the CPU, against
+    :meth:`FastEngine.extend`: same logits, same keys written, other rows untouched."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, "-c", VERIFY_CHECK], capture_output=True, text=True, env=env, cwd=REPO,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    err, kerr, others_ok, _ = p.stdout.split("VERIFY", 1)[1].split(None, 3)
+    assert float(err) < 1e-5 and float(kerr) < 1e-5 and others_ok == "True"

@@ -141,6 +141,11 @@ class FastEngine:
         self._host_out = torch.zeros(b, dtype=torch.long, pin_memory=self.is_cuda)
         self._graphs: dict[int, Any] = {}
         self._pool: Any = None
+        # draft verification through the decode step: tokens and positions, then write slots and lengths
+        t = self.config.spec_tokens + 1
+        self._vt = torch.zeros(2, t, dtype=torch.long, device=self.device)
+        self._vt_i32 = torch.ones(2, t, dtype=torch.int32, device=self.device)
+        self._verify_graphs: dict[int, tuple[Any, torch.Tensor]] = {}
         self.kv_bytes_per_token = 2 * n_layers * self.n_kv * self.head_dim * self.k_cache.element_size()
         # multimodal rope: which of the (temporal, height, width) positions drives each rotary frequency
         rope = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}
@@ -253,15 +258,20 @@ class FastEngine:
         return time.perf_counter() - t0
 
     # -- one decode step ---------------------------------------------------------------------
-    def _step(self, b: int) -> torch.Tensor:
+    def _step(self, b: int, row: int | None = None) -> torch.Tensor:
         K = self.kernels
-        tokens, positions = self._tokens[:b], self._positions[:b]
-        write_idx, seq_lens = self._write_idx[:b], self._seq_lens[:b]
+        if row is None:
+            tokens, positions = self._tokens[:b], self._positions[:b]
+            write_idx, seq_lens = self._write_idx[:b], self._seq_lens[:b]
+        else:  # draft verification: b consecutive positions of one row, as b virtual rows sharing its cache
+            tokens, positions, write_idx, seq_lens = self._vt[0], self._vt[1], self._vt_i32[0], self._vt_i32[1]
         h = F.embedding(tokens, self.embed)
         y = K.rmsnorm(h, self.layers[0].in_norm, self.eps)
         n = len(self.layers)
         for i, lw in enumerate(self.layers):
             kc, vc = self.k_cache[i], self.v_cache[i]
+            if row is not None:  # batch stride 0: every virtual row reads and writes the same cache row
+                kc, vc = kc[row : row + 1].expand(b, -1, -1, -1), vc[row : row + 1].expand(b, -1, -1, -1)
             qkv = self._linear(y, lw.wqkv, lw.bqkv)
             q = K.rope_cache(qkv, kc, vc, positions, write_idx, self.inv_freq, self.n_heads, self.n_kv, self.head_dim)
             a = K.decode_attention(q, kc, vc, seq_lens, self.scale, n_splits=self.config.n_splits)
@@ -457,6 +467,37 @@ class FastEngine:
                 result.append(None)
             off += s.length
         return result
+
+    @torch.inference_mode()
+    def verify_logits(self, row: int, tokens: list[int], kv_len: int, position: int) -> torch.Tensor | None:
+        """Logits [len(tokens), vocab] of a row's pending token and draft, computed by the decode step with the
+        draft's positions as virtual rows that share the row's cache (their keys written at ``kv_len`` on, each
+        attending causally): the weights are read once, as for one token, and on CUDA it is one graph replay
+        per row. None where this path does not apply (no Triton kernels, no room): use :meth:`extend`."""
+        t = self._vt.shape[1]
+        if not self.kernels.use_triton or len(tokens) > t or kv_len + t > self.config.max_seq_len:
+            return None
+        ar = torch.arange(t)
+        # slots past the draft get throwaway tokens; whatever they write is overwritten before it is read
+        self._vt.copy_(torch.stack([torch.tensor(tokens + [0] * (t - len(tokens))), position + ar]))
+        self._vt_i32.copy_(torch.stack([kv_len + ar, kv_len + ar + 1]).to(torch.int32))
+        if not self.use_graphs:
+            return self._step(t, row)[: len(tokens)].float()
+        if row not in self._verify_graphs:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up runs compute exactly what the replay will (same slots, same values)
+                    self._step(t, row)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._step(t, row)
+            self._pool = graph.pool()
+            self._verify_graphs[row] = (graph, out)
+        graph, out = self._verify_graphs[row]
+        graph.replay()
+        return out[: len(tokens)].float()
 
     # -- rows ------------------------------------------------------------------------------------
     def start_row(self, row: int, params: "RowParams", prompt_ids: torch.Tensor) -> None:

@@ -187,15 +187,22 @@ class Batcher:
 
     def _verify(self, drafts: dict[int, list[int]]) -> None:
         eng = self.engine
+        logits: dict[int, torch.Tensor] = {}
         segs = []
         for row, d in drafts.items():
             seq = self.running[row]
+            lg = eng.verify_logits(row, [seq.pending, *d], seq.filled, seq.filled + seq.delta)
+            if lg is not None:
+                logits[row] = lg
+                continue
             toks = torch.tensor([seq.pending, *d], device=eng.device)
             pos = torch.arange(len(d) + 1, device=eng.device) + seq.filled + seq.delta
             segs.append(Segment(row, torch.nn.functional.embedding(toks, eng.embed), pos.expand(3, -1), seq.filled, "all"))
-        logits = eng.extend(segs)
+        if segs:  # one multi-token pass for every row the decode-step path does not cover
+            logits.update(zip((s.row for s in segs), eng.extend(segs)))
         self.steps += 1
-        for (row, d), lg in zip(drafts.items(), logits):
+        for row, d in drafts.items():
+            lg = logits[row]
             seq = self.running[row]
             p = seq.params
             new, kept = verify(lg, d, eng._seen[row], p.greedy, p.temperature, p.top_k, p.top_p, p.repetition_penalty)
