@@ -13,16 +13,15 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from ..errors import ContextLengthError, GenerationError, GlmvError, ModelLoadError
+from ..errors import ContextLengthError, GlmvError, ModelLoadError
 from ..loading import Log, _stderr_log, choose_placement, load_checkpoint, resolve_model
 from ..parsing import StreamParser
 from ..prompts import template_videos, to_template_messages, validate_messages
 from ..settings import SamplingParams, Settings
 from .base import Chunk, GenerationRequest, Timings, Usage, delta_chunk
+from .scheduler import BatchStreamer, CancelCriteria, Job, Scheduler, collate
 
 
 WITHDRAW_POLL_S = 0.1  # how often a waiting caller checks whether its request was cancelled
@@ -62,111 +61,6 @@ class IncrementalDecoder:
         return full[len(prefix_text) :]
 
 
-@dataclass(eq=False)  # identity: the queue removes jobs by identity (comparing tensors would raise)
-class _Job:
-    inputs: dict[str, Any]
-    gen_kwargs: dict[str, Any]
-    cancel: threading.Event
-    seed: int | None
-    speculate: bool = False
-    out: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)
-    queued_at: float = field(default_factory=time.perf_counter)
-
-
-def _batch_key(job: _Job) -> tuple:
-    return tuple(sorted((k, repr(v)) for k, v in job.gen_kwargs.items()))
-
-
-def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Join processed prompts into one left-padded batch (visual inputs concatenated in order)."""
-    import torch
-    import torch.nn.functional as F
-
-    if len(items) == 1:
-        return dict(items[0])
-    width = max(int(x["input_ids"].shape[1]) for x in items)
-    out: dict[str, Any] = {}
-    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
-        if key in items[0]:
-            out[key] = torch.cat([F.pad(x[key], (width - x[key].shape[1], 0), value=fill) for x in items])
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-        parts = [x[key] for x in items if key in x]
-        if parts:
-            out[key] = torch.cat(parts)
-    return out
-
-
-class _BatchStreamer:
-    """A transformers streamer that routes each row's new token ids to its job's queue.
-
-    A row is finished (and its caller told at once, not when the whole batch ends) when it emits a stop
-    token or its job is cancelled; after that the padding generate() adds for it is dropped.
-    """
-
-    def __init__(self, jobs: list[_Job], eos: set[int], started: float) -> None:
-        self._jobs = jobs
-        self._eos = eos
-        self._started = started
-        self._prompt_seen = False
-        self._done = [False] * len(jobs)
-        self._first: float | None = None
-
-    def _info(self, job: _Job, cancelled: bool) -> dict[str, Any]:
-        return {
-            "cancelled": cancelled,
-            "prefill_s": None if self._first is None else self._first - self._started,
-            "queued_s": self._started - job.queued_at,
-        }
-
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        self.tokens(value.reshape(len(self._jobs), -1).tolist())
-
-    def tokens(self, rows: list) -> bool:
-        """Route one step's new ids (one entry per row); True once every row is finished."""
-        if self._first is None:
-            self._first = time.perf_counter()
-        for i, (job, row) in enumerate(zip(self._jobs, rows)):
-            if self._done[i]:
-                continue
-            row = row if isinstance(row, list) else [row]
-            job.out.put(("tokens", row))
-            if job.cancel.is_set() or row[-1] in self._eos:
-                self._done[i] = True
-                job.out.put(("done", self._info(job, job.cancel.is_set() and row[-1] not in self._eos)))
-        return all(self._done)
-
-    def end(self) -> None:
-        pass
-
-    def finish_all(self) -> None:
-        for i, job in enumerate(self._jobs):
-            if not self._done[i]:
-                self._done[i] = True
-                job.out.put(("done", self._info(job, job.cancel.is_set())))
-
-    def fail_all(self, error: Exception) -> None:
-        for i, job in enumerate(self._jobs):
-            if not self._done[i]:
-                self._done[i] = True
-                job.out.put(("error", error))
-
-
-class _CancelCriteria:
-    """Stops each row once its job's cancel event is set (checked after every token)."""
-
-    def __init__(self, events: list[threading.Event]) -> None:
-        self._events = events
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
-
-        flags = [e.is_set() for e in self._events]
-        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
-
-
 class LocalBackend:
     """Runs a checkpoint in this process. ``load()`` is explicit so front ends can show progress."""
 
@@ -179,13 +73,7 @@ class LocalBackend:
         self.model: Any = None
         self.model_path: Any = None
         self.placement: Any = None
-        self._pending: deque[_Job] = deque()
-        self._cv = threading.Condition()
-        self._running = 0
-        self._stopping = False
-        self.max_batch = max_batch
-        self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent generate() batch sizes (for metrics and tests)
-        self._thread: threading.Thread | None = None
+        self.scheduler = Scheduler(max_batch)  # the queue and the inference thread
         self.engine: Any = None
         self.batcher: Any = None  # continuous batching over the fast engine (glmv.engine.scheduler)
         self.warmup_s = 0.0
@@ -226,8 +114,7 @@ class LocalBackend:
         self.model_path, self.placement = path, placement
         self.default_sampling = self._checkpoint_sampling(self.settings.sampling)
         self._start_engine()
-        self._thread = threading.Thread(target=self._worker, name="glmv-inference", daemon=True)
-        self._thread.start()
+        self.scheduler.start(self)
 
     def _start_engine(self) -> None:
         """Use the fast decode engine where it applies (CUDA, dense bf16 model) unless told otherwise."""
@@ -323,12 +210,7 @@ class LocalBackend:
             return base
 
     def close(self) -> None:
-        if self._thread is not None:
-            with self._cv:
-                self._stopping = True
-                self._cv.notify_all()
-            self._thread.join(timeout=30)
-            self._thread = None
+        self.scheduler.stop()
         self.model = None
         self.processor = None
         self.engine = None
@@ -350,8 +232,21 @@ class LocalBackend:
     @property
     def queue_depth(self) -> int:
         """Requests waiting or running."""
-        with self._cv:
-            return len(self._pending) + self._running
+        return self.scheduler.queue_depth
+
+    @property
+    def max_batch(self) -> int:
+        """Requests decoded together at most (the fast engine's cache rows are sized from it when it starts)."""
+        return self.scheduler.max_batch
+
+    @max_batch.setter
+    def max_batch(self, value: int) -> None:
+        self.scheduler.max_batch = value
+
+    @property
+    def batch_sizes(self) -> Any:
+        """Recent batch sizes (for metrics and tests)."""
+        return self.scheduler.batch_sizes
 
     # -- preparing inputs (caller's thread) ----------------------------------------------------
     def render_prompt(self, request: GenerationRequest) -> str:
@@ -408,121 +303,11 @@ class LocalBackend:
             )
         return kwargs
 
-    # -- the inference thread ------------------------------------------------------------------
-    def _take_batch(self) -> list[_Job] | None:
-        """Wait for work; return the oldest job plus queued jobs that can share its generate call."""
-        with self._cv:
-            while not self._pending and not self._stopping:
-                self._cv.wait()
-            if self._stopping and not self._pending:
-                return None
-            first = self._pending.popleft()
-            batch = [first]
-            if first.seed is None and self.max_batch > 1:
-                key = _batch_key(first)
-                for job in list(self._pending):
-                    if len(batch) >= self.max_batch:
-                        break
-                    if job.seed is None and _batch_key(job) == key:
-                        self._pending.remove(job)
-                        batch.append(job)
-            self._running = len(batch)
-            self.batch_sizes.append(len(batch))
-            return batch
-
-    def _worker(self) -> None:
-        import torch
-
-        if self.batcher is not None:
-            return self._engine_worker()
-        while True:
-            batch = self._take_batch()
-            if batch is None:
-                return
-            live = [j for j in batch if not j.cancel.is_set()]
-            for j in batch:
-                if j.cancel.is_set():
-                    j.out.put(("done", {"cancelled": True, "prefill_s": None, "queued_s": 0.0}))
-            started = time.perf_counter()
-            streamer = _BatchStreamer(live, self._eos_ids(), started)
-            try:
-                if live:
-                    rows = [j.inputs for j in live]
-                    gen = live[0].gen_kwargs
-                    if self.engine is not None and self.engine.fits(rows, gen["max_new_tokens"]):
-                        self.engine.generate(rows, gen, streamer.tokens, live[0].seed)
-                    else:
-                        self._hf_generate(live, streamer)
-                streamer.finish_all()
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                streamer.fail_all(GenerationError("out of GPU memory: lower --max-pixels, --max-new-tokens or the number of images"))
-            except Exception as exc:  # reported to the callers; the thread keeps serving
-                streamer.fail_all(GenerationError(f"generation failed: {type(exc).__name__}: {exc}"))
-            finally:
-                with self._cv:
-                    self._running = 0
-
-    def _engine_worker(self) -> None:
-        """Continuous batching: admit queued jobs into free cache rows between steps, run one step, repeat."""
-        import torch
-
-        batcher = self.batcher
-        while True:
-            with self._cv:
-                while not self._pending and not batcher.busy and not self._stopping:
-                    self._cv.wait()
-                if self._stopping and not self._pending and not batcher.busy:
-                    return
-                admitted = []
-                while self._pending and batcher.can_admit(self._pending[0].seed) and len(admitted) < len(batcher.free):
-                    admitted.append(self._pending.popleft())
-                self._running = len(batcher.running) + len(batcher.prefilling) + len(admitted)
-                if admitted:
-                    self.batch_sizes.append(self._running)
-            try:
-                for job in admitted:
-                    self._admit(job)
-                if batcher.busy:
-                    batcher.step()
-            except Exception as exc:  # reported to the callers; the thread keeps serving
-                if isinstance(exc, torch.cuda.OutOfMemoryError):
-                    torch.cuda.empty_cache()
-                    exc = GenerationError("out of GPU memory: lower --max-pixels, --max-new-tokens or the number of images")
-                else:
-                    exc = GenerationError(f"generation failed: {type(exc).__name__}: {exc}")
-                batcher.fail_all(exc, lambda seq, e: seq.job.out.put(("error", e)))
-            with self._cv:
-                self._running = len(batcher.running) + len(batcher.prefilling)
-
-    def _admit(self, job: _Job) -> None:
-        """Hand a job to the batcher (or, too long for the engine's cache, to transformers' generate)."""
-        from ..engine.scheduler import RowParams, Sequence
-
-        started = time.perf_counter()
-        if job.cancel.is_set():
-            job.out.put(("done", {"cancelled": True, "prefill_s": None, "queued_s": started - job.queued_at}))
-            return
-        if not self.engine.fits([job.inputs], job.gen_kwargs["max_new_tokens"]):
-            streamer = _BatchStreamer([job], self._eos_ids(), started)
-            self._hf_generate([job], streamer)
-            streamer.finish_all()
-            return
-
-        def finish(info: dict[str, Any]) -> None:
-            job.out.put(("done", {**info, "queued_s": started - job.queued_at}))
-
-        seq = Sequence(inputs=job.inputs, params=RowParams.from_gen(job.gen_kwargs),
-                       emit=lambda ids: job.out.put(("tokens", ids)), finish=finish, cancelled=job.cancel.is_set,
-                       eos=frozenset(self._eos_ids()), speculate=job.speculate, seed=job.seed)
-        seq.job = job  # type: ignore[attr-defined]  # fail_all reports errors through it
-        self.batcher.add(seq)
-
     def serving_stats(self) -> dict[str, float]:
         """Prefix-cache and speculation counters of the fast engine (empty without it)."""
         return self.batcher.stats() if self.batcher is not None else {}
 
-    def _hf_generate(self, live: list[_Job], streamer: "_BatchStreamer") -> None:
+    def hf_generate(self, live: list[Job], streamer: BatchStreamer) -> None:
         """transformers' own generate: the CPU path, quantized and multi-GPU models, very long prompts."""
         import torch
 
@@ -539,7 +324,7 @@ class LocalBackend:
                 **inputs,
                 **live[0].gen_kwargs,
                 streamer=streamer,
-                stopping_criteria=[_CancelCriteria([j.cancel for j in live])],
+                stopping_criteria=[CancelCriteria([j.cancel for j in live])],
             )
 
     # -- public API ----------------------------------------------------------------------------
@@ -561,15 +346,10 @@ class LocalBackend:
         sampling = request.sampling
         n_prompt = int(inputs["input_ids"].shape[1])
         gen_kwargs = self._generation_kwargs(sampling, n_prompt)
-        eos = self._eos_ids()
-        job = _Job(inputs=inputs, gen_kwargs=gen_kwargs, cancel=cancel, seed=sampling.seed,
+        eos = self.eos_ids()
+        job = Job(inputs=inputs, gen_kwargs=gen_kwargs, cancel=cancel, seed=sampling.seed,
                    speculate=self._speculate(request))
-        with self._cv:
-            ahead = len(self._pending) + self._running
-            if self.batcher is not None and self.batcher.can_admit(sampling.seed) and not self._pending:
-                ahead = 0  # a free cache row: it joins the running batch at the next step
-            self._pending.append(job)
-            self._cv.notify()
+        ahead = self.scheduler.submit(job)
         if ahead:
             yield Chunk("status", text=f"waiting: {ahead} request(s) ahead")
 
@@ -600,7 +380,7 @@ class LocalBackend:
                 try:
                     kind, payload = job.out.get(timeout=WITHDRAW_POLL_S)
                 except queue.Empty:
-                    if not (cancel.is_set() and self._withdraw(job)):
+                    if not (cancel.is_set() and self.scheduler.withdraw(job)):
                         continue
                     # cancelled while still queued: it leaves the queue and never reaches the model
                     kind, payload = "done", {"cancelled": True, "prefill_s": None,
@@ -667,7 +447,7 @@ class LocalBackend:
         finally:
             if not finished:
                 cancel.set()  # the caller went away: free the inference thread at the next token
-                self._withdraw(job)  # or, still queued, leave the queue now
+                self.scheduler.withdraw(job)  # or, still queued, leave the queue now
 
     def _speculate(self, request: GenerationRequest) -> bool:
         """Whether to draft from the prompt: asked for, or (auto) the conversation carries text the answer is
@@ -683,16 +463,7 @@ class LocalBackend:
                 return True
         return False
 
-    def _withdraw(self, job: _Job) -> bool:
-        """Take a job out of the queue if it is still waiting there (True if it was)."""
-        with self._cv:
-            try:
-                self._pending.remove(job)
-            except ValueError:
-                return False
-            return True
-
-    def _eos_ids(self) -> set[int]:
+    def eos_ids(self) -> set[int]:
         gc = getattr(self.model, "generation_config", None)
         eos = getattr(gc, "eos_token_id", None)
         if eos is None:

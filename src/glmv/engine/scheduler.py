@@ -75,6 +75,7 @@ class Sequence:
     eos: frozenset[int]
     speculate: bool = False
     seed: int | None = None
+    tag: Any = None  # the caller's handle for this request (the backend's job)
     # state kept by the batcher
     row: int = -1
     ids: list[int] = field(default_factory=list)  # prompt, then the tokens generated so far
