@@ -4,6 +4,7 @@ alone through the same engine, greedy, so any cross-talk between rows or cached 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -111,6 +112,31 @@ def test_cancelling_one_row_leaves_the_others_untouched(fast):
 
 def prompt_ids(backend, req) -> list[int]:
     return backend.prepare(req)[0]["input_ids"][0].tolist()
+
+
+def test_rows_keep_their_own_sampling_parameters_and_stops(fast):
+    greedy = request(fast, "describe this image", [image((40, 40, 40))], max_new_tokens=50, repetition_penalty=1.0)
+    penalised = request(fast, "describe this image", [image((40, 40, 40))], max_new_tokens=30, repetition_penalty=1.5)
+    expected = {"greedy": alone(fast, greedy), "penalised": alone(fast, penalised)}
+    text = expected["penalised"]
+    stop_at = next(w for w in re.findall("[A-Za-z]{3,}", text) if text.index(w) > 3)  # a word a few tokens in
+    stopped = request(fast, "describe this image", [image((40, 40, 40))], max_new_tokens=30, repetition_penalty=1.5,
+                      stop=[stop_at])
+    sampled = request(fast, "tell me a story", max_new_tokens=40, temperature=1.0, top_k=0, top_p=1.0)
+    fast.batcher.cache.clear()
+    out: dict = {}
+    steps0 = fast.batcher.steps
+    threads = [stream_in_thread(fast, greedy, out, "greedy")]
+    wait_for(lambda: fast.batcher.steps >= steps0 + 2)
+    threads += [stream_in_thread(fast, r, out, k) for k, r in (("sampled", sampled), ("penalised", penalised),
+                                                                ("stopped", stopped))]
+    for t in threads:
+        t.join(120)
+    assert out["greedy"][0].raw_text == expected["greedy"] and out["penalised"][0].raw_text == expected["penalised"]
+    answer = out["stopped"][0].result.answer
+    assert out["stopped"][0].finish_reason == "stop" and stop_at not in answer and text.startswith(answer)
+    assert out["stopped"][0].usage.completion_tokens < out["penalised"][0].usage.completion_tokens
+    assert out["sampled"][0].usage.completion_tokens > 0
 
 
 def count_vision_calls(backend):
