@@ -394,6 +394,8 @@ class FastEngine:
         if not bool((where >= start).any()):
             return emb
         mm = self.model.model
+        if inputs.get("pixel_values") is None and inputs.get("pixel_values_videos") is None:
+            raise ValueError("the prompt has image placeholder tokens but no image or video inputs")
         if inputs.get("pixel_values") is not None:
             out = mm.get_image_features(inputs["pixel_values"].to(self.device, self.dtype),
                                         inputs["image_grid_thw"].to(self.device), return_dict=True)
