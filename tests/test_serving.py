@@ -110,6 +110,37 @@ def test_cancelling_one_row_leaves_the_others_untouched(fast):
     assert out["a"][0].raw_text == single
 
 
+def test_a_request_that_fails_in_prefill_leaves_the_others_running(fast):
+    """Driven through the engine's batcher directly (the backend is idle meanwhile): a prompt with image
+    placeholders but no image fails on its own; the request decoding beside it finishes unchanged."""
+    import torch
+
+    from glmv.engine.scheduler import Batcher, RowParams, Sequence
+
+    good, _ = fast.prepare(request(fast, "describe this image", [image((1, 2, 3))]))
+    bad = {"input_ids": torch.tensor([[fast.engine.image_token_id] * 8])}
+    eos = frozenset(fast.eos_ids())
+
+    def run(inputs_list):
+        batcher = Batcher(fast.engine)
+        got = {i: [] for i in range(len(inputs_list))}
+        errors, done = {}, {}
+        for i, inputs in enumerate(inputs_list):
+            batcher.add(Sequence(inputs=dict(inputs), params=RowParams(max_new_tokens=20), emit=got[i].extend,
+                                 finish=lambda info, i=i: done.__setitem__(i, info), cancelled=lambda: False, eos=eos,
+                                 fail=lambda exc, i=i: errors.__setitem__(i, str(exc))))
+            batcher.step()
+        while batcher.busy:
+            batcher.step()
+        return got, errors, done, batcher
+
+    alone_ids, _, _, _ = run([good])
+    got, errors, done, batcher = run([good, bad])
+    assert got[0] == alone_ids[0] and 0 in done
+    assert "no image or video inputs" in errors[1] and 1 not in done
+    assert sorted(batcher.free) == list(range(fast.engine.config.max_batch))  # every row is free again
+
+
 def prompt_ids(backend, req) -> list[int]:
     return backend.prepare(req)[0]["input_ids"][0].tolist()
 

@@ -299,7 +299,8 @@ class Scheduler:
         runner.batcher.add(Sequence(inputs=job.inputs, params=RowParams.from_gen(job.gen_kwargs),
                                     emit=lambda ids: job.out.put(("tokens", ids)), finish=finish,
                                     cancelled=job.cancel.is_set, eos=frozenset(runner.eos_ids()),
-                                    speculate=job.speculate, seed=job.seed, tag=job))
+                                    speculate=job.speculate, seed=job.seed, tag=job,
+                                    fail=lambda exc: job.out.put(("error", _failure(exc)))))
 
 
 __all__ = ["BatchStreamer", "CancelCriteria", "Job", "Runner", "Scheduler", "collate"]

@@ -73,6 +73,7 @@ class Sequence:
     finish: Callable[[dict[str, Any]], None]  # called once: cancelled, cached_tokens, prefill_s, speculation stats
     cancelled: Callable[[], bool]
     eos: frozenset[int]
+    fail: Callable[[Exception], None] = lambda exc: None  # called instead of finish when its prefill fails
     speculate: bool = False
     seed: int | None = None
     tag: Any = None  # the caller's handle for this request (the backend's job)
@@ -138,7 +139,14 @@ class Batcher:
             if seq.cancelled():
                 self._finish(seq, cancelled=True)
         if self.prefilling:
-            self._prefill_chunk(self.prefilling[0])
+            seq = self.prefilling[0]
+            try:
+                self._prefill_chunk(seq)
+            except Exception as exc:  # this request's own inputs: fail it alone, the others keep going
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
+                    raise
+                self._release(seq)
+                seq.fail(exc)
         drafts = {}
         for row, seq in self.running.items():
             if seq.speculate:
@@ -269,19 +277,26 @@ class Batcher:
             self.cache.insert(keys, self.engine.k_cache[:, seq.row], self.engine.v_cache[:, seq.row])
 
     # -- leaving ---------------------------------------------------------------------------------
-    def _finish(self, seq: Sequence, cancelled: bool) -> None:
+    def _release(self, seq: Sequence) -> bool:
+        """Take a request out of the batch and free its row (False if it was not in it)."""
         if seq in self.prefilling:
             self.prefilling.remove(seq)
         elif self.running.get(seq.row) is seq:
             del self.running[seq.row]
-            if self.cache is not None and self.cache.enabled and not cancelled:
-                self._store(seq, seq.filled)  # prompt and answer: the next turn of this conversation starts so
         else:
-            return
+            return False
         self.free.append(seq.row)
         self.free.sort()
         if seq.seed is not None:
             self.exclusive = False
+        return True
+
+    def _finish(self, seq: Sequence, cancelled: bool) -> None:
+        was_running = self.running.get(seq.row) is seq
+        if not self._release(seq):
+            return
+        if was_running and self.cache is not None and self.cache.enabled and not cancelled:
+            self._store(seq, seq.filled)  # prompt and answer: the next turn of this conversation starts so
         seq.finish({"cancelled": cancelled, "cached_tokens": seq.cached_tokens, "prefill_s": seq.first_token_s,
                     "drafted": seq.drafted, "accepted": seq.accepted, "verify_steps": seq.verify_steps})
 
