@@ -193,4 +193,5 @@ def test_cli_quant_needs_cuda_and_engine_flag():
                         "--max-new-tokens", "5", "--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "fast engine ready" in p.stderr
-    assert json.loads(p.stdout)["usage"]["completion_tokens"] == 5
+    usage = json.loads(p.stdout)["usage"]
+    assert usage["completion_tokens"] == 5 and usage["cached_tokens"] == 0  # a fresh process: nothing cached yet

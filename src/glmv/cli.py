@@ -478,7 +478,8 @@ def run_batch_command(args: argparse.Namespace, backend_factory: BackendFactory,
 
     overrides = _sampling_from_args(args)
     settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-                                 engine=args.engine, speculate=args.speculate, prefix_cache_gb=args.prefix_cache_gb, max_pixels=args.max_pixels, thinking=args.thinking)
+                                 engine=args.engine, speculate=args.speculate, prefix_cache_gb=args.prefix_cache_gb,
+                                 max_pixels=args.max_pixels, thinking=args.thinking)
     if args.batch_size < 1 or args.max_doc_pages < 1:
         raise GlmvError("--batch-size and --max-doc-pages must be at least 1")
     opts = Options(task=args.task, prompt=default_prompt(args.task, args.prompt), out=Path(args.out), fmt=args.format,
@@ -505,7 +506,8 @@ def run_ui(args: argparse.Namespace, stderr: TextIO) -> int:
     except ImportError:
         raise GlmvError("glmv ui needs gradio: pip install 'glmv[ui]'") from None
     settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-                                 engine=args.engine, speculate=args.speculate, prefix_cache_gb=args.prefix_cache_gb, max_pixels=args.max_pixels)
+                                 engine=args.engine, speculate=args.speculate, prefix_cache_gb=args.prefix_cache_gb,
+                                 max_pixels=args.max_pixels)
     from .outputs import ensure_writable_dir
 
     out = ensure_writable_dir(Path(args.out))
@@ -552,7 +554,8 @@ def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr:
     except ImportError:
         raise GlmvError("glmv serve needs fastapi and uvicorn: pip install 'glmv[server]'") from None
     settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-                                 engine=args.engine, speculate=args.speculate, prefix_cache_gb=args.prefix_cache_gb, max_pixels=args.max_pixels)
+                                 engine=args.engine, speculate=args.speculate, prefix_cache_gb=args.prefix_cache_gb,
+                                 max_pixels=args.max_pixels)
     api_key = args.api_key or os.environ.get("GLMV_API_KEY")
     media_dir = None
     if args.allowed_media_dir:
