@@ -141,6 +141,34 @@ def test_a_request_that_fails_in_prefill_leaves_the_others_running(fast):
     assert sorted(batcher.free) == list(range(fast.engine.config.max_batch))  # every row is free again
 
 
+def test_a_long_prefill_runs_in_chunks_between_decode_steps(fast):
+    """Driven through the engine's batcher directly: while a newcomer's prompt is prefilled, the decoding
+    request gets a token at every step, and the newcomer's prompt takes one step per 16-token chunk."""
+    from glmv.engine.scheduler import Batcher, RowParams, Sequence
+
+    eos = frozenset()
+    got = {"old": [], "new": []}
+    batcher = Batcher(fast.engine)
+
+    def seq(name, inputs, n):
+        return Sequence(inputs=dict(inputs), params=RowParams(max_new_tokens=n), emit=got[name].extend,
+                        finish=lambda info: None, cancelled=lambda: False, eos=eos)
+
+    old, _ = fast.prepare(request(fast, "hi"))
+    new, _ = fast.prepare(request(fast, "describe this image", [image((9, 9, 9))]))
+    batcher.add(seq("old", old, 200))
+    while not got["old"]:
+        batcher.step()
+    batcher.add(seq("new", new, 5))
+    steps, before = 0, len(got["old"])
+    while not got["new"]:
+        batcher.step()
+        steps += 1
+    n = int(new["input_ids"].shape[1])
+    assert n > 3 * fast.engine.config.prefill_chunk
+    assert steps == -(-n // fast.engine.config.prefill_chunk) and len(got["old"]) - before == steps
+
+
 def prompt_ids(backend, req) -> list[int]:
     return backend.prepare(req)[0]["input_ids"][0].tolist()
 
