@@ -425,3 +425,21 @@ def test_cuda_verification_path_matches_the_multi_token_forward():
     assert p.returncode == 0, p.stderr[-3000:]
     err, kerr, others_ok, _ = p.stdout.split("VERIFY", 1)[1].split(None, 3)
     assert float(err) < 1e-5 and float(kerr) < 1e-5 and others_ok == "True"
+
+
+def test_processed_images_are_reused_and_identical_to_the_processor(fast):
+    import torch
+
+    from glmv.prompts import to_template_messages
+
+    a, b = image((1, 2, 3), (300, 200)), image((200, 100, 0), (448, 280))
+    req = GenerationRequest([user_message("compare", [a, b]), Message("assistant", ["ok"]),
+                             user_message("and this one?", [a])])
+    got, prompt = fast.prepare(req)
+    again, _ = fast.prepare(req)
+    _, images = to_template_messages(req.messages)
+    ref = dict(fast.processor(text=[prompt], images=images, return_tensors="pt"))
+    ref.pop("token_type_ids", None)
+    assert sorted(got) == sorted(ref) == sorted(again)
+    assert all(torch.equal(got[k], ref[k]) and got[k].dtype == ref[k].dtype and torch.equal(again[k], ref[k]) for k in ref)
+    assert ref["image_grid_thw"].shape[0] == 3  # the first image twice, the second between

@@ -10,8 +10,10 @@ token.
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
+from collections import OrderedDict
 import time
 from typing import Any, Iterator
 
@@ -25,6 +27,7 @@ from .scheduler import BatchStreamer, CancelCriteria, Job, Scheduler, collate
 
 
 WITHDRAW_POLL_S = 0.1  # how often a waiting caller checks whether its request was cancelled
+IMAGE_CACHE_SIZE = 8  # processed images kept for the next turn about the same image
 SPECULATE_MIN_CHARS = 400  # a prompt text this long (code, a page, an earlier transcript) turns speculation on
 
 
@@ -74,6 +77,8 @@ class LocalBackend:
         self.model_path: Any = None
         self.placement: Any = None
         self.scheduler = Scheduler(max_batch)  # the queue and the inference thread
+        self._image_cache: OrderedDict[tuple, tuple[Any, Any]] = OrderedDict()
+        self._image_lock = threading.Lock()
         self.engine: Any = None
         self.batcher: Any = None  # continuous batching over the fast engine (glmv.engine.scheduler)
         self.warmup_s = 0.0
@@ -271,7 +276,10 @@ class LocalBackend:
             kwargs = {"videos": [v.frames for v in videos], "video_metadata": [v.metadata for v in videos],
                       "do_sample_frames": False}
         try:
-            inputs = self.processor(text=[prompt], images=images or None, return_tensors="pt", **kwargs)
+            if images and not videos:
+                inputs = self._process_with_cached_images(prompt, images)
+            else:
+                inputs = self.processor(text=[prompt], images=images or None, return_tensors="pt", **kwargs)
         except Exception as exc:
             raise GlmvError(f"cannot prepare the prompt: {exc}") from None
         inputs = dict(inputs)
@@ -285,6 +293,41 @@ class LocalBackend:
                 f"or a shorter prompt"
             )
         return inputs, prompt
+
+    def _process_with_cached_images(self, prompt: str, images: list[Any]) -> dict[str, Any]:
+        """The processor's output for a prompt with images, each image's pixels processed once and kept (the
+        last ``IMAGE_CACHE_SIZE``): every turn of a chat about a screenshot sends it again, and resizing and
+        normalising it costs more than the whole cached prefill of a follow-up. Same tensors as one
+        processor call: the text gets each image's placeholder repeated once per visual token, as the
+        processor itself expands it."""
+        import torch
+
+        processed = []
+        for image in images:
+            key = (image.size, image.mode, hashlib.sha1(image.tobytes()).digest())
+            with self._image_lock:
+                hit = self._image_cache.get(key)
+                if hit is not None:
+                    self._image_cache.move_to_end(key)
+            if hit is None:
+                out = self.processor.image_processor(images=[image], return_tensors="pt")
+                hit = (out["pixel_values"], out["image_grid_thw"])
+                with self._image_lock:
+                    self._image_cache[key] = hit
+                    while len(self._image_cache) > IMAGE_CACHE_SIZE:
+                        self._image_cache.popitem(last=False)
+            processed.append(hit)
+        token = self.processor.image_token
+        parts = prompt.split(token)
+        if len(parts) != len(images) + 1:  # not the layout we expand: let the processor do all of it
+            return self.processor(text=[prompt], images=images, return_tensors="pt")
+        merge = self.processor.image_processor.merge_size ** 2
+        text = parts[0] + "".join(token * int(grid.prod() // merge) + rest for (_, grid), rest in zip(processed, parts[1:]))
+        inputs = dict(self.processor.tokenizer([text], return_tensors="pt"))
+        inputs["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids(inputs["input_ids"].tolist()))
+        inputs["pixel_values"] = torch.cat([pv for pv, _ in processed])
+        inputs["image_grid_thw"] = torch.cat([grid for _, grid in processed])
+        return inputs
 
     def _generation_kwargs(self, sampling: SamplingParams, n_prompt: int) -> dict[str, Any]:
         max_new = min(sampling.max_new_tokens, self.context_length - n_prompt)
