@@ -44,8 +44,8 @@ def _hash_weights(n: int, device: torch.device) -> torch.Tensor:
     """Two rows of secret random 64-bit multipliers, at least ``n`` long, kept per device."""
     w = _HASH_WEIGHTS.get(str(device))
     if w is None or w.shape[1] < n:
-        gen = torch.Generator().manual_seed(secrets.randbits(63))
-        w = torch.randint(-(2**62), 2**62, (2, max(n, 1 << 20)), dtype=torch.int64, generator=gen).to(device)
+        gen = torch.Generator(device).manual_seed(secrets.randbits(63))  # drawn where they are used: fast on a GPU
+        w = torch.randint(-(2**62), 2**62, (2, max(n, 1 << 20)), dtype=torch.int64, generator=gen, device=device)
         _HASH_WEIGHTS[str(device)] = w
     return w
 
