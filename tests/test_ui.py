@@ -61,7 +61,7 @@ def test_thinking_switch_reaches_the_request(tmp_path, image):
 
 def test_ocr_offers_markdown_and_text_downloads(tmp_path, image):
     app, _ = make_app(tmp_path, "# Title\n\n| a | b |\n|---|---|\n| 1 | 2 |")
-    thinking, rendered, raw, stats, files = last(app.ocr(image, None, True, 256, "s1"))
+    thinking, rendered, raw, stats, files = last(app.ocr(image, "read it", True, 256, "s1"))
     assert rendered == raw and "| 1 | 2 |" in raw
     assert sorted(Path(f).suffix for f in files) == [".md", ".txt"]
     assert all(Path(f).read_text().strip() == raw for f in files)
@@ -76,7 +76,7 @@ def test_html_versions_edits_and_sandboxed_preview(tmp_path, image):
         return f"<think>layout</think>Here:\n```html\n{PAGE}\n```"
 
     app, _ = make_app(tmp_path, script)
-    think, code, stats, path, preview, versions, choices, chosen = last(app.html(image, None, True, 512, "desktop", [], "s1"))
+    think, code, stats, path, preview, versions, choices, chosen = last(app.html(image, "make a page", True, 512, "desktop", [], "s1"))
     assert code.strip() == PAGE and Path(path).read_text().strip() == PAGE
     assert Path(path).parent == tmp_path / "html" and Path(path).name.startswith("generated_")
     assert 'sandbox="allow-scripts"' in preview and "allow-same-origin" not in preview
@@ -85,7 +85,7 @@ def test_html_versions_edits_and_sandboxed_preview(tmp_path, image):
     code2, versions2 = out[1], out[5]
     assert "navy" in code2 and len(versions2) == 2 and len(list((tmp_path / "html").glob("*.html"))) == 2
     assert "width:390px" in out[4]  # phone preview
-    old_code, old_path, old_preview, _ = app.pick_version(versions2[0]["label"], versions2, "desktop")
+    old_code, old_path, old_preview, _, _ = app.pick_version(versions2[0]["label"], versions2, "desktop")
     assert old_code.strip() == PAGE and "navy" not in old_code
 
 
@@ -93,8 +93,8 @@ def test_html_edit_needs_a_page_and_an_instruction(tmp_path, image):
     app, _ = make_app(tmp_path, PAGE)
     with pytest.raises(GlmvError, match="generate a page first"):
         last(app.html_edit(image, "x", True, 64, "desktop", [], None, "s1"))
-    versions = last(app.html(image, None, True, 64, "desktop", [], "s1"))[5]
-    with pytest.raises(GlmvError, match="describe the change"):
+    versions = last(app.html(image, "make a page", True, 64, "desktop", [], "s1"))[5]
+    with pytest.raises(GlmvError, match="Change the page: the prompt is empty"):
         last(app.html_edit(image, "  ", True, 64, "desktop", versions, None, "s1"))
 
 
@@ -138,7 +138,7 @@ def test_errors_become_messages(tmp_path, image):
     bad.write_text("not an image")
     with pytest.raises(GlmvError, match="not a PNG"):
         last(app.describe(str(bad), "x", True, 64, "s1"))
-    with pytest.raises(GlmvError, match="type a message"):
+    with pytest.raises(GlmvError, match="Chat: the prompt is empty"):
         last(app.chat({"text": " ", "files": []}, [], [], True, False, True, 64, "s1"))
 
 
@@ -202,9 +202,9 @@ def test_chat_with_tools_shows_steps_and_images(tmp_path, image):
 def test_html_refine_adds_scored_versions(tmp_path, image):
     replies = iter([f"```html\n{PAGE}\n```", f"```html\n{PAGE.replace('Skyline', 'Skyline Travel')}\n```"])
     app, _ = make_app(tmp_path, lambda r: next(replies))
-    versions = last(app.html(image, None, True, 64, "desktop", [], "s1"))[5]
+    versions = last(app.html(image, "make a page", True, 64, "desktop", [], "s1"))[5]
     updates = list(app.html_refine(image, 1, True, 64, "desktop", versions, versions[0]["label"], "s1"))
-    code, status, path, preview, versions2, choices, chosen, gallery = updates[-1]
+    code, status, path, preview, versions2, choices, chosen, gallery, table = updates[-1]
     assert "visual score" in status and len(versions2) in (1, 2)
     assert all("score" in v for v in versions2)
-    assert gallery[0][1] == "target" and gallery[1][1].startswith("render · score")
+    assert gallery[0] == image and Path(gallery[1]).name.startswith("render-v")

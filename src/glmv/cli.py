@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--port", type=int, default=7860)
     g.add_argument("--out", default="html_code", help="folder for generated pages (default: html_code)")
     g.add_argument("--max-pixels", type=int, default=None, metavar="N", help="scale images down to at most N pixels")
+    g.add_argument("--concurrency", type=int, default=None, metavar="N",
+                   help="requests sent to the model at once; others wait in line (default: 1 local, 8 --backend openai)")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions)")
@@ -489,16 +491,23 @@ def run_batch_command(args: argparse.Namespace, backend_factory: BackendFactory,
 def run_ui(args: argparse.Namespace, stderr: TextIO) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the app talks to nobody but its users
     try:
-        from .ui.app import CSS, WebApp, build_ui
+        from .ui.app import WebApp
         from .ui.manager import ModelManager
+        from .ui.page import build_ui, serve_ui
+        from .ui.store import Store
     except ImportError:
         raise GlmvError("glmv ui needs gradio: pip install 'glmv[ui]'") from None
     settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
                                  engine=args.engine, max_pixels=args.max_pixels)
     from .outputs import ensure_writable_dir
+    from .settings import cache_root
 
     out = ensure_writable_dir(Path(args.out))
     remote = _remote_backend(args) if args.backend == "openai" else None
+    if args.concurrency is not None and args.concurrency < 1:
+        raise GlmvError("--concurrency must be at least 1")
+    # A local model answers one request at a time here; a remote server batches, so send it several.
+    concurrency = args.concurrency or (8 if remote is not None else 1)
 
     def factory(s: Settings, log: Callable[[str], None]) -> Backend:
         if remote is not None:
@@ -511,9 +520,16 @@ def run_ui(args: argparse.Namespace, stderr: TextIO) -> int:
 
         return LocalBackend(s, log=both).load()
 
-    manager = ModelManager(settings, factory)
+    def precheck(s: Settings, log: Callable[[str], None]) -> None:
+        if remote is None:  # find (or download) the checkpoint before the working model is unloaded
+            from .loading import resolve_model
+
+            resolve_model(s.model, log)
+
+    manager = ModelManager(settings, factory, precheck)
     manager.load_async()
-    app = WebApp(manager, out, max_pixels=settings.max_pixels)
+    app = WebApp(manager, out, max_pixels=settings.max_pixels, concurrency=concurrency,
+                 store=Store(cache_root() / "ui"), examples=Path("input"))
     demo = build_ui(app)
     stderr.write(f"glmv: web app on http://{args.host}:{args.port} (the model loads in the background)\n")
     stderr.flush()
@@ -526,8 +542,7 @@ def run_ui(args: argparse.Namespace, stderr: TextIO) -> int:
 
     threading.Thread(target=report, daemon=True).start()
     try:
-        demo.launch(server_name=args.host, server_port=args.port, show_error=True, quiet=True,
-                    allowed_paths=[str(out.resolve())], css=CSS)
+        serve_ui(app, demo, args.host, args.port)
     finally:
         manager.close()
     return 0

@@ -139,12 +139,15 @@ class RemoteBackend:
         calls: dict[int, dict[str, str]] = {}
         finish = None
         emitted = 0
+        deltas = 0  # servers send usage only at the end: until then each streamed delta counts as a token
+        reported = False
         try:
             for event in stream:
                 if cancel.is_set():
                     finish = "cancelled"
                     break
                 if event.usage is not None:
+                    reported = True
                     usage.prompt_tokens = event.usage.prompt_tokens or 0
                     usage.completion_tokens = event.usage.completion_tokens or 0
                 for choice in event.choices or []:
@@ -163,6 +166,9 @@ class RemoteBackend:
                             slot["name"] += tc.function.name
                         if tc.function and tc.function.arguments:
                             slot["arguments"] += tc.function.arguments
+                    if (reasoning or delta.content) and not reported:
+                        deltas += 1
+                        usage.completion_tokens = deltas
                     for part, text in pieces:
                         if timings.ttft_s is None:
                             timings.ttft_s = time.perf_counter() - t0
