@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests sent to the model at once; others wait in line (default: 1 local, 8 --backend openai)")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    _add_ground_parser(sub)
+
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions)")
     _add_model_args(serve)
     g = serve.add_argument_group("server")
@@ -440,6 +442,68 @@ def _generate(backend: Backend, request: GenerationRequest, stream: bool, show_t
         return None
 
 
+# -- glmv ground: find things in an image, draw the model's boxes, print them ------------------------------
+def _add_ground_parser(sub: Any) -> None:
+    g = sub.add_parser("ground", help="find things in an image: draw the model's boxes on it, print them as JSON")
+    g.add_argument("image", metavar="IMAGE", help="path, http(s) URL, data: URI or - for stdin")
+    g.add_argument("-p", "--prompt", required=True, metavar="WHAT", help="what to find, e.g. \"the red car\"")
+    g.add_argument("-o", "--out", default=None, metavar="PNG",
+                   help="where to write the image with the boxes (default: IMAGE's name + _boxes.png, here)")
+    g.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the model reason before answering (--no-thinking is faster)")
+    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="answer length cap")
+    g.add_argument("--max-pixels", type=int, default=None, metavar="N", help="scale the image down to at most N pixels")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_model_args(g)
+    _add_backend_args(g)
+
+
+def run_ground(args: argparse.Namespace, backend_factory: BackendFactory, stdout: TextIO, stderr: TextIO) -> int:
+    import io
+    import urllib.parse
+
+    from .grounding import boxes_json, draw_boxes, find_boxes, find_prompt
+    from .media import load_image
+    from .outputs import ensure_writable_dir, write_atomic
+
+    what = args.prompt.strip()
+    if not what:
+        raise GlmvError('the prompt is empty: say what to find, for example -p "the red car"')
+    settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
+                                 engine=args.engine, max_pixels=args.max_pixels)
+    sampling = SamplingParams().merged(max_new_tokens=args.max_new_tokens)
+    image = load_image(args.image, max_pixels=settings.max_pixels)
+    src = args.image
+    stem = "" if src == "-" or src.startswith("data:") else Path(urllib.parse.urlsplit(src).path).stem
+    out = Path(args.out) if args.out else Path(f"{stem or 'image'}_boxes.png")
+    if out.suffix.lower() != ".png":
+        raise GlmvError(f"--out '{out}': the annotated image is a PNG; give a name ending in .png")
+    ensure_writable_dir(out.parent if str(out.parent) else Path("."))
+    if getattr(args, "backend", "local") == "openai":
+        backend_factory = _remote_backend(args)
+    backend = backend_factory(settings)
+    defaults = getattr(backend, "default_sampling", None) or SamplingParams()
+    request = GenerationRequest([user_message(find_prompt(what), [image])],
+                                sampling=defaults.merged(max_new_tokens=sampling.max_new_tokens), thinking=args.thinking)
+    try:
+        result = collect(backend.generate(request))
+    finally:
+        backend.close()
+    boxes = find_boxes(result.output.answer, what)
+    report = json.loads(boxes_json(boxes, *image.image.size))
+    report["answer"] = result.output.answer
+    if boxes:
+        buf = io.BytesIO()
+        draw_boxes(image.image, boxes).save(buf, format="PNG")
+        write_atomic(out, buf.getvalue())
+        report["image"] = str(out)
+        stderr.write(f"glmv: {len(boxes)} box{'es' if len(boxes) > 1 else ''} drawn -> {out}\n")
+    else:
+        stderr.write("glmv: the answer has no boxes; no image written\n")
+    stdout.write(json.dumps(report, ensure_ascii=False, indent=1) + "\n")
+    return 0
+
+
 def run_score(args: argparse.Namespace, stdout: TextIO) -> int:
     from .score import score_page
 
@@ -610,6 +674,8 @@ def main(
             return run_serve(args, backend_factory or _default_backend, stderr)
         if args.command == "ui":
             return run_ui(args, stderr)
+        if args.command == "ground":
+            return run_ground(args, backend_factory or _default_backend, stdout, stderr)
         if args.command == "score":
             return run_score(args, stdout)
         if args.command == "batch":

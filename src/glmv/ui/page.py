@@ -159,9 +159,9 @@ def build_ui(app: WebApp) -> Any:
                             d_run = gr.Button("Run", variant="primary", elem_id="describe-run")
                             d_stop = gr.Button("Stop", variant="stop", elem_id="describe-stop")
                         if examples:
-                            gr.Examples(examples, [d_img], label="Examples")
+                            gr.Examples(examples, [d_img], label="Examples", elem_id="describe-examples")
                     with gr.Column(scale=2):
-                        with gr.Accordion("Thinking", open=False, visible=False) as d_think_box:
+                        with gr.Accordion("Thinking", open=False, visible=False, elem_id="describe-think-box") as d_think_box:
                             d_think = gr.Markdown()
                         d_answer = gr.Markdown(elem_id="describe-answer")
                         d_stats = gr.Markdown(elem_classes="glmv-stats", elem_id="describe-stats")
@@ -179,9 +179,9 @@ def build_ui(app: WebApp) -> Any:
                             o_run = gr.Button("Read text", variant="primary", elem_id="ocr-run")
                             o_stop = gr.Button("Stop", variant="stop", elem_id="ocr-stop")
                         if examples:
-                            gr.Examples(examples, [o_img], label="Examples")
+                            gr.Examples(examples, [o_img], label="Examples", elem_id="ocr-examples")
                     with gr.Column(scale=2):
-                        with gr.Accordion("Thinking", open=False, visible=False) as o_think_box:
+                        with gr.Accordion("Thinking", open=False, visible=False, elem_id="ocr-think-box") as o_think_box:
                             o_think = gr.Markdown()
                         with gr.Tab("Rendered"):
                             o_md = gr.Markdown(elem_id="ocr-rendered")
@@ -200,7 +200,7 @@ def build_ui(app: WebApp) -> Any:
                             h_run = gr.Button("Generate page", variant="primary", elem_id="html-run")
                             h_stop = gr.Button("Stop", variant="stop", elem_id="html-stop")
                         if examples:
-                            gr.Examples(examples, [h_img], label="Examples")
+                            gr.Examples(examples, [h_img], label="Examples", elem_id="html-examples")
                         h_edit = gr.Textbox(label="Change the page", placeholder="make the header dark blue",
                                             elem_id="html-edit")
                         h_edit_btn = gr.Button("Apply change (new version)", elem_id="html-edit-run")
@@ -209,7 +209,7 @@ def build_ui(app: WebApp) -> Any:
                             h_refine_btn = gr.Button("Render, compare and refine", elem_id="html-refine")
                         h_versions = gr.Dropdown([], label="Versions", interactive=True, elem_id="html-versions")
                     with gr.Column(scale=2):
-                        with gr.Accordion("Thinking", open=False, visible=False) as h_think_box:
+                        with gr.Accordion("Thinking", open=False, visible=False, elem_id="html-think-box") as h_think_box:
                             h_think = gr.Markdown()
                         h_stats = gr.Markdown(elem_classes="glmv-stats", elem_id="html-stats")
                         with gr.Row():

@@ -21,7 +21,7 @@ from typing import Any
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chats (
     id TEXT PRIMARY KEY, browser TEXT NOT NULL, title TEXT NOT NULL, updated REAL NOT NULL,
-    view TEXT NOT NULL, turns TEXT NOT NULL);
+    view TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS chats_browser ON chats (browser, updated);
 CREATE TABLE IF NOT EXISTS studio (
     browser TEXT PRIMARY KEY, updated REAL NOT NULL, image TEXT, versions TEXT NOT NULL);
@@ -64,12 +64,13 @@ class Store:
         return str(dest)
 
     # -- chats ------------------------------------------------------------------------------------
-    def save_chat(self, browser: str, chat_id: str, title: str, view: list, turns: list) -> None:
+    def save_chat(self, browser: str, chat_id: str, title: str, view: list) -> None:
+        """Save what the chat shows (the model-side history is rebuilt from it when the chat is reopened)."""
         with self._lock, self._db() as db:
-            db.execute("INSERT INTO chats (id, browser, title, updated, view, turns) VALUES (?, ?, ?, ?, ?, ?) "
+            db.execute("INSERT INTO chats (id, browser, title, updated, view) VALUES (?, ?, ?, ?, ?) "
                        "ON CONFLICT(id) DO UPDATE SET title=excluded.title, updated=excluded.updated, "
-                       "view=excluded.view, turns=excluded.turns WHERE chats.browser=excluded.browser",
-                       (chat_id, browser, title[:80], time.time(), json.dumps(view), json.dumps(turns)))
+                       "view=excluded.view WHERE chats.browser=excluded.browser",
+                       (chat_id, browser, title[:80], time.time(), json.dumps(view)))
 
     def chats(self, browser: str) -> list[tuple[str, str, float]]:
         """(id, title, updated) of this browser's chats, newest first."""
@@ -78,10 +79,10 @@ class Store:
                               (browser,)).fetchall()
         return [(r[0], r[1], r[2]) for r in rows]
 
-    def chat(self, browser: str, chat_id: str) -> tuple[list, list] | None:
+    def chat(self, browser: str, chat_id: str) -> list | None:
         with self._lock, self._db() as db:
-            row = db.execute("SELECT view, turns FROM chats WHERE browser=? AND id=?", (browser, chat_id)).fetchone()
-        return None if row is None else (json.loads(row[0]), json.loads(row[1]))
+            row = db.execute("SELECT view FROM chats WHERE browser=? AND id=?", (browser, chat_id)).fetchone()
+        return None if row is None else json.loads(row[0])
 
     def delete_chat(self, browser: str, chat_id: str) -> None:
         with self._lock, self._db() as db:
