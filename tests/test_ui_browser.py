@@ -78,6 +78,7 @@ class Served:
 
         def factory(settings, log):
             assert settings.model == "scripted", "only the scripted model loads in these tests"
+            time.sleep(0.5)  # like a real load: the page is built while the model is still loading
             return self.backend
 
         def precheck(settings, log):  # the real one: finds a checkpoint (the hub is unreachable here)
@@ -86,10 +87,10 @@ class Served:
 
         self.manager = ModelManager(Settings(model="scripted"), factory, precheck)
         self.manager.load_async()
-        self.manager.wait(10)
         self.app = WebApp(self.manager, self.root / "html", store=Store(self.root / "state"),
                           examples=REPO / "input")
         self.demo = build_ui(self.app)
+        self.manager.wait(10)
         self.port = free_port()
         serve_ui(self.app, self.demo, port=self.port, block=False)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -130,18 +131,33 @@ def open_page(browser, url, context=None, width=1400, init_script=None):
     return page
 
 
-def wait_text(page, selector, text, timeout=15000):
-    page.wait_for_function(
-        "([s, t]) => { const e = document.querySelector(s); return e && e.innerText.includes(t); }",
-        arg=[selector, text], timeout=timeout)
-    return page.inner_text(selector)
+# The text a component shows, without Gradio's progress overlay (its timer is part of innerText).
+TEXT_JS = ("(s) => { const e = document.querySelector(s); if (!e) return ''; "
+           "const m = e.querySelector('[data-testid=markdown]'); return (m || e).innerText; }")
+FINAL = "(t) => t.includes('✓') || t.includes('■') || t.includes('✕')"
+
+
+def text(page, selector):
+    return page.evaluate(TEXT_JS, selector)
+
+
+def wait_text(page, selector, wanted, timeout=15000):
+    page.wait_for_function(f"([s, w]) => ({TEXT_JS})(s).includes(w)", arg=[selector, wanted], timeout=timeout)
+    return text(page, selector)
 
 
 def finished(page, stats_id, timeout=20000):
-    page.wait_for_function(
-        f"(() => {{ const t = document.querySelector('#{stats_id}').innerText; "
-        f"return t.includes('✓') || t.includes('■') || t.includes('✕'); }})()", timeout=timeout)
-    return page.inner_text(f"#{stats_id}")
+    page.wait_for_function(f"(s) => ({FINAL})(({TEXT_JS})(s))", arg=f"#{stats_id}", timeout=timeout)
+    return text(page, f"#{stats_id}")
+
+
+def result(page, stats_id, action, timeout=20000):
+    """Do ``action`` and wait for the status line to show a new final result (not the one before)."""
+    before = text(page, f"#{stats_id}")
+    action()
+    page.wait_for_function(f"([s, b]) => {{ const t = ({TEXT_JS})(s); return t !== b && ({FINAL})(t); }}",
+                           arg=[f"#{stats_id}", before], timeout=timeout)
+    return text(page, f"#{stats_id}")
 
 
 def upload(page, elem_id, path):
@@ -195,9 +211,9 @@ def test_chat_errors_keep_the_conversation_and_trash_clears_history(served, brow
 # -- 3, 4, two users: queue positions, Stop of a queued job, isolated state -----------------------------
 def test_two_users_see_their_place_in_line_and_stop_leaves_it(served, browser):
     pages = [open_page(browser, served.url) for _ in range(3)]
-    for p in pages:
+    for p, prompt in zip(pages, ["describe this, slow", "describe this", "describe this"]):
         upload(p, "describe-image", IMAGE_1)
-        p.fill("#describe-prompt textarea", "describe this, slow")
+        p.fill("#describe-prompt textarea", prompt)
     n = len(served.backend.requests)
     pages[0].click("#describe-run")
     wait_text(pages[0], "#describe-stats", "tok/s")
@@ -230,21 +246,20 @@ def test_describe_checks_inputs_in_the_page_terms(served, browser, tmp_path):
     assert "holiday.png" in stats and "not a PNG" in stats
     assert "preprocess" not in page.content() and "/tmp/gradio" not in stats
     upload(page, "describe-image", IMAGE_1)
-    messages = []
-    for prompt in ("", "   "):
-        page.fill("#describe-prompt textarea", prompt)
-        page.click("#describe-run")
-        messages.append(wait_text(page, "#describe-stats", "prompt is empty"))
-        page.evaluate("document.querySelector('#describe-stats').innerText = ''")
-    assert messages[0] == messages[1] and "-p" not in messages[0]
+    page.fill("#describe-prompt textarea", "")
+    page.click("#describe-run")
+    empty = wait_text(page, "#describe-stats", "prompt is empty")
     page.fill("#describe-prompt textarea", "describe this image")
-    page.press("#describe-prompt textarea", "Enter")  # Enter runs
-    assert finished(page, "describe-stats").startswith("✓")
+    assert result(page, "describe-stats", lambda: page.press("#describe-prompt textarea", "Enter")).startswith("✓")
     assert "red house" in page.inner_text("#describe-answer")
     assert not page.locator("#describe-think-box").is_visible()  # no thinking: no empty box
-    page.fill("#describe-prompt textarea", "think about it")
+    page.fill("#describe-prompt textarea", "   ")
     page.press("#describe-prompt textarea", "Enter")
-    wait_text(page, "#describe-answer", "Thought about it")
+    blank = wait_text(page, "#describe-stats", "prompt is empty")
+    assert empty == blank and "-p" not in blank  # one check, in the page's words
+    page.fill("#describe-prompt textarea", "think about it")
+    result(page, "describe-stats", lambda: page.press("#describe-prompt textarea", "Enter"))
+    assert "Thought about it" in page.inner_text("#describe-answer")
     assert page.locator("#describe-think-box").is_visible()
     page.context.close()
 
