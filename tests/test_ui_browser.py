@@ -67,7 +67,7 @@ class Served:
         self.demo = None
         self.start()
 
-    def start(self) -> None:
+    def start(self, port: int | None = None) -> None:
         from glmv.loading import resolve_model
         from glmv.settings import Settings
         from glmv.ui.app import WebApp
@@ -91,13 +91,15 @@ class Served:
                           examples=REPO / "input")
         self.demo = build_ui(self.app)
         self.manager.wait(10)
-        self.port = free_port()
+        self.port = port or free_port()
         serve_ui(self.app, self.demo, port=self.port, block=False)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def restart(self) -> None:
+        """A new server on the same port (the browser's storage belongs to the address) and store; nothing
+        in memory survives."""
         self.demo.close()
-        self.start()
+        self.start(self.port)
 
     def close(self) -> None:
         self.demo.close()
@@ -316,3 +318,161 @@ def test_model_panel_refuses_before_unloading(served, browser):
     assert finished(other, "describe-stats").startswith("✓")
     page.context.close()
     other.context.close()
+
+
+# -- grounding: Find draws the scripted answer's box at the right pixels ----------------------------------
+def test_find_draws_boxes_at_the_right_pixels(served, browser):
+    from PIL import Image
+
+    page = open_page(browser, served.url)
+    upload(page, "describe-image", IMAGE_1)
+    page.locator("#describe-mode").get_by_text("Find", exact=True).click()
+    page.fill("#describe-prompt textarea", "the red house")
+    stats = result(page, "describe-stats", lambda: page.press("#describe-prompt textarea", "Enter"))
+    assert "1 box drawn" in stats
+    page.locator("#describe-found img").wait_for(timeout=5000)
+    links = {Path(a.get_attribute("href")).name: a.get_attribute("href")
+             for a in page.locator("#describe-files a[href]").all()}
+    assert set(links) >= {"found.png", "found.json"}
+    png = Image.open(io.BytesIO(page.request.get(links["found.png"]).body())).convert("RGB")
+    data = json.loads(page.request.get(links["found.json"]).body())
+    # [[100,200,500,800]] on 0-1000 of a 1024 x 683 image: x 102..512, y 137..546
+    assert data["boxes"][0]["box_px"] == [102, 137, 512, 546] and data["boxes"][0]["label"] == "the red house"
+    assert png.size == (1024, 683)
+    red = (230, 25, 75)
+    for x, y in [(102, 340), (512, 340), (300, 137), (300, 546), (103, 400)]:
+        assert png.getpixel((x, y)) == red, (x, y)
+    for x, y in [(95, 340), (300, 340), (520, 400)]:  # outside the outline: the picture itself
+        assert png.getpixel((x, y)) != red, (x, y)
+    page.context.close()
+
+
+# -- persistence: reload, server restart, another browser, the history list ----------------------------
+def test_chats_and_versions_survive_reload_and_restart_per_browser(served, browser):
+    page = open_page(browser, served.url)
+    ctx = page.context
+    tab(page, "Chat")
+    chat_send(page, "remember this picture", [IMAGE_1])
+    finished(page, "chat-stats")
+    tab(page, "Image → HTML")
+    upload(page, "html-image", IMAGE_3)
+    result(page, "html-stats", lambda: page.click("#html-run"))
+    page.reload()
+    wait_text(page, "#glmv-status", "ready")
+    tab(page, "Chat")
+    wait_text(page, "#chat", "remember this picture")
+    assert "A small scene" in text(page, "#chat")
+    served.restart()
+    page = open_page(browser, served.url, context=ctx)
+    tab(page, "Chat")
+    wait_text(page, "#chat", "remember this picture")
+    n = len(served.backend.requests)
+    chat_send(page, "and what colour is the house?")
+    finished(page, "chat-stats")
+    sent = served.backend.requests[n].messages  # the model-side history came back too, image included
+    assert [m.role for m in sent] == ["user", "assistant", "user"] and len(sent[0].images) == 1
+    tab(page, "Image → HTML")
+    page.locator("#html-preview iframe").wait_for(timeout=5000)
+    assert "v1" in page.locator("#html-versions input").input_value()
+    # Another browser sees none of it.
+    other = open_page(browser, served.url)
+    tab(other, "Chat")
+    other.wait_for_timeout(500)
+    assert "remember this" not in text(other, "#chat")
+    other.locator("#chat-saved input").click()
+    assert other.get_by_role("option").count() == 0
+    other.context.close()
+    # The history list: one chat, delete it, and it stays deleted after a reload.
+    tab(page, "Chat")
+    page.locator("#chat-saved input").click()
+    assert page.get_by_role("option").count() == 1
+    page.keyboard.press("Escape")
+    page.click("#chat-delete")
+    page.wait_for_function("!document.querySelector('#chat').innerText.includes('remember this')")
+    page.reload()
+    wait_text(page, "#glmv-status", "ready")
+    tab(page, "Chat")
+    page.wait_for_timeout(500)
+    assert "remember this" not in text(page, "#chat")
+    ctx.close()
+
+
+# -- the Image → HTML studio ----------------------------------------------------------------------------
+def test_studio_preview_fits_saved_path_refine_progress_and_stop(served, browser):
+    page = open_page(browser, served.url)
+    tab(page, "Image → HTML")
+    upload(page, "html-image", IMAGE_3)
+    result(page, "html-stats", lambda: page.click("#html-run"))
+    saved = wait_text(page, "#html-saved", "Saved to")
+    assert str(served.root / "html") in saved and ".html" in saved  # the full path, not a bare name
+    frame = page.locator("#html-preview iframe")
+    frame.wait_for(timeout=5000)
+    box = page.locator("#html-preview .glmv-preview-box").bounding_box()
+    shown = frame.bounding_box()
+    assert shown["width"] <= box["width"] + 1 and shown["width"] > 0.9 * box["width"]  # fit to width
+    page.locator("#html-zoom").get_by_text("100%").click()
+    page.wait_for_function("document.querySelector('#html-preview iframe').getBoundingClientRect().width > 1270")
+    assert page.locator("#html-file a[href]").count() >= 1  # download this version
+    if not shutil.which("tesseract"):
+        return
+    page.fill("#html-rounds input[type=number]", "1")
+    page.press("#html-rounds input[type=number]", "Enter")
+    page.click("#html-refine")
+    progress = wait_text(page, "#html-stats", "round 1 of 1: the model is writing", 30000)
+    assert "tokens" in progress
+    page.click("#html-stop")
+    final = wait_text(page, "#html-stats", "■", 15000)
+    assert "stopped" in final
+    page.locator("#html-compare img").nth(1).wait_for(timeout=5000)
+    for img in page.locator("#html-compare img").all():  # target and render, whole
+        ratio = img.evaluate("i => [i.naturalWidth / i.naturalHeight, i.clientWidth / i.clientHeight]")
+        assert abs(ratio[0] - ratio[1]) / ratio[0] < 0.03, ratio
+    assert "overall" in text(page, "#html-scores")
+    page.context.close()
+
+
+# -- 11: a remote backend ----------------------------------------------------------------------------------
+def test_remote_backend_names_the_served_model_and_reports_speed(browser, tmp_path):
+    from glmv.backends.remote import RemoteBackend
+    from glmv.server.app import ServerConfig
+    from glmv.settings import Settings
+    from glmv.testing.scripted import ScriptedBackend
+    from glmv.ui.app import WebApp
+    from glmv.ui.manager import ModelManager
+    from glmv.ui.page import build_ui, serve_ui
+    from test_server import free_port, serve_in_thread
+
+    scripted = ScriptedBackend(script, delay_s=0.01)
+    scripted.default_sampling = Settings().sampling
+    with serve_in_thread(scripted, ServerConfig(model_name="glm-remote-test")) as url:
+        manager = ModelManager(Settings(model="zai-org/GLM-4.6V-Flash"),
+                               lambda s, log: RemoteBackend(url + "/v1").load())
+        manager.load_async()
+        manager.wait(20)
+        app = WebApp(manager, tmp_path / "html", concurrency=2)
+        # Two requests at once, as the remote server batches: both stream before either ends.
+        starts, ends = {}, {}
+
+        def run(session):
+            for i, (_, _, st) in enumerate(app.describe(str(IMAGE_1), "slow please", True, 100, session)):
+                starts.setdefault(session, time.perf_counter()) if st.startswith("…") else None
+            ends[session] = time.perf_counter()
+
+        threads = [threading.Thread(target=run, args=(s,)) for s in ("a", "b")]
+        [t.start() for t in threads]
+        [t.join(30) for t in threads]
+        assert set(starts) == {"a", "b"} and max(starts.values()) < min(ends.values())
+        demo = build_ui(app)
+        port = free_port()
+        serve_ui(app, demo, port=port, block=False)
+        try:
+            page = open_page(browser, f"http://127.0.0.1:{port}")
+            assert "glm-remote-test" in text(page, "#glmv-header")
+            upload(page, "describe-image", IMAGE_1)
+            stats = result(page, "describe-stats", lambda: page.click("#describe-run"))
+            tps = float(stats.split(" tok/s")[0].split("·")[-1])
+            assert stats.startswith("✓") and tps > 0
+            page.context.close()
+        finally:
+            demo.close()
+            manager.close()
