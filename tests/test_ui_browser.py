@@ -476,3 +476,53 @@ def test_remote_backend_names_the_served_model_and_reports_speed(browser, tmp_pa
         finally:
             demo.close()
             manager.close()
+
+
+# -- the real path: `glmv ui --model tiny` as a user starts it ------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_ui(tiny_path, tmp_path_factory):
+    from test_server import free_port
+
+    out = tmp_path_factory.mktemp("html")
+    port = free_port()
+    log = open(out.parent / f"ui-{port}.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "glmv.cli", "ui", "--model", "tiny", "--port", str(port), "--out", str(out)],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        raise RuntimeError("glmv ui did not start")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def test_tiny_model_streams_stops_and_answers_again(tiny_ui, browser):
+    page = open_page(browser, tiny_ui, init_script=None)
+    upload(page, "describe-image", IMAGE_1)
+    page.fill("#max-new input[type=number]", "8192")
+    page.press("#max-new input[type=number]", "Enter")
+    page.click("#describe-run")
+    wait_text(page, "#describe-stats", "tok/s", 60000)
+    page.click("#describe-stop")
+    stats = wait_text(page, "#describe-stats", "■ stopped", 30000)
+    assert int(stats.split("·")[1].split()[0]) < 8192
+    time.sleep(1.0)
+    assert text(page, "#describe-stats") == stats  # nothing more arrives after the stop
+    page.fill("#max-new input[type=number]", "16")
+    page.press("#max-new input[type=number]", "Enter")
+    stats = result(page, "describe-stats", lambda: page.click("#describe-run"), 60000)
+    assert stats.startswith("✓") and "16 tokens" in stats and "tok/s" in stats
+    assert text(page, "#describe-answer").strip()
+    page.context.close()

@@ -50,12 +50,11 @@ def find_prompt(query: str) -> str:
     return FIND_PROMPT.format(query=query.strip())
 
 
-def _label_before(text: str, start: int, fallback: str) -> str:
-    """The words just before a box on its line ("2. the red car: [[…]]" -> "the red car")."""
-    line = text[text.rfind("\n", 0, start) + 1 : start]
-    line = _BOX.sub(" ", line)  # an earlier box on the same line is not part of this label
+def _label_before(text: str, start: int, after: int, fallback: str) -> str:
+    """The words before a box, on its line and after the previous box ("2. the red car: [[…]]" -> "the red car")."""
+    line = text[max(text.rfind("\n", 0, start) + 1, after) : start]
     line = _MARKUP.sub(" ", line)
-    line = re.sub(r"^\s*(?:[-•]|\d+[.)])\s*", "", line)
+    line = re.sub(r"^\s*(?:[-•]|\d+[.)]|and\b|[,;.])\s*", "", line)
     line = re.sub(r"\b(?:at|is at|located at|bounding box|box|coordinates)\b\s*$", "", line.strip(), flags=re.I)
     line = line.strip(" :=-–,()[]\t")
     return line[-60:] if line else fallback
@@ -68,11 +67,14 @@ def find_boxes(answer: str, fallback_label: str = "") -> list[Box]:
     they are not boxes the model meant to draw.
     """
     boxes = []
+    previous_end = 0  # a label never reaches back past the box before it
     for m in _BOX.finditer(answer or ""):
         x1, y1, x2, y2 = (float(v) for v in m.groups())
+        after, previous_end = previous_end, m.end()
         if not all(-1 <= v <= SCALE + 1 for v in (x1, y1, x2, y2)) or x1 == x2 or y1 == y2:
             continue
-        boxes.append(Box(_label_before(answer, m.start(), fallback_label or f"box {len(boxes) + 1}"), x1, y1, x2, y2))
+        label = _label_before(answer, m.start(), after, fallback_label or f"box {len(boxes) + 1}")
+        boxes.append(Box(label, x1, y1, x2, y2))
     return boxes
 
 
