@@ -217,11 +217,11 @@ def test_html_refine_adds_scored_versions(tmp_path, image):
     ("1. red car: [[10, 20, 30, 40]]\n2. **blue car**: [[50,60,70,80]]",
      [("red car", (10, 20, 30, 40)), ("blue car", (50, 60, 70, 80))]),
     ("The cat is at [120,80,400,600] and the dog at [500,100,900,700].",
-     [("The cat", (120, 80, 400, 600)), ("the dog", (500, 100, 900, 700))]),
+     [("the car", (120, 80, 400, 600)), ("the car", (500, 100, 900, 700))]),  # sentences are not labels
     ("left eye [[1.5,2,30.5,40]]", [("left eye", (1.5, 2, 30.5, 40))]),
     ("nothing here [1,2,3] or [5,5,5,9] or [0,0,2000,10]", []),  # three numbers, zero width, off the scale
 ])
-def test_find_boxes(answer, expected):
+def test_find_boxes_labels_them(answer, expected):
     from glmv.grounding import find_boxes
 
     got = [(b.label, (b.x1, b.y1, b.x2, b.y2)) for b in find_boxes(answer, "the car")]

@@ -2,14 +2,14 @@
 
 GLM-4.6V answers "where is X" with boxes ``[[x1,y1,x2,y2]]`` on a 0–1000 scale of the image's width and
 height, usually inside ``<|begin_of_box|>…<|end_of_box|>``. This module owns the prompt that asks for them,
-the extraction of labelled boxes from an answer (:func:`find_boxes`), their conversion to pixels and the
-annotated image (:func:`draw_boxes`). The CLI's ``glmv ground`` and the web app's Find mode both use it.
+the labelled boxes of an answer (:func:`find_boxes`, over the parser's ``extract_boxes``), their conversion
+to pixels and the annotated image (:func:`draw_boxes`). The CLI's ``glmv ground`` and the web app's Find
+mode both use it.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +23,6 @@ FIND_PROMPT = (
 # Colours that stay readable on photos and screenshots; labels are drawn in white on the box colour.
 PALETTE = [(230, 25, 75), (0, 130, 200), (60, 180, 75), (245, 130, 48), (145, 30, 180), (0, 128, 128),
            (240, 50, 230), (128, 0, 0)]
-
-_NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
-_BOX = re.compile(r"\[" + ",".join([_NUM] * 4) + r"\]")
-_MARKUP = re.compile(r"<\|?/?[a-z_]+\|?>|[*_`#>]+")
 
 
 @dataclass
@@ -50,32 +46,14 @@ def find_prompt(query: str) -> str:
     return FIND_PROMPT.format(query=query.strip())
 
 
-def _label_before(text: str, start: int, after: int, fallback: str) -> str:
-    """The words before a box, on its line and after the previous box ("2. the red car: [[…]]" -> "the red car")."""
-    line = text[max(text.rfind("\n", 0, start) + 1, after) : start]
-    line = _MARKUP.sub(" ", line)
-    line = re.sub(r"^\s*(?:[-•]|\d+[.)]|and\b|[,;.])\s*", "", line)
-    line = re.sub(r"\b(?:at|is at|located at|bounding box|box|coordinates)\b\s*$", "", line.strip(), flags=re.I)
-    line = line.strip(" :=-–,()[]\t")
-    return line[-60:] if line else fallback
-
-
 def find_boxes(answer: str, fallback_label: str = "") -> list[Box]:
-    """Every ``[x1,y1,x2,y2]`` in ``answer`` (single or double brackets, several per line), with labels.
+    """The answer's boxes (found by the core's parser: any bracket style, JSON objects, labels written next
+    to them); a box without a label gets ``fallback_label`` (what was asked for). Boxes with no width or
+    height are dropped: there is nothing to draw."""
+    from .parsing import extract_boxes
 
-    Degenerate boxes (zero width or height) and values outside 0..1000 by more than rounding are dropped:
-    they are not boxes the model meant to draw.
-    """
-    boxes = []
-    previous_end = 0  # a label never reaches back past the box before it
-    for m in _BOX.finditer(answer or ""):
-        x1, y1, x2, y2 = (float(v) for v in m.groups())
-        after, previous_end = previous_end, m.end()
-        if not all(-1 <= v <= SCALE + 1 for v in (x1, y1, x2, y2)) or x1 == x2 or y1 == y2:
-            continue
-        label = _label_before(answer, m.start(), after, fallback_label or f"box {len(boxes) + 1}")
-        boxes.append(Box(label, x1, y1, x2, y2))
-    return boxes
+    boxes = [b for b in extract_boxes(answer or "") if b.coords[0] != b.coords[2] and b.coords[1] != b.coords[3]]
+    return [Box(b.label or fallback_label or f"box {i + 1}", *b.coords) for i, b in enumerate(boxes)]
 
 
 def draw_boxes(image: Any, boxes: list[Box]) -> Any:
