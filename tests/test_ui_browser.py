@@ -427,7 +427,7 @@ def test_studio_preview_fits_saved_path_refine_progress_and_stop(served, browser
     for img in page.locator("#html-compare img").all():  # target and render, whole
         ratio = img.evaluate("i => [i.naturalWidth / i.naturalHeight, i.clientWidth / i.clientHeight]")
         assert abs(ratio[0] - ratio[1]) / ratio[0] < 0.03, ratio
-    assert "overall" in text(page, "#html-scores")
+    assert "overall" in text(page, "#html-scores") and "colour" in text(page, "#html-scores")
     page.context.close()
 
 

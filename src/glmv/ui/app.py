@@ -496,10 +496,9 @@ def _short_report(report: dict[str, Any]) -> dict[str, float]:
 
 
 def scores_table(entry: dict[str, Any] | None) -> str:
-    """The version's visual scores as a one-line table."""
+    """The version's visual scores on one line (it wraps on a phone, where a table would not fit)."""
     report = (entry or {}).get("report")
     if not report:
         return ""
     keys = [k for k in ("overall", "block_match", "text", "position", "colour", "visual") if k in report]
-    return ("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n| "
-            + " | ".join(f"{report[k]:.3f}" for k in keys) + " |")
+    return "**Scores** · " + " · ".join(f"{k.replace('_', ' ')} **{report[k]:.3f}**" for k in keys)

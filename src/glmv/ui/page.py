@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from ..errors import GlmvError
 from ..prompts import TASKS
-from .app import MODEL_CHOICES, PRECISIONS, VIEWPORTS, ZOOMS, WebApp, iframe, messages_from_view, scores_table
+from .app import MODEL_CHOICES, PRECISIONS, VIEWPORTS, ZOOMS, WebApp, iframe, messages_from_view
 from .store import new_id
 
 CSS = """
@@ -26,8 +26,9 @@ CSS = """
 .glmv-preview-empty {padding: 1em; color: #888}
 footer {display: none !important}
 @media (max-width: 640px) {
-  .glmv-settings label span, .glmv-settings label {white-space: normal !important}
-  .tab-wrapper button {padding-left: 6px !important; padding-right: 6px !important}
+  .glmv-settings {flex-wrap: wrap !important}
+  .glmv-settings > * {min-width: 140px !important; flex: 1 1 140px !important}
+  .glmv-settings label span {white-space: normal !important; overflow: visible !important}
 }
 """
 
@@ -431,4 +432,4 @@ def _precision_for(quant: str) -> str:
     return "bf16"
 
 
-__all__ = ["CSS", "HEAD", "build_ui", "serve_ui", "scores_table"]
+__all__ = ["CSS", "HEAD", "build_ui", "serve_ui"]
