@@ -526,3 +526,13 @@ def test_tiny_model_streams_stops_and_answers_again(tiny_ui, browser):
     assert stats.startswith("✓") and "16 tokens" in stats and "tok/s" in stats
     assert text(page, "#describe-answer").strip()
     page.context.close()
+
+
+def test_phone_width_cuts_no_labels(served, browser):
+    page = open_page(browser, served.url, width=390)
+    cut = page.evaluate("""() => [...document.querySelectorAll('label, [data-testid=block-info], button[role=tab]')]
+        .filter(e => e.offsetParent && (e.scrollWidth > e.clientWidth + 1
+                 || e.getBoundingClientRect().right > document.documentElement.clientWidth + 1))
+        .map(e => e.innerText.trim()).filter(Boolean)""")
+    assert cut == []
+    page.context.close()

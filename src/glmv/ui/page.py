@@ -26,9 +26,7 @@ CSS = """
 .glmv-preview-empty {padding: 1em; color: #888}
 footer {display: none !important}
 @media (max-width: 640px) {
-  .glmv-settings {flex-wrap: wrap !important}
-  .glmv-settings > * {min-width: 140px !important; flex: 1 1 140px !important}
-  .glmv-settings label span {white-space: normal !important; overflow: visible !important}
+  .glmv-settings .form {flex-wrap: wrap !important}
 }
 """
 
@@ -140,9 +138,9 @@ def build_ui(app: WebApp) -> Any:
             load_btn = gr.Button("Load model", variant="secondary", elem_id="model-load")
             load_msg = gr.Markdown("", elem_id="model-msg")
         with gr.Row(elem_classes="glmv-settings"):
-            show_thinking = gr.Checkbox(True, label="Show thinking")
-            thinking_on = gr.Checkbox(True, label="Think first (off: faster)")
-            max_new = gr.Slider(16, 8192, value=2048, step=16, label="Max new tokens", elem_id="max-new")
+            show_thinking = gr.Checkbox(True, label="Show thinking", min_width=170)
+            thinking_on = gr.Checkbox(True, label="Think first (off: faster)", min_width=170)
+            max_new = gr.Slider(16, 8192, value=2048, step=16, label="Max new tokens", elem_id="max-new", min_width=300)
         browser = (gr.BrowserState("", storage_key="glmv-browser", secret=browser_secret(store.folder))
                    if store is not None else gr.State(""))
         seen_failures = gr.State(0)
