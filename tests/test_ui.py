@@ -366,3 +366,29 @@ def test_store_keeps_chats_per_browser_and_copies_uploads(tmp_path, image):
     assert history[1].text == "A red square."
     again.delete_chat("browser-a", "c1")
     assert again.chats("browser-a") == []
+
+
+def test_chat_find_draws_on_the_latest_image(tmp_path, image):
+    app, backend = make_app(tmp_path, "the square: [[0,0,500,500]]")
+    with pytest.raises(GlmvError, match="Find needs an image"):
+        last(app.chat({"text": "the square", "files": []}, [], [], True, False, True, 64, "s1", find=True))
+    view, history, stats, _ = last(app.chat({"text": "the square", "files": [image]}, [], [], True, False, True, 64,
+                                            "s1", find=True))
+    assert "1 box drawn" in stats and view[-1]["content"]["path"].endswith("found.png")
+    assert backend.requests[-1].messages[-1].text.startswith("Find the square")
+
+
+def test_a_chat_turn_stopped_while_waiting_leaves_the_chat_as_it_was(tmp_path, image):
+    app, backend = make_app(tmp_path, ["tok "] * 100, delay=0.01)
+    busy = threading.Thread(target=lambda: last(app.describe(image, "x", True, 4096, "A")))
+    busy.start()
+    time.sleep(0.2)
+    out = {}
+    message = {"text": "still there?", "files": []}
+    t = threading.Thread(target=lambda: out.setdefault("chat", last(app.chat(message, [], [], True, False, True, 64, "B"))))
+    t.start()
+    time.sleep(0.3)
+    app.stop("B")
+    t.join(10), busy.join(10)
+    view, history, stats, box = out["chat"]
+    assert view == [] and history == [] and stats.startswith("■ stopped while waiting") and box == message

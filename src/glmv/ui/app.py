@@ -44,6 +44,9 @@ EDIT_PROMPT = (
 )
 
 
+LEFT_QUEUE = "■ stopped while waiting: it did not run"
+
+
 def ordinal(n: int) -> str:
     return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
@@ -63,7 +66,7 @@ class Run:
 
     def stats(self) -> str:
         if self.left_queue:
-            return "■ stopped while waiting: it did not run"
+            return LEFT_QUEUE
         if self.waiting is not None:
             place, n = self.waiting
             return f"⏳ waiting for the model: {ordinal(place)} in line ({n} waiting) · Stop leaves the line"
@@ -370,12 +373,14 @@ class WebApp:
             tools = registry.schemas() if use_tools and round_ < max_steps else None
             run = None
             for run in self.stream(convo, thinking_on, max_new, session, tools=tools):
+                if run.left_queue and round_ == 0:  # stopped before it ran: as if it was never sent
+                    yield list(chat_view or []), history[:-1], run.stats(), message
+                    return
                 turn = []
                 if show_thinking and run.thinking:
                     turn.append({"role": "assistant", "content": run.thinking, "metadata": {
                         "title": "Thinking", "status": "done" if run.answer or run.done else "pending"}})
-                if not run.left_queue:
-                    turn.append({"role": "assistant", "content": run.answer or ("…" if run.done is None else "")})
+                turn.append({"role": "assistant", "content": run.answer or ("…" if run.done is None else "")})
                 new_history = history
                 stats = run.stats()
                 if run.done is not None:

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from ..errors import GlmvError
 from ..prompts import TASKS
-from .app import MODEL_CHOICES, PRECISIONS, VIEWPORTS, ZOOMS, WebApp, iframe, messages_from_view
+from .app import LEFT_QUEUE, MODEL_CHOICES, PRECISIONS, VIEWPORTS, ZOOMS, WebApp, iframe, messages_from_view
 from .store import new_id
 
 CSS = """
@@ -310,7 +310,7 @@ def build_ui(app: WebApp) -> Any:
             for last in app.chat(message, hist, view, show, tools_on, think, max_tokens, session(request),
                                  find=find_on):
                 yield (*last, gr.skip(), gr.skip())
-            if last is None or store is None or not bid:
+            if last is None or store is None or not bid or last[2] == LEFT_QUEUE:
                 return
             new_view = [dict(e, content={"path": kept(e["content"]["path"])}) if isinstance(e.get("content"), dict)
                         else e for e in last[0]]
