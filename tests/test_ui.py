@@ -392,3 +392,22 @@ def test_a_chat_turn_stopped_while_waiting_leaves_the_chat_as_it_was(tmp_path, i
     t.join(10), busy.join(10)
     view, history, stats, box = out["chat"]
     assert view == [] and history == [] and stats.startswith("■ stopped while waiting") and box == message
+
+
+def test_a_chat_as_gradio_hands_it_back_rebuilds_the_history(image):
+    from glmv.ui.app import messages_from_view, plain_view
+
+    from_gradio = [  # what gr.Chatbot passes to a handler: content as typed parts
+        {"role": "user", "metadata": None, "content": [{"type": "file", "alt_text": None,
+                                                        "file": {"path": image, "url": "http://x/f", "meta": {}}}]},
+        {"role": "user", "metadata": None, "content": [{"type": "text", "text": "first"}]},
+        {"role": "assistant", "metadata": {"title": "Thinking", "status": "done", "id": None},
+         "content": [{"type": "text", "text": "hmm"}]},
+        {"role": "assistant", "metadata": None, "content": [{"type": "text", "text": "A red square."}]},
+    ]
+    assert plain_view(from_gradio) == [
+        {"role": "user", "content": {"path": image}}, {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "hmm", "metadata": {"title": "Thinking", "status": "done"}},
+        {"role": "assistant", "content": "A red square."}]
+    history = messages_from_view(from_gradio, 4_000_000)
+    assert [(m.role, len(m.images), m.text) for m in history] == [("user", 1, "first"), ("assistant", 0, "A red square.")]

@@ -119,6 +119,29 @@ def _gentle(exc: GlmvError, path: Any) -> GlmvError:
     return GlmvError(text)
 
 
+def plain_view(view: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """A chat as this app writes it: one entry per text or file, ``{"role", "content": str | {"path"}}``
+    (plus ``metadata`` when titled). Gradio hands a chat back with each message's content as a list of
+    typed parts; saved chats and the history rebuilt from them need the simple form."""
+    out: list[dict[str, Any]] = []
+    for e in view or []:
+        meta = {k: v for k, v in (e.get("metadata") or {}).items() if v is not None}
+        content = e.get("content")
+        for part in content if isinstance(content, list) else [content]:
+            if isinstance(part, str):
+                value: Any = part
+            elif isinstance(part, dict) and part.get("type") == "text":
+                value = part.get("text", "")
+            elif isinstance(part, dict) and isinstance(part.get("file"), dict) and part["file"].get("path"):
+                value = {"path": part["file"]["path"]}
+            elif isinstance(part, dict) and part.get("path"):
+                value = {"path": part["path"]}
+            else:
+                continue
+            out.append({"role": e.get("role"), "content": value, **({"metadata": meta} if meta else {})})
+    return out
+
+
 def messages_from_view(view: list[dict[str, Any]], max_pixels: int) -> list[Message]:
     """The model-side history of a chat, rebuilt from what the chat shows (for a chat reopened later).
 
@@ -128,7 +151,7 @@ def messages_from_view(view: list[dict[str, Any]], max_pixels: int) -> list[Mess
 
     history: list[Message] = []
     files: list[str] = []
-    for entry in view:
+    for entry in plain_view(view):
         content, titled = entry.get("content"), bool((entry.get("metadata") or {}).get("title"))
         if entry.get("role") == "user":
             if isinstance(content, dict):
@@ -361,7 +384,7 @@ class WebApp:
         if find and not images:
             raise GlmvError("Chat: Find needs an image in the conversation; attach one")
         history = [*history, user_message(find_prompt(text) if find else text, media)]
-        view = list(chat_view or [])
+        view = plain_view(chat_view)
         for p in paths:
             view.append({"role": "user", "content": {"path": p}})
         view.append({"role": "user", "content": text})
