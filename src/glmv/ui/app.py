@@ -23,7 +23,7 @@ from ..errors import GlmvError
 from ..grounding import boxes_json, draw_boxes, find_boxes, find_prompt
 from ..media import LoadedImage, load_image
 from ..outputs import save_html, text_as_page, write_atomic
-from ..prompts import TASKS, Message, user_message
+from ..prompts import Message, user_message
 from .manager import ModelManager, estimate, gpu_free_gb
 from .slots import Slots
 
@@ -48,6 +48,7 @@ LEFT_QUEUE = "■ stopped while waiting: it did not run"
 
 
 def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, 11th, 21st ..."""
     return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
@@ -448,7 +449,9 @@ class WebApp:
         stop = self._new_stop(session)
         rounds = int(rounds)
         entry = base
-        skip = (None,) * 9
+
+        def progress(status: str) -> tuple:  # only the status line changes (None: leave it as it is)
+            return (None, status, *(None,) * 7)
 
         def shown(status: str) -> tuple:
             return (entry["code"], status, entry["path"], iframe(entry["code"], viewport, zoom), versions,
@@ -457,7 +460,7 @@ class WebApp:
         ticket = None
         for item in self._queue(stop):
             if isinstance(item, Run):
-                yield (*skip[:1], item.stats(), *skip[2:])
+                yield progress(item.stats())
             else:
                 ticket = item
         if ticket is None:
@@ -471,7 +474,7 @@ class WebApp:
                             else f"the model is writing the correction: {v['tokens']} tokens")
                     r = v["round"] - 1
                     head = "scoring the starting version" if r == 0 else f"round {r} of {rounds}: {what}"
-                    yield (*skip[:1], f"… {head} · {time.perf_counter() - started:.0f} s", *skip[2:])
+                    yield progress(f"… {head} · {time.perf_counter() - started:.0f} s")
                     continue
                 render_path = self._download_dir() / f"render-v{v['version']}.png"
                 v["render"].save(render_path)
