@@ -47,7 +47,7 @@ def script(request):
     if "HTML" in text:
         return f"<think>a header and a line</think>```html\n{PAGE}\n```"
     if "slow" in text:
-        return ["tok "] * 300
+        return ["tok "] * 200
     if "think" in text:
         return "<think>considering</think>Thought about it."
     return "A small scene with a red house."
@@ -163,7 +163,7 @@ def result(page, stats_id, action, timeout=20000):
 
 def upload(page, elem_id, path):
     page.locator(f"#{elem_id} input[type=file]").first.set_input_files(str(path))
-    page.wait_for_timeout(300)  # the upload round trip
+    page.locator(f"#{elem_id} img").first.wait_for(timeout=5000)  # uploaded and shown
 
 
 def tab(page, name):
@@ -284,7 +284,6 @@ def test_model_panel_refuses_before_unloading(served, browser):
         new MutationObserver(() => { const e = document.querySelector('#glmv-status');
             if (e) window.__statuses.push(e.innerText); }).observe(document, {subtree: true, childList: true,
             characterData: true});""")
-    page.wait_for_timeout(1200)
     assert not [s for s in page.evaluate("window.__statuses") if "loading" in s]  # no stale "loading…"
     page.get_by_text("Model", exact=True).first.click()
     page.locator("#model-choice input").click()
