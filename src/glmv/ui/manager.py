@@ -68,7 +68,7 @@ def check_choice(model: str, quant: str, has_cuda: bool | None = None) -> str | 
             return f"the folder {model} has no config.json (is it a complete checkpoint?)"
     if quant in ("w4", "nf4") and not (cuda_available() if has_cuda is None else has_cuda):
         name = {"w4": "4-bit fast (w4)", "nf4": "4-bit nf4"}[quant]
-        return f"{name} needs a CUDA GPU and this machine has none: choose bf16"
+        return f"{name} needs a CUDA GPU and this machine has none (use bf16)"
     return None
 
 
