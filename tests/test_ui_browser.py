@@ -262,6 +262,8 @@ def test_describe_checks_inputs_in_the_page_terms(served, browser, tmp_path):
     result(page, "describe-stats", lambda: page.press("#describe-prompt textarea", "Enter"))
     assert "Thought about it" in page.inner_text("#describe-answer")
     assert page.locator("#describe-think-box").is_visible()
+    page.get_by_label("Show thinking").uncheck()
+    page.locator("#describe-think-box").wait_for(state="hidden", timeout=5000)
     page.context.close()
 
 

@@ -394,6 +394,8 @@ def build_ui(app: WebApp) -> Any:
             clear(lambda: ([], [], "", ""), None, [c_view, history, chat_id, c_stats])
         for btn in (d_stop, o_stop, h_stop, c_stop):
             btn.click(stop, None, None, queue=False)
+        for box, thought in ((d_think_box, d_think), (o_think_box, o_think), (h_think_box, h_think)):
+            show_thinking.change(think_box, [show_thinking, thought], box, queue=False)
 
         for comp in (choice, local, precision):
             comp.change(app.estimate, [choice, local, precision], est)
