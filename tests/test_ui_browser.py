@@ -366,6 +366,7 @@ def test_chats_and_versions_survive_reload_and_restart_per_browser(served, brows
     page = open_page(browser, served.url, context=ctx)
     tab(page, "Chat")
     wait_text(page, "#chat", "remember this picture")
+    assert page.locator("#chat-saved input").input_value() == "remember this picture"  # the open chat, listed
     n = len(served.backend.requests)
     chat_send(page, "and what colour is the house?")
     finished(page, "chat-stats")

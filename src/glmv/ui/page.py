@@ -226,12 +226,16 @@ def build_ui(app: WebApp) -> Any:
                 chat_id = gr.State("")
                 with gr.Row():
                     c_saved = gr.Dropdown([], label="Saved chats", interactive=True, elem_id="chat-saved", scale=3)
-                    c_delete = gr.Button("Delete this chat", scale=0, elem_id="chat-delete")
+                    c_delete = gr.Button("Delete chat", scale=0, elem_id="chat-delete")
                     c_clear = gr.Button("New chat", scale=0, elem_id="chat-new")
                 c_view = gr.Chatbot(label="Chat", height=520, elem_id="chat")
                 c_box = gr.MultimodalTextbox(file_types=["image", "video", ".pdf", ".pptx", ".odp", ".docx"],
                                              file_count="multiple", elem_id="chat-box", label="Message",
                                              placeholder="Ask about images, PDFs, slides or a video (attach several, any turn)")
+                if app.examples:
+                    gr.Examples([[{"text": "What is in this picture?", "files": [str(app.examples[0])]}]]
+                                + [[{"text": "Read the text in this image.", "files": [str(p)]}] for p in app.examples[1:2]],
+                                [c_box], label="Examples", elem_id="chat-examples")
                 with gr.Row():
                     c_tools = gr.Checkbox(False, label="Tools (zoom into images, render HTML)", elem_id="chat-tools")
                     c_find = gr.Checkbox(False, label="Find (draw boxes on the latest image)", elem_id="chat-find")
@@ -301,9 +305,9 @@ def build_ui(app: WebApp) -> Any:
             code, path, prev, pair, table = app.pick_version(label, vers, view, img, zoom)
             return code, path, f"Saved to `{path}`" if path else "", prev, pair, table
 
-        def saved_chats(bid: str) -> Any:
+        def saved_chats(bid: str, current: str | None = None) -> Any:
             chats = store.chats(bid) if store is not None and bid else []
-            return gr.update(choices=[(title, cid) for cid, title, _ in chats], value=None)
+            return gr.update(choices=[(title, cid) for cid, title, _ in chats], value=current)
 
         def chat(message, hist, view, cid, show, tools_on, find_on, think, max_tokens, bid, request: gr.Request):
             last = None
@@ -317,7 +321,7 @@ def build_ui(app: WebApp) -> Any:
             cid = cid or new_id()
             title = next((e["content"] for e in new_view if e["role"] == "user" and isinstance(e["content"], str)), "chat")
             store.save_chat(bid, cid, title, new_view)
-            yield (new_view, last[1], last[2], gr.skip(), cid, saved_chats(bid))
+            yield (new_view, last[1], last[2], gr.skip(), cid, saved_chats(bid, cid))
 
         def open_chat(cid, bid):
             found = store.chat(bid, cid) if store is not None and cid and bid else None
@@ -352,7 +356,8 @@ def build_ui(app: WebApp) -> Any:
                 if chats:
                     found = store.chat(bid, chats[0][0])
                     if found is not None:
-                        chat_out = [saved_chats(bid), found, messages_from_view(found, app.max_pixels), chats[0][0]]
+                        chat_out = [saved_chats(bid, chats[0][0]), found, messages_from_view(found, app.max_pixels),
+                                    chats[0][0]]
             studio: list[Any] = [gr.skip()] * 7
             image, vers = store.studio(bid) if store is not None else (None, [])
             if vers:
@@ -391,7 +396,7 @@ def build_ui(app: WebApp) -> Any:
         c_saved.input(open_chat, [c_saved, browser], [c_view, history, chat_id, c_stats])
         c_delete.click(delete_chat, [chat_id, browser], [c_view, history, chat_id, c_stats, c_saved])
         for clear in (c_clear.click, c_view.clear):  # the trash icon forgets the model-side history too
-            clear(lambda: ([], [], "", ""), None, [c_view, history, chat_id, c_stats])
+            clear(lambda: ([], [], "", "", gr.update(value=None)), None, [c_view, history, chat_id, c_stats, c_saved])
         for btn in (d_stop, o_stop, h_stop, c_stop):
             btn.click(stop, None, None, queue=False)
         for box, thought in ((d_think_box, d_think), (o_think_box, o_think), (h_think_box, h_think)):
