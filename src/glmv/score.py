@@ -207,6 +207,9 @@ class PageRenderer:
 
         self._pw = sync_playwright().start()
         self._browser = self._pw.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+        self._context = self._browser.new_context(device_scale_factor=1)
+        self._context.route("**/*", lambda route: route.abort())  # the page sees only itself
+        self._page = self._context.new_page()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -219,16 +222,12 @@ class PageRenderer:
 
         from PIL import Image
 
-        context = self._browser.new_context(viewport={"width": width, "height": height}, device_scale_factor=1)
-        try:
-            context.route("**/*", lambda route: route.abort())  # the page sees only itself
-            page = context.new_page()
-            page.set_content(html, wait_until="load", timeout=15000)
-            page.wait_for_timeout(50)
-            words = page.evaluate(DOM_WORDS_JS)
-            png = page.screenshot(clip={"x": 0, "y": 0, "width": width, "height": height}, timeout=15000)
-        finally:
-            context.close()
+        page = self._page
+        page.set_viewport_size({"width": width, "height": height})
+        page.set_content(html, wait_until="load", timeout=15000)
+        page.wait_for_timeout(50)
+        words = page.evaluate(DOM_WORDS_JS)
+        png = page.screenshot(clip={"x": 0, "y": 0, "width": width, "height": height}, timeout=15000)
         render = Image.open(io.BytesIO(png)).convert("RGB")
         if render.size != (width, height):
             canvas = Image.new("RGB", (width, height), "white")
