@@ -1,7 +1,8 @@
 """``glmv chat``: a conversation in the terminal, answers streamed as they are written.
 
 Each line is a user turn; the images given on the command line and those added with ``/image PATH`` go
-with the next one. ``/thinking on|off`` switches the model's reasoning, ``/save [FILE]`` writes the
+with the next one. ``/thinking on|off`` switches the model's reasoning, ``/set NAME VALUE`` changes a sampling setting
+(``/set max-new-tokens 200``), ``/save [FILE]`` writes the
 conversation as Markdown, ``/new`` starts over, ``/help`` lists the commands. Ctrl-C stops the answer being
 written (what was written stays in the conversation) and returns to the prompt; Ctrl-D or ``/exit`` quits.
 Every turn goes to the history like ``glmv ask`` (``glmv chat -c`` and ``glmv ask -c`` continue each other).
@@ -29,6 +30,7 @@ from .settings import SamplingParams
 COMMANDS = {
     "/image": "/image PATH [PATH ...]  add images (or PDFs, videos) to your next message",
     "/thinking": "/thinking on|off       let the model reason before answering, or not",
+    "/set": "/set NAME VALUE        change a sampling setting: temperature, top-p, top-k, max-new-tokens, seed, ...",
     "/save": "/save [FILE]           write the conversation as Markdown (default chat-ID.md)",
     "/new": "/new                   forget the conversation and start a new one",
     "/help": "/help                  this list",
@@ -79,6 +81,8 @@ class ChatSession:
                 raise UsageError("use /thinking on or /thinking off")
             self.args.thinking = rest == "on"
             self.say(f"thinking {rest}")
+        elif name == "/set":
+            self.set(*rest.partition(" ")[::2])
         elif name == "/save":
             path = Path(rest or f"chat-{self.conversation_id or time.strftime('%Y%m%d-%H%M%S')}.md")
             self.save(path)
@@ -91,6 +95,19 @@ class ChatSession:
             close = difflib.get_close_matches(name, [*COMMANDS, "/quit"], n=1)
             raise UsageError(f"unknown command {name} ({f'did you mean {close[0]}? ' if close else ''}/help lists them)")
         return True
+
+    def set(self, key: str, value: str) -> None:
+        kinds = {"temperature": float, "top_p": float, "top_k": int, "repetition_penalty": float, "max_new_tokens": int,
+                 "seed": int}
+        name = key.replace("-", "_")
+        if name not in kinds:
+            raise UsageError(f"/set takes one of {', '.join(k.replace('_', '-') for k in kinds)}")
+        try:
+            number = kinds[name](value.strip())
+        except ValueError:
+            raise UsageError(f"/set {key} needs {'a whole number' if kinds[name] is int else 'a number'}, not {value.strip()!r}") from None
+        self.sampling = self.sampling.merged(**{name: number})
+        self.say(f"{key} {number}")
 
     def save(self, path: Path) -> None:
         lines = [f"# glmv chat with {self.model}", ""]
