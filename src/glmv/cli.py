@@ -1047,6 +1047,7 @@ def main(
     backend_factory: BackendFactory | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
+    stdin: TextIO | None = None,
 ) -> int:
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
@@ -1071,7 +1072,7 @@ def main(
         if args.command == "chat":
             from .chat import run_chat
 
-            return run_chat(args, backend_factory, sys.stdin, stdout, stderr)
+            return run_chat(args, backend_factory, stdin or sys.stdin, stdout, stderr)
         if args.command == "start":
             return run_start(args, stdout, stderr)
         if args.command == "stop":
