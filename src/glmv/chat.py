@@ -25,7 +25,7 @@ from .cli import (BackendFactory, Printer, UsageError, _check_document_flags, _c
                   _log_answer, _refuse_ignored, _sampling_from_args, _settings_from_args, summary_line)
 from .errors import GlmvError
 from .prompts import Message, user_message
-from .settings import SamplingParams
+from .settings import DEFAULT_MAX_PIXELS, SamplingParams
 
 COMMANDS = {
     "/image": "/image PATH [PATH ...]  add images (or PDFs, videos) to your next message",
@@ -58,7 +58,8 @@ class ChatSession:
         from .documents import load_inputs
 
         for source in sources:
-            media = load_inputs(source, max_pixels=self.args.max_pixels or 4_000_000)
+            media = load_inputs(source, pages=self.args.pages, long_side=self.args.pdf_long_side, dpi=self.args.dpi,
+                                max_pixels=self.args.max_pixels or DEFAULT_MAX_PIXELS)
             self.pending.extend(media)
             self.pending_sources.append(source)
             self.say(f"{source} goes with your next message ({len(media)} image(s))" if len(media) != 1 else

@@ -474,7 +474,7 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
         raise UsageError("--show-thinking shows nothing with --no-thinking: drop one of them")
     if args.json and args.stream:
         raise UsageError("--stream and --json do not mix: --json prints one object when the answer is complete")
-    unused = {"batch": ("stream", "show_thinking", "system", "tools", "max_steps"), "chat": ("json", "stream")}
+    unused = {"batch": ("stream", "show_thinking", "system", "tools", "max_steps"), "chat": ("json", "stream", "tools", "max_steps")}
     for dest in unused.get(args.command, ()):
         if dest in given:
             raise UsageError(f"glmv {args.command} does not use {_flag(dest)}")
@@ -946,7 +946,8 @@ def run_start(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     if found is None:
         serve_args = [a for f in ("device", "dtype", "quant", "engine", "max_pixels") if getattr(args, f) is not None
                       for a in (_flag(f), str(getattr(args, f)))]
-        serve_args += ["--idle-timeout", str(idle_s or 0)]
+        # local only, so no need for the public server's 64 MB cap: a long PDF's pages travel as data URIs
+        serve_args += ["--idle-timeout", str(idle_s or 0), "--max-body-mb", "2048"]
         stderr.write(f"glmv: starting {model} in the background…\n")
         stderr.flush()
         found = resident.start(serve_args, model, stderr)
