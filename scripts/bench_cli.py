@@ -1,8 +1,9 @@
 """Wall-clock time of the command line as a user sees it: help, an argument error, and a repeated
 ``glmv ask --model tiny IMG -p ... --max-new-tokens 8`` with the model resident (``glmv start``) and without.
 
-Every figure is a real process started from the shell's point of view (``python -m glmv.cli ...``), so it
-includes Python's start-up and the imports. The median of ``--runs`` runs is reported, with the worst.
+Every figure is a real process (``python -m glmv ...``, which imports the cached module as the console
+script does), so it includes Python's start-up and the imports. The median of ``--runs`` runs is reported,
+with the worst.
 Usage: ``PYTHONPATH=src python scripts/bench_cli.py [--runs 5] [--json] [--json-out FILE]``.
 It starts a resident tiny model when none is running and stops it again at the end (a resident model that
 was already running is used and left running).
@@ -28,7 +29,7 @@ ASK = ["ask", "--model", "tiny", IMAGE, "-p", "what is in this picture?", "--max
 
 def glmv(args: list[str], check: bool = True) -> tuple[float, subprocess.CompletedProcess[str]]:
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "glmv.cli", *args], capture_output=True, text=True, cwd=REPO,
+    p = subprocess.run([sys.executable, "-m", "glmv", *args], capture_output=True, text=True, cwd=REPO,
                        env={**os.environ, "GLMV_HISTORY": "off"}, timeout=600)
     wall = time.perf_counter() - t0
     if check and p.returncode not in (0, 2):

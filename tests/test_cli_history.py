@@ -117,6 +117,11 @@ def test_chat_in_process(fresh_history, sample_png, tmp_path):
     # glmv ask -c continues the chat
     r = run_cli(["ask", "-c", "-p", "one more"])
     assert len(r.backend.requests[0].messages) == 7
+    # and glmv chat -c picks it up again in the REPL
+    backend = ScriptedBackend("Sure.")
+    code = main(["chat", "-c"], backend_factory=lambda s: backend, stdin=io.StringIO("last one\n"),
+                stdout=io.StringIO(), stderr=err)
+    assert code == 0 and len(backend.requests[0].messages) == 9 and "(continuing " in err.getvalue()
 
 
 def test_idle_timeout_stops_a_real_server_but_not_mid_request():

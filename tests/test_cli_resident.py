@@ -121,6 +121,14 @@ def test_continue_the_last_conversation_and_a_given_one(server):
     assert code == 2 and "no conversation nope" in err
 
 
+def test_backend_openai_names_the_served_model(server):
+    key = json.loads(Path(server["path"]).read_text())["api_key"]
+    code, out, err = run(["ask", "-p", "hi", "--backend", "openai", "--base-url", server["base_url"], "--api-key", key,
+                          "--max-new-tokens", "2", "--json"])
+    assert code == 0, err
+    assert f"glmv: using tiny at {server['base_url']}" in err and json.loads(out)["model"] == "tiny"
+
+
 # -- the chat REPL in a real terminal --------------------------------------------------------------
 def _own_terminal() -> None:
     """In the child: a new session whose controlling terminal is the pty, so Ctrl-C there sends SIGINT."""

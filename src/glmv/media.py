@@ -14,9 +14,7 @@ import binascii
 import io
 import math
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +125,9 @@ def read_source_bytes(source: Any, *, allow_remote: bool = True, stdin: IO[bytes
 
 
 def _download(url: str) -> bytes:
+    import urllib.error  # here, not at the top: urllib.request costs every command's start-up (email, http)
+    import urllib.request
+
     req = urllib.request.Request(url, headers={"User-Agent": "glmv"})
     try:
         with urllib.request.urlopen(req, timeout=URL_TIMEOUT_S) as resp:  # noqa: S310 (scheme checked)
