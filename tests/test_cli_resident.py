@@ -227,10 +227,17 @@ def test_batch_uses_the_resident_model(server, tmp_path):
     assert (summary["items"], summary["done"], summary["failed"], summary["completion_tokens"]) == (2, 2, 0, 6)
 
 
+def test_start_reports_why_a_model_cannot_load(server, tmp_path):
+    p = glmv("start", "--model", str(tmp_path / "no-such-model"), timeout=300)
+    assert p.returncode == 2 and "no such folder" in p.stderr and "exited while starting" in p.stderr
+    assert p.stderr.startswith("glmv: starting ") and "Traceback" not in p.stderr
+    assert [s["pid"] for s in json.loads(glmv("ps", "--json").stdout)["servers"]] == [server["pid"]]
+
+
 def test_stop(server):
     p = glmv("stop", "--json")
     assert p.returncode == 0 and [s["pid"] for s in json.loads(p.stdout)["stopped"]] == [server["pid"]]
-    assert not resident._alive(server["pid"]) and not Path(server["path"]).exists()
+    assert not resident._alive(server["pid"]) and not Path(server["path"]).exists() and not Path(server["log"]).exists()
     assert "no background model" in glmv("ps").stdout
     code, _, err = run(["ask", "-p", "hi", "--model", "tiny", "--max-new-tokens", "1"])
     assert code == 0 and "using the resident" not in err

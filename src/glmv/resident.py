@@ -177,6 +177,7 @@ def start(serve_args: list[str], model: str, stderr: TextIO, wait_s: float | Non
     """Start ``glmv serve SERVE_ARGS`` in the background and wait until it listens; echo its progress."""
     state = new_state_path()
     state.parent.mkdir(parents=True, exist_ok=True)
+    _prune_logs(state.parent)
     log_path = state.with_suffix(".log")
     env = dict(os.environ, GLMV_API_KEY=secrets.token_urlsafe(24))  # in the environment, not on the command line
     cmd = [sys.executable, "-m", "glmv.cli", "serve", "--model", model, "--port", "0", "--state-file", str(state),
@@ -202,6 +203,17 @@ def start(serve_args: list[str], model: str, stderr: TextIO, wait_s: float | Non
     except KeyboardInterrupt:
         proc.terminate()
         raise
+
+
+def _prune_logs(folder: Path, keep_s: float = 7 * 86400) -> None:
+    """Logs of servers that ended are kept a week (for `glmv start` failures and idle exits), then removed."""
+    cutoff = time.time() - keep_s
+    for log in folder.glob("*.log"):
+        try:
+            if not log.with_suffix(".json").exists() and log.stat().st_mtime < cutoff:
+                log.unlink()
+        except OSError:
+            pass
 
 
 def _echo_progress(log_path: Path, shown: int, stderr: TextIO) -> int:
@@ -242,6 +254,7 @@ def stop(resident: Resident, timeout_s: float = 15.0) -> bool:
         except ProcessLookupError:
             pass
     Path(resident.path).unlink(missing_ok=True)
+    Path(resident.log).unlink(missing_ok=True)  # stopped on purpose: nothing to look into
     return True
 
 
