@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -37,20 +38,42 @@ def glmv(args: list[str], check: bool = True) -> tuple[float, subprocess.Complet
     return wall, p
 
 
-def timed(args: list[str], runs: int, expect_in_stderr: str | None = None) -> dict[str, Any]:
-    walls = []
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds used so far by process ``pid`` (Linux), or by this script's finished children (None)."""
+    if pid is None:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(args: list[str], runs: int, expect_in_stderr: str | None = None, server_pid: int | None = None) -> dict[str, Any]:
+    """Wall time per run, and CPU time (the command's, and the resident server's): the CPU figures do not
+    depend on what else the machine is doing, the wall figures do."""
+    walls, cpu, server_cpu = [], [], []
     for _ in range(runs):
+        c0, s0 = _cpu_s(None), _cpu_s(server_pid) if server_pid else 0.0
         wall, p = glmv(args)
+        cpu.append(_cpu_s(None) - c0)
+        if server_pid:
+            server_cpu.append(_cpu_s(server_pid) - s0)
         if expect_in_stderr is not None and expect_in_stderr not in p.stderr:
             raise SystemExit(f"expected {expect_in_stderr!r} from glmv {' '.join(args)}; got:\n{p.stderr[-2000:]}")
         walls.append(wall)
-    return {"median_s": round(statistics.median(walls), 3), "max_s": round(max(walls), 3), "runs": runs}
+    out = {"median_s": round(statistics.median(walls), 3), "max_s": round(max(walls), 3), "runs": runs,
+           "walls_s": [round(w, 3) for w in walls], "cpu_s": round(statistics.median(cpu), 3)}
+    if server_cpu:
+        out["server_cpu_s"] = round(statistics.median(server_cpu), 3)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=5, help="runs per figure (default 5)")
-    p.add_argument("--in-process-runs", type=int, default=1, help="runs of the in-process ask (slow; default 1)")
+    p.add_argument("--in-process-runs", type=int, default=1, help="runs of the in-process ask (slow; default 1; 0 skips it)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON object to FILE")
     args = p.parse_args(argv)
@@ -68,13 +91,16 @@ def main(argv: list[str] | None = None) -> int:
         if started.returncode != 0:
             raise SystemExit(started.stderr)
         report["start_s"] = round(wall, 3)
+    _, ps = glmv(["ps", "--json"])
+    pid = next(s["pid"] for s in json.loads(ps.stdout)["servers"] if s["model"] == "tiny")
     try:
         glmv(ASK)  # first request: warms the server's caches
-        report["ask_resident"] = timed(ASK, args.runs, "using the resident tiny")
+        report["ask_resident"] = timed(ASK, args.runs, "using the resident tiny", server_pid=pid)
     finally:
         if not already:
             glmv(["stop", "--model", "tiny"])
-    report["ask_in_process"] = timed([*ASK, "--no-server"], args.in_process_runs, "loading tiny")
+    if args.in_process_runs:
+        report["ask_in_process"] = timed([*ASK, "--no-server"], args.in_process_runs, "loading tiny")
     report["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
 
     text = json.dumps(report)
@@ -84,12 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         return 0
     print(f"{report['machine']}, Python {report['python']}, load average {report['load_avg_1min']} at the start")
-    print("| command | median wall | worst | runs |\n|---|---|---|---|")
+    print("| command | median wall | worst | runs | CPU: command + server |\n|---|---|---|---|---|")
     for key, label in (("help", "glmv --help"), ("argument_error", "glmv ask --temperature abc"),
                        ("missing_image", "glmv ask no-such.png"), ("ask_resident", "glmv ask --model tiny IMG (resident)"),
                        ("ask_in_process", "glmv ask --model tiny IMG --no-server")):
+        if key not in report:
+            continue
         r = report[key]
-        print(f"| `{label}` | {r['median_s']:.2f} s | {r['max_s']:.2f} s | {r['runs']} |")
+        cpu = f"{r['cpu_s']:.2f} s" + (f" + {r['server_cpu_s']:.2f} s" if "server_cpu_s" in r else "")
+        print(f"| `{label}` | {r['median_s']:.2f} s | {r['max_s']:.2f} s | {r['runs']} | {cpu} |")
     if "start_s" in report:
         print(f"glmv start --model tiny: {report['start_s']:.1f} s (once)")
     return 0
