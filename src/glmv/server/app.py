@@ -249,7 +249,7 @@ def to_generation_request(body: ChatCompletionRequest, config: ServerConfig, def
         repetition_penalty=body.repetition_penalty,
         max_new_tokens=asked,
         seed=body.seed,
-        stop=tuple([stop] if isinstance(stop, str) else stop) if stop else None,
+        stop=tuple([stop] if isinstance(stop, str) else stop) if stop is not None else None,
     )
     tools = None
     if body.tools and body.tool_choice != "none":
