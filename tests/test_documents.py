@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from conftest import REPO, png_bytes
-from glmv.documents import load_inputs, load_video, office_to_pdf, parse_pages, pdf_page_count, render_pdf
+from glmv.documents import inspect_pdf, load_inputs, load_video, office_to_pdf, parse_pages, pdf_page_count, render_pdf
 from glmv.errors import MediaError
 
 
@@ -54,6 +55,20 @@ def make_video(path: Path, seconds: float = 3.0, fps: int = 10) -> Path:
     return path
 
 
+def pdf_claiming(count: int, real: int = 1, size: tuple[int, int] = (200, 300)) -> bytes:
+    """A well-formed PDF with ``real`` pages whose page tree claims ``count`` (a hostile header)."""
+    kids = b" ".join(b"%d 0 R" % (3 + i) for i in range(real))
+    objs = [b"<</Type/Catalog/Pages 2 0 R>>", b"<</Type/Pages/Kids[%s]/Count %d>>" % (kids, count)]
+    objs += [b"<</Type/Page/Parent 2 0 R/MediaBox[0 0 %d %d]>>" % size] * real
+    out, offsets = b"%PDF-1.4\n", []
+    for i, obj in enumerate(objs):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (i + 1, obj)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1) + b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    return out + b"trailer\n<</Size %d/Root 1 0 R>>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
+
+
 @pytest.fixture
 def pdf(tmp_path) -> Path:
     return make_pdf(tmp_path / "report.pdf", 3)
@@ -81,10 +96,72 @@ def test_page_ranges(spec, n, expected):
     assert parse_pages(spec, n) == expected
 
 
-@pytest.mark.parametrize("spec,message", [("7-9", "outside"), ("x", "invalid page range"), ("3-1", "invalid page range"), ("0", "invalid")])
+@pytest.mark.parametrize("spec,message", [("7-9", "outside"), ("x", "invalid page range"), ("3-1", "invalid page range"),
+                                          ("0", "invalid"), ("1-2" + ",1" * 600, "over 1000"), (",,", "selects no pages"),
+                                          ("-3-", "invalid page range"), ("9" * 900 + "-", "outside")])
 def test_bad_page_ranges(spec, message):
     with pytest.raises(MediaError, match=message):
         parse_pages(spec, 5, "doc.pdf")
+
+
+def test_page_ranges_are_linear_and_clamped():
+    # Open and overlong ends stop at the real last page; repeats are dropped; the order given is kept.
+    assert parse_pages("3-999999999,1,2-", 5) == [2, 3, 4, 0, 1]
+    t0 = time.perf_counter()
+    assert len(parse_pages("1-", 1_000_000)) == 1_000_000
+    assert len(parse_pages(",".join(["1-"] * 300), 20_000)) == 20_000  # quadratic before: 300 x 20,000 list scans
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_header_claiming_a_million_pages(tmp_path):
+    """PDFium believes /Count; glmv counts the pages that exist, so nothing lists or renders phantom pages."""
+    liar = tmp_path / "liar.pdf"
+    liar.write_bytes(pdf_claiming(1_000_000, real=2))
+    t0 = time.perf_counter()
+    assert pdf_page_count(liar) == 2
+    assert [p.source for p in render_pdf(liar, "1-")] == [f"{liar}#page=1", f"{liar}#page=2"]
+    with pytest.raises(MediaError, match="outside .*liar.pdf.* 2 page"):
+        render_pdf(liar, "999999")
+    assert time.perf_counter() - t0 < 2.0
+    zero = tmp_path / "phantom.pdf"
+    zero.write_bytes(pdf_claiming(1_000_000, real=0))
+    with pytest.raises(MediaError, match="phantom.pdf.*(no readable pages|no pages|corrupt)"):
+        render_pdf(zero)
+    info = inspect_pdf(pdf_claiming(3, real=3, size=(612, 792)), "2-")
+    assert (info.n_pages, info.indices, info.sizes_pt) == (3, [1, 2], [(612.0, 792.0)] * 2)
+
+
+def test_page_too_large_to_render_is_refused_before_rendering(tmp_path):
+    huge = tmp_path / "poster.pdf"
+    huge.write_bytes(pdf_claiming(1, size=(14400, 14400)))  # 200 x 200 inches, PDF's largest page
+    with pytest.raises(MediaError, match="poster.pdf.*safety cap.*--dpi"):
+        render_pdf(huge, dpi=300)
+    assert render_pdf(huge, long_side=500)[0].size == (500, 500)
+
+
+def test_many_threads_rendering_at_once(tmp_path):
+    """The batch runner, the server and the web app call in from several threads; PDFium and PyAV must hold.
+
+    PDFium is not thread-safe (the batch crashed with 'double free or corruption' before it had one owner).
+    Twenty rounds of eight threads each counting, inspecting and rendering PDFs, with two decoding videos.
+    """
+    docs = [make_pdf(tmp_path / f"d{i}.pdf", 2) for i in range(3)]
+    liar = tmp_path / "liar.pdf"
+    liar.write_bytes(pdf_claiming(1_000_000, real=2))
+    clip = make_video(tmp_path / "clip.mp4", seconds=0.5)
+
+    def work(job: tuple[str, Path]) -> int:
+        kind, path = job
+        if kind == "video":
+            return load_video(path, max_pixels=20_000).frames.shape[0]
+        if kind == "count":
+            return pdf_page_count(path)
+        return len(render_pdf(path, long_side=200))
+
+    jobs = [("render", p) for p in docs + [liar]] + [("count", p) for p in docs + [liar]] + [("video", clip)] * 2
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(20):
+            assert list(pool.map(work, jobs)) == [2] * 8 + [2, 2]
 
 
 def test_bad_pdfs(tmp_path, pdf):
@@ -188,6 +265,7 @@ def batch_folder(root: Path, n_images: int = 3) -> Path:
     for i in range(n_images):
         (src / ("sub" if i % 2 else "") / f"img{i:02d}.png").write_bytes(png_bytes((200 + 28 * i, 150), (i * 40, 90, 200)))
     make_pdf(src / "doc.pdf", 3)
+    make_video(src / "clip.mp4", seconds=1.0)  # in flight with the images: the engine must not batch them together
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 40)
     (src / "notes.txt").write_text("not an input")
     return src
@@ -208,14 +286,15 @@ def test_batch_end_to_end_resume_and_retry(tmp_path, tiny_path):
     assert "skipped" in p.stderr and "notes.txt" in p.stderr and "broken.jpg" in p.stderr
     recs = manifest(out)
     done = {r["id"] for r in recs if r["status"] == "done"}
-    assert done == {"img00.png", "sub/img01.png", "img02.png", "doc.pdf#page=1", "doc.pdf#page=2", "doc.pdf#page=3"}
+    assert done == {"img00.png", "sub/img01.png", "img02.png", "clip.mp4", "doc.pdf#page=1", "doc.pdf#page=2",
+                    "doc.pdf#page=3"}
     assert [r["id"] for r in recs if r["status"] == "failed"] == ["broken.jpg"]
     for r in recs:
         if r["status"] == "done":
             assert r["completion_tokens"] == 4 and all((out / o).exists() for o in r["outputs"])
-    joined = (out / "doc.md").read_text()
+    joined = (out / "doc.pdf.md").read_text()
     assert joined.index("<!-- page 1 -->") < joined.index("<!-- page 2 -->") < joined.index("<!-- page 3 -->")
-    assert json.loads((out / "sub" / "img01.json").read_text())["usage"]["completion_tokens"] == 4
+    assert json.loads((out / "sub" / "img01.png.json").read_text())["usage"]["completion_tokens"] == 4
     # rerun: nothing to do
     p = glmv(*args)
     assert "0 to do" in p.stderr and len(manifest(out)) == len(recs)
@@ -252,7 +331,7 @@ def test_batch_survives_kill_9(tmp_path, tiny_path):
     assert sorted(done) == sorted(f"p{i:02d}.png" for i in range(10))  # every item done exactly once
     assert not list(out.rglob("*.tmp"))  # no partial files
     for i in range(10):
-        assert json.loads((out / f"p{i:02d}.json").read_text())["usage"]["completion_tokens"] == 60
+        assert json.loads((out / f"p{i:02d}.png.json").read_text())["usage"]["completion_tokens"] == 60
 
 
 def test_batch_bad_output_folder_and_missing_prompt(tmp_path):

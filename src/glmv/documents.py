@@ -18,13 +18,14 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import MediaError
 from .media import LoadedImage, describe_source, fit_to_pixels, read_source_bytes
-from .settings import DEFAULT_MAX_PIXELS
+from .settings import DEFAULT_MAX_PIXELS, MAX_DECODE_PIXELS
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 PDF_EXTS = {".pdf"}
@@ -70,13 +71,24 @@ def sniff_kind(data: bytes) -> str | None:
 
 
 # -- page ranges -----------------------------------------------------------------------------------
+MAX_PAGE_SPEC_CHARS = 1000
+
+
 def parse_pages(spec: str | None, n_pages: int, source: str = "document") -> list[int]:
-    """``"1-5,9"`` -> [0, 1, 2, 3, 4, 8] (0-based), checked against the document's page count."""
+    """``"1-5,9"`` -> [0, 1, 2, 3, 4, 8] (0-based), in the order given, each page once.
+
+    An open or overlong end (``3-``, ``2-999``) stops at the last page; a start past the end is an error.
+    The work is bounded by the spec's length plus the document's real page count, never by the numbers in
+    the spec (``1-999999999`` costs no more than ``1-``).
+    """
     if n_pages <= 0:
         raise MediaError(f"cannot read '{source}': it has no pages")
     if spec is None or not spec.strip():
         return list(range(n_pages))
+    if len(spec) > MAX_PAGE_SPEC_CHARS:
+        raise MediaError(f"invalid page range: {len(spec)} characters, over {MAX_PAGE_SPEC_CHARS}; use ranges like 1-50")
     out: list[int] = []
+    seen = bytearray(n_pages)
     for part in spec.replace(" ", "").split(","):
         if not part:
             continue
@@ -88,22 +100,47 @@ def parse_pages(spec: str | None, n_pages: int, source: str = "document") -> lis
                 start = end = int(part)
         except ValueError:
             raise MediaError(f"invalid page range '{spec}': use numbers like 1-5,9") from None
+        if start > n_pages:
+            raise MediaError(f"page range '{part}' is outside '{source}', which has {n_pages} page(s)")
         if start < 1 or end < start:
             raise MediaError(f"invalid page range '{part}' in '{spec}'")
-        if end > n_pages:
-            raise MediaError(f"page range '{part}' is outside '{source}', which has {n_pages} page(s)")
-        out.extend(p for p in range(start - 1, end) if p not in out)
+        for p in range(start - 1, min(end, n_pages)):
+            if not seen[p]:
+                seen[p] = 1
+                out.append(p)
     if not out:
         raise MediaError(f"the page range '{spec}' selects no pages")
     return out
 
 
 # -- PDF -------------------------------------------------------------------------------------------
+# PDFium is not thread-safe: two threads inside it at once corrupt its heap ("double free or corruption",
+# segfaults), even on different documents. So every call into it (open, page count, page size, render,
+# close) holds this one process-wide lock, and every PDFium object is closed explicitly under it, so that
+# no garbage-collector finalizer ever calls into PDFium from another thread. Rendering is serialized page
+# by page; the lock is not held while our own code resizes the pixels.
+PDFIUM_LOCK = threading.RLock()
+
+
+@dataclass
+class PdfInfo:
+    """What a PDF costs before anything is rendered: the real page count and each selected page's size."""
+
+    name: str
+    data: bytes = field(repr=False)
+    n_pages: int
+    indices: list[int]  # selected pages, 0-based
+    sizes_pt: list[tuple[float, float]]  # (width, height) in points, one per selected page
+
+
 def _open_pdf(data: bytes, name: str) -> Any:
+    """Open a document; the caller holds :data:`PDFIUM_LOCK` and closes it."""
     try:
         import pypdfium2 as pdfium
     except ImportError:
         raise MediaError("reading PDFs needs pypdfium2: pip install pypdfium2") from None
+    if not data:
+        raise MediaError(f"cannot read PDF '{name}': the file is empty (0 bytes)")
     try:
         return pdfium.PdfDocument(data)
     except pdfium.PdfiumError as exc:
@@ -116,9 +153,67 @@ def _open_pdf(data: bytes, name: str) -> Any:
         raise MediaError(f"cannot read PDF '{name}': the file is corrupt or not a PDF ({exc})") from None
 
 
-def pdf_page_count(source: Any) -> int:
+def _page_size(doc: Any, index: int) -> tuple[float, float] | None:
+    """A page's size in points, or None when PDFium cannot find that page (caller holds the lock)."""
+    import pypdfium2 as pdfium
+
+    try:
+        w, h = doc.get_page_size(index)
+    except pdfium.PdfiumError:
+        return None
+    return float(w), float(h)
+
+
+def _real_page_count(doc: Any) -> int:
+    """The number of pages the document really holds (caller holds the lock).
+
+    PDFium trusts the page tree's ``/Count`` (up to about a million), so a 1-page file can claim 1,000,000
+    pages. When the claimed last page does not exist, a binary search finds the last one that does
+    (about 20 lookups, no rendering).
+    """
+    claimed = len(doc)
+    if claimed <= 0 or _page_size(doc, claimed - 1) is not None:
+        return max(claimed, 0)
+    lo, hi = 0, claimed - 1  # pages before lo exist; page hi does not
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _page_size(doc, mid) is not None:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def inspect_pdf(source: Any, pages: str | None = None, *, allow_remote: bool = True) -> PdfInfo:
+    """Read a PDF's real page count and the selected pages' sizes, rendering nothing."""
     name = describe_source(source)
-    return len(_open_pdf(read_source_bytes(source), name))
+    data = read_source_bytes(source, allow_remote=allow_remote)
+    with PDFIUM_LOCK:
+        doc = _open_pdf(data, name)
+        try:
+            n = _real_page_count(doc)
+            if n == 0:
+                raise MediaError(f"cannot read PDF '{name}': it has no readable pages (corrupt page tree?)")
+            indices = parse_pages(pages, n, name)
+            sizes = [_page_size(doc, i) or (612.0, 792.0) for i in indices]
+        finally:
+            doc.close()
+    return PdfInfo(name, data, n, indices, sizes)
+
+
+def pdf_page_count(source: Any) -> int:
+    """The document's real page count (not the header's claim)."""
+    return inspect_pdf(source).n_pages
+
+
+def _render_scale(size_pt: tuple[float, float], long_side: int | None, dpi: float | None) -> float:
+    return dpi / 72.0 if dpi else (long_side or DEFAULT_LONG_SIDE) / max(*size_pt, 1.0)
+
+
+def page_render_size(size_pt: tuple[float, float], long_side: int | None, dpi: float | None) -> tuple[int, int]:
+    """The pixel size PDFium renders a page of ``size_pt`` points at (known before rendering)."""
+    scale = _render_scale(size_pt, long_side, dpi)
+    return max(1, round(size_pt[0] * scale)), max(1, round(size_pt[1] * scale))
 
 
 def render_pdf(
@@ -127,28 +222,38 @@ def render_pdf(
     long_side: int | None = DEFAULT_LONG_SIDE,
     dpi: float | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    info: PdfInfo | None = None,
 ) -> list[LoadedImage]:
-    """Render the selected pages; each image's ``source`` names the file and page."""
-    name = describe_source(source)
-    data = read_source_bytes(source)
-    if not data:
-        raise MediaError(f"cannot read PDF '{name}': the file is empty (0 bytes)")
-    doc = _open_pdf(data, name)
+    """Render the selected pages; each image's ``source`` names the file and page.
+
+    ``info`` (from :func:`inspect_pdf`) saves reading and counting the document twice.
+    """
+    info = info or inspect_pdf(source, pages)
+    name = info.name
+    for i, size in zip(info.indices, info.sizes_pt):
+        w, h = page_render_size(size, long_side, dpi)
+        if w * h > MAX_DECODE_PIXELS:
+            raise MediaError(f"cannot render page {i + 1} of '{name}': {w}x{h} pixels at this resolution is over the "
+                             f"{MAX_DECODE_PIXELS // 10**6} Mpx safety cap; use a lower --dpi or --pdf-long-side")
+    out = []
+    with PDFIUM_LOCK:
+        doc = _open_pdf(info.data, name)
     try:
-        indices = parse_pages(pages, len(doc), name)
-        out = []
-        for i in indices:
-            page = doc[i]
-            w_pt, h_pt = page.get_size()
-            if dpi:
-                scale = dpi / 72.0
-            else:
-                scale = (long_side or DEFAULT_LONG_SIDE) / max(w_pt, h_pt, 1.0)
-            try:
-                bitmap = page.render(scale=scale)
-                img = bitmap.to_pil().convert("RGB")
-            except Exception as exc:
-                raise MediaError(f"cannot render page {i + 1} of '{name}': {exc}") from None
+        for i, size in zip(info.indices, info.sizes_pt):
+            with PDFIUM_LOCK:
+                try:
+                    page = doc[i]
+                    try:
+                        bitmap = page.render(scale=_render_scale(size, long_side, dpi))
+                        try:
+                            img = bitmap.to_pil().convert("RGB")  # a copy: the bitmap's buffer is freed below
+                        finally:
+                            bitmap.close()
+                    finally:
+                        page.close()
+                except Exception as exc:
+                    raise MediaError(f"cannot render page {i + 1} of '{name}': {exc}") from None
             original = img.size
             target = fit_to_pixels(*img.size, max_pixels)
             if target != img.size:
@@ -156,7 +261,8 @@ def render_pdf(
             out.append(LoadedImage(img, f"{name}#page={i + 1}", original))
         return out
     finally:
-        doc.close()
+        with PDFIUM_LOCK:
+            doc.close()
 
 
 # -- office files ------------------------------------------------------------------------------------

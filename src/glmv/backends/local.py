@@ -22,7 +22,7 @@ from ..loading import Log, _stderr_log, choose_placement, load_checkpoint, resol
 from ..parsing import StreamParser
 from ..prompts import template_videos, to_template_messages, validate_messages
 from ..settings import SamplingParams, Settings
-from .base import Chunk, GenerationRequest, Timings, Usage
+from .base import Chunk, GenerationRequest, Timings, Usage, delta_chunk
 
 
 WITHDRAW_POLL_S = 0.1  # how often a waiting caller checks whether its request was cancelled
@@ -486,7 +486,8 @@ class LocalBackend:
             yield Chunk("status", text=f"waiting: {ahead} request(s) ahead")
 
         decoder = IncrementalDecoder(self.processor.tokenizer)
-        parser = StreamParser(thinking_open=prompt.rstrip().endswith("<think>"))
+        parser = StreamParser(thinking_open=prompt.rstrip().endswith("<think>"), tools=request.tools,
+                              tools_enabled=bool(request.tools))
         stops = sampling.stop
         hold = max((len(s) for s in stops), default=1) - 1
         usage = Usage(prompt_tokens=n_prompt)
@@ -499,7 +500,7 @@ class LocalBackend:
 
         def feed(text: str) -> Iterator[Chunk]:
             for delta in parser.feed(text):
-                yield Chunk(delta.part, text=delta.text, usage=usage, timings=timings)
+                yield delta_chunk(delta, usage, timings)
             while len(parser.tool_calls) > emitted_calls[0]:
                 call = parser.tool_calls[emitted_calls[0]]
                 emitted_calls[0] += 1
@@ -544,7 +545,7 @@ class LocalBackend:
                     raw.append(tail)
                     yield from feed(pending + tail)
                     for delta in parser.finish():
-                        yield Chunk(delta.part, text=delta.text, usage=usage, timings=timings)
+                        yield delta_chunk(delta, usage, timings)
                     timings.total_s = time.perf_counter() - t0
                     timings.prefill_s = payload["prefill_s"]
                     timings.queued_s = payload["queued_s"]

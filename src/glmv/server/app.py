@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..backends.base import Backend, Chunk, GenerationRequest
 from ..errors import ContextLengthError, GlmvError, MediaError, RequestError
 from ..media import load_image
-from ..parsing import ToolCall
+from ..parsing import PartialCall, ToolCall
 from ..prompts import Message
 from ..settings import SamplingParams
 from .guard import RequestGuard, error_body
@@ -239,7 +239,8 @@ def to_generation_request(body: ChatCompletionRequest, config: ServerConfig, def
         where = f"messages[{i}]"
         role = "system" if m.role == "developer" else m.role
         content = _content(m.content, config, where)
-        messages.append(Message(role, content, tool_calls=_tool_calls_in(m, where)))  # type: ignore[arg-type]
+        messages.append(Message(role, content, tool_calls=_tool_calls_in(m, where),  # type: ignore[arg-type]
+                                reasoning=m.reasoning_content or ""))
     stop = body.stop
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = defaults.merged(
@@ -266,12 +267,11 @@ def to_generation_request(body: ChatCompletionRequest, config: ServerConfig, def
                              exact_max_tokens=asked is not None)
 
 
-def tool_call_out(call: ToolCall) -> dict[str, Any]:
-    return {
-        "id": f"call_{uuid.uuid4().hex[:24]}",
-        "type": "function",
-        "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)},
-    }
+def tool_call_out(call: ToolCall | PartialCall) -> dict[str, Any]:
+    """A call as OpenAI carries it. A call cut off by the token limit keeps its arguments as far as they got
+    (finish_reason "length" says so), exactly the fragments a streaming client received."""
+    args = call.arguments if isinstance(call, PartialCall) else call.arguments_json()
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": call.name, "arguments": args}}
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -483,8 +483,9 @@ def _completion(done: Chunk, cid: str, created: int, model: str, metrics: Metric
     message: dict[str, Any] = {"role": "assistant", "content": result.answer or None}
     if result.thinking:
         message["reasoning_content"] = result.thinking
-    if result.tool_calls:
-        message["tool_calls"] = [tool_call_out(c) for c in result.tool_calls]
+    calls: list[ToolCall | PartialCall] = [*result.tool_calls, *([result.cut_call] if result.cut_call else [])]
+    if calls:
+        message["tool_calls"] = [tool_call_out(c) for c in calls]
     return {
         "id": cid,
         "object": "chat.completion",
@@ -505,6 +506,7 @@ async def _sse(stream: _ChunkStream, cid: str, created: int, model: str, include
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     n_calls = 0
+    streaming: dict[int, int] = {}  # the parser's call index -> the response's, for calls being streamed
     try:
         yield event({"role": "assistant", "content": ""})
         async for chunk in stream:
@@ -512,9 +514,21 @@ async def _sse(stream: _ChunkStream, cid: str, created: int, model: str, include
                 yield event({"reasoning_content": chunk.text})
             elif chunk.type == "answer":
                 yield event({"content": chunk.text})
+            elif chunk.type == "tool_args":
+                # vLLM's shape: id, name and the first fragment, then further argument fragments.
+                if chunk.name is not None:
+                    streaming[chunk.index] = n_calls
+                    head = tool_call_out(PartialCall(chunk.name, chunk.text))
+                    yield event({"tool_calls": [{"index": n_calls, **head}]})
+                    n_calls += 1
+                elif chunk.index in streaming:
+                    yield event({"tool_calls": [{"index": streaming[chunk.index], "function": {"arguments": chunk.text}}]})
             elif chunk.type == "tool_call" and chunk.tool_call is not None:
-                yield event({"tool_calls": [{"index": n_calls, **tool_call_out(chunk.tool_call)}]})
-                n_calls += 1
+                if streaming:
+                    streaming.pop(min(streaming))  # complete: its fragments were all sent
+                else:  # a call that arrived whole (a remote server's parsed tool_calls)
+                    yield event({"tool_calls": [{"index": n_calls, **tool_call_out(chunk.tool_call)}]})
+                    n_calls += 1
             elif chunk.type == "done":
                 _record(chunk, metrics, t0)
                 yield event({}, finish=_finish_reason(chunk))

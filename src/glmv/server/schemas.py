@@ -87,7 +87,7 @@ class ChatMessage(Strict):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
-    reasoning_content: str | None = None  # accepted from clients that echo it back; never re-sent to the model
+    reasoning_content: str | None = None  # the template keeps it only in the tool loop (after the last user turn)
 
 
 class FunctionDef(Strict):
