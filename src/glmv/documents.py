@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MediaError
-from .media import LoadedImage, describe_source, fit_to_pixels, read_source_bytes
+from .media import LoadedImage, RemotePolicy, describe_source, fit_to_pixels, read_source_bytes
 from .settings import DEFAULT_MAX_PIXELS, MAX_DECODE_PIXELS
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -184,10 +184,11 @@ def _real_page_count(doc: Any) -> int:
     return lo
 
 
-def inspect_pdf(source: Any, pages: str | None = None, *, allow_remote: bool = True) -> PdfInfo:
+def inspect_pdf(source: Any, pages: str | None = None, *, allow_remote: bool = True,
+                remote: RemotePolicy | None = None) -> PdfInfo:
     """Read a PDF's real page count and the selected pages' sizes, rendering nothing."""
     name = describe_source(source)
-    data = read_source_bytes(source, allow_remote=allow_remote)
+    data = read_source_bytes(source, allow_remote=allow_remote, remote=remote, what="PDF")
     with PDFIUM_LOCK:
         doc = _open_pdf(data, name)
         try:
@@ -296,7 +297,8 @@ def office_to_pdf(path: Path, workdir: Path | None = None) -> Path:
 
 # -- video -------------------------------------------------------------------------------------------
 def load_video(source: Any, fps: float = VIDEO_FPS, max_seconds: float = VIDEO_MAX_SECONDS,
-               max_frames: int = VIDEO_MAX_FRAMES, max_pixels: int = 700_000, allow_remote: bool = True) -> LoadedVideo:
+               max_frames: int = VIDEO_MAX_FRAMES, max_pixels: int = 700_000, allow_remote: bool = True,
+               remote: RemotePolicy | None = None) -> LoadedVideo:
     """Decode and sample a video at ``fps`` (frames in pairs, as the processor groups them in time)."""
     try:
         import av
@@ -305,7 +307,7 @@ def load_video(source: Any, fps: float = VIDEO_FPS, max_seconds: float = VIDEO_M
     except ImportError:
         raise MediaError("reading video needs PyAV: pip install av") from None
     name = describe_source(source)
-    data = read_source_bytes(source, allow_remote=allow_remote)
+    data = read_source_bytes(source, allow_remote=allow_remote, remote=remote, what="video")
     if not data:
         raise MediaError(f"cannot read video '{name}': the file is empty (0 bytes)")
     try:
