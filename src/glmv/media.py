@@ -314,9 +314,19 @@ def fit_to_pixels(width: int, height: int, max_pixels: int) -> tuple[int, int]:
     return max(1, int(width * scale)), max(1, int(height * scale))
 
 
-def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_decode_pixels: int = MAX_DECODE_PIXELS) -> LoadedImage:
-    """Decode image bytes into an RGB PIL image within the pixel budget."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def _bomb_error(name: str, max_decode_pixels: int) -> MediaError:
+    return MediaError(f"cannot read image '{name}': its size is over the {max_decode_pixels / 1e6:.0f} Mpx safety cap "
+                      f"(a decompression bomb?); scale it down first")
+
+
+def _corrupt_error(name: str, exc: Exception) -> MediaError:
+    detail = str(exc) or type(exc).__name__
+    return MediaError(f"cannot read image '{name}': the file is truncated or corrupt ({detail})")
+
+
+def _open_header(data: bytes, name: str, max_decode_pixels: int) -> Any:
+    """Open an image reading only its header, refusing non-images and bombs before any pixel is decoded."""
+    from PIL import Image, UnidentifiedImageError
 
     if sniff_format(data) is None:
         raise MediaError(_not_image_message(name, data))
@@ -325,13 +335,34 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
             # We apply our own (lower) cap below; Pillow's warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise _bomb_error(name, max_decode_pixels) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise _corrupt_error(name, exc) from None
+    w, h = img.size
+    if w * h > max_decode_pixels:
+        img.close()
+        raise MediaError(
+            f"cannot read image '{name}': {w}x{h} is {w * h / 1e6:.0f} Mpx, over the "
+            f"{max_decode_pixels / 1e6:.0f} Mpx safety cap; scale it down first"
+        )
+    return img
+
+
+def image_size(data: bytes, name: str, max_decode_pixels: int = MAX_DECODE_PIXELS) -> tuple[int, int]:
+    """The (width, height) an image's header declares; no pixel is decoded (for work budgets)."""
+    with _open_header(data, name, max_decode_pixels) as img:
+        return img.size
+
+
+def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_decode_pixels: int = MAX_DECODE_PIXELS) -> LoadedImage:
+    """Decode image bytes into an RGB PIL image within the pixel budget."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    img = _open_header(data, name, max_decode_pixels)
+    try:
         with img:
             w, h = img.size
-            if w * h > max_decode_pixels:
-                raise MediaError(
-                    f"cannot read image '{name}': {w}x{h} is {w * h / 1e6:.0f} Mpx, over the "
-                    f"{max_decode_pixels / 1e6:.0f} Mpx safety cap; scale it down first"
-                )
             if w < 1 or h < 1:
                 raise MediaError(f"cannot read image '{name}': it has no pixels ({w}x{h})")
             img.load()
@@ -353,13 +384,9 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
     except MediaError:
         raise
     except Image.DecompressionBombError:
-        raise MediaError(
-            f"cannot read image '{name}': its size is over the {max_decode_pixels / 1e6:.0f} Mpx safety cap "
-            f"(a decompression bomb?); scale it down first"
-        ) from None
+        raise _bomb_error(name, max_decode_pixels) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        detail = str(exc) or type(exc).__name__
-        raise MediaError(f"cannot read image '{name}': the file is truncated or corrupt ({detail})") from None
+        raise _corrupt_error(name, exc) from None
 
 
 def load_image(
