@@ -265,6 +265,7 @@ def batch_folder(root: Path, n_images: int = 3) -> Path:
     for i in range(n_images):
         (src / ("sub" if i % 2 else "") / f"img{i:02d}.png").write_bytes(png_bytes((200 + 28 * i, 150), (i * 40, 90, 200)))
     make_pdf(src / "doc.pdf", 3)
+    make_video(src / "clip.mp4", seconds=1.0)  # in flight with the images: the engine must not batch them together
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 40)
     (src / "notes.txt").write_text("not an input")
     return src
@@ -285,14 +286,15 @@ def test_batch_end_to_end_resume_and_retry(tmp_path, tiny_path):
     assert "skipped" in p.stderr and "notes.txt" in p.stderr and "broken.jpg" in p.stderr
     recs = manifest(out)
     done = {r["id"] for r in recs if r["status"] == "done"}
-    assert done == {"img00.png", "sub/img01.png", "img02.png", "doc.pdf#page=1", "doc.pdf#page=2", "doc.pdf#page=3"}
+    assert done == {"img00.png", "sub/img01.png", "img02.png", "clip.mp4", "doc.pdf#page=1", "doc.pdf#page=2",
+                    "doc.pdf#page=3"}
     assert [r["id"] for r in recs if r["status"] == "failed"] == ["broken.jpg"]
     for r in recs:
         if r["status"] == "done":
             assert r["completion_tokens"] == 4 and all((out / o).exists() for o in r["outputs"])
-    joined = (out / "doc.md").read_text()
+    joined = (out / "doc.pdf.md").read_text()
     assert joined.index("<!-- page 1 -->") < joined.index("<!-- page 2 -->") < joined.index("<!-- page 3 -->")
-    assert json.loads((out / "sub" / "img01.json").read_text())["usage"]["completion_tokens"] == 4
+    assert json.loads((out / "sub" / "img01.png.json").read_text())["usage"]["completion_tokens"] == 4
     # rerun: nothing to do
     p = glmv(*args)
     assert "0 to do" in p.stderr and len(manifest(out)) == len(recs)
@@ -329,7 +331,7 @@ def test_batch_survives_kill_9(tmp_path, tiny_path):
     assert sorted(done) == sorted(f"p{i:02d}.png" for i in range(10))  # every item done exactly once
     assert not list(out.rglob("*.tmp"))  # no partial files
     for i in range(10):
-        assert json.loads((out / f"p{i:02d}.json").read_text())["usage"]["completion_tokens"] == 60
+        assert json.loads((out / f"p{i:02d}.png.json").read_text())["usage"]["completion_tokens"] == 60
 
 
 def test_batch_bad_output_folder_and_missing_prompt(tmp_path):

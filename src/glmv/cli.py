@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--format", choices=["md", "json", "both"], default="md")
     batch.add_argument("--batch-size", type=int, default=4, help="items in flight at once (batched by the engine)")
     batch.add_argument("--retry-failed", action="store_true", help="retry items that failed in an earlier run")
+    batch.add_argument("--max-doc-pages", type=int, default=2000,
+                       help="a PDF or deck with more pages to read fails with a message (default 2000)")
     _add_model_args(batch)
     _add_backend_args(batch)
     _add_generation_args(batch)
@@ -473,12 +475,12 @@ def run_batch_command(args: argparse.Namespace, backend_factory: BackendFactory,
     overrides = _sampling_from_args(args)
     settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
                                  engine=args.engine, max_pixels=args.max_pixels, thinking=args.thinking)
-    if args.batch_size < 1:
-        raise GlmvError("--batch-size must be at least 1")
+    if args.batch_size < 1 or args.max_doc_pages < 1:
+        raise GlmvError("--batch-size and --max-doc-pages must be at least 1")
     opts = Options(task=args.task, prompt=default_prompt(args.task, args.prompt), out=Path(args.out), fmt=args.format,
                    batch_size=args.batch_size, retry_failed=args.retry_failed, pages=args.pages,
                    long_side=args.pdf_long_side, dpi=args.dpi, max_pixels=settings.max_pixels, thinking=args.thinking,
-                   sampling_overrides=overrides)
+                   sampling_overrides=overrides, max_doc_pages=args.max_doc_pages)
     if args.backend == "openai":
         backend_factory = _remote_backend(args)
 
