@@ -310,7 +310,7 @@ def test_too_much_text_is_refused_before_tokenizing(srv):
 
 def test_text_past_the_context_is_refused(srv):
     assert_clear_error(post(srv, body(messages=[{"role": "user", "content": "word " * 180_000}])), 400,
-                       r"the prompt is \d+ tokens .* context is 131072")
+                       r"the prompt (is|would be about) [\d,]+ tokens")
 
 
 def test_a_body_over_the_limit_through_the_openai_client(srv):
@@ -322,11 +322,13 @@ def test_a_body_over_the_limit_through_the_openai_client(srv):
 
 
 def test_many_large_images_in_one_request(srv):
-    """60 images of 2000x2000 in a 0.7 MB body: refused or served, within the memory ceiling."""
+    """60 images of 2000x2000 in a 0.7 MB body (240 million pixels): refused from their headers, undecoded."""
     png = png_bytes((2000, 2000), color=(255, 255, 255))
+    t0 = time.perf_counter()
     r = post(srv, body(messages=[{"role": "user", "content": [image(b64(png, "image/png"))] * 60 + [
-        {"type": "text", "text": "x"}]}]), timeout=300)
-    assert r.status_code in (200, 400, 413), r.text[:300]
+        {"type": "text", "text": "x"}]}]))
+    assert_clear_error(r, 413, r"--max-total-pixels")
+    assert time.perf_counter() - t0 < 5
 
 
 def raw_request(srv: Server, data: str, payload: bytes = b"", eof: bool = False, timeout: float = 10) -> bytes:
