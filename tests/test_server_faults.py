@@ -26,7 +26,8 @@ import openai
 import pytest
 
 from conftest import bomb_png, png_bytes
-from test_server import KEY, concurrent_streams, data_uri, serve_process
+from glmv.testing.scripted import ScriptedBackend
+from test_server import KEY, concurrent_streams, data_uri, serve_in_thread, serve_process
 
 pytestmark = pytest.mark.slow
 
@@ -203,6 +204,7 @@ BAD_SHAPES: dict[str, tuple[dict[str, Any], int, str]] = {
                         422, r"cache"),
     "model-a-number": ({"messages": HI, "model": 3}, 422, r"model: Input should be a valid string"),
     "3000-messages": ({"messages": HI * 3000}, 422, r"messages: List should have at most 2048 items"),
+    "10000-messages": ({"messages": HI * 10_000}, 422, r"messages: List should have at most 2048 items"),
 }
 
 
@@ -329,6 +331,16 @@ def test_many_large_images_in_one_request(srv):
         {"type": "text", "text": "x"}]}]))
     assert_clear_error(r, 413, r"--max-total-pixels")
     assert time.perf_counter() - t0 < 5
+
+
+def test_50_mb_of_text_at_the_default_limits_is_refused_at_once():
+    """Default --max-body-mb (64): the text is counted, not tokenized (it once took minutes and 8 GB)."""
+    with serve_in_thread(ScriptedBackend("never")) as url:
+        t0 = time.perf_counter()
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": "word " * 10_000_000}]})
+        assert_clear_error(r, 400, r"50,000,000 characters of text; this server accepts at most 1,000,000")
+        assert time.perf_counter() - t0 < 5
 
 
 def raw_request(srv: Server, data: str, payload: bytes = b"", eof: bool = False, timeout: float = 10) -> bytes:
@@ -470,8 +482,8 @@ def test_queued_clients_that_leave_leave_the_queue(srv):
     freed = wait_for(srv, lambda st: st == (1, 1), 5)
     assert freed < 1.0
     assert next(events).choices  # the running stream goes on
-    running.close()
-    wait_for(srv, lambda st: st == (0, 0), 5)
+    running.close()  # and the streamed client that was generating leaves too
+    assert wait_for(srv, lambda st: st == (0, 0), 5) < 1.0
 
 
 def test_six_concurrent_pdf_requests(srv, tmp_path):

@@ -401,6 +401,9 @@ def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
             try:
                 gen_request = await asyncio.to_thread(to_generation_request, body, config, defaults,
                                                       getattr(backend, "context_length", None))
+                if cancel.is_set():  # the client left while its media was read: no tokenizing, no queueing
+                    watcher.cancel()
+                    return Response(status_code=499)
                 stream = await _start(backend, gen_request, cancel)
             except GlmvError as exc:
                 raise _api_error_from(exc) from None
