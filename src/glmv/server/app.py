@@ -5,7 +5,10 @@ like. Requests are parsed strictly (unknown fields: 422), converted to core mess
 policy (data: URIs always; http(s) only with ``--allow-remote-media``; local files only inside
 ``--allowed-media-dir``), validated and processed before they are queued, so a bad request never
 reaches the GPU. Admission is bounded (``--max-queue``; beyond it 429 with Retry-After); the backend
-batches what waits together. A client that disconnects has its generation cancelled at once.
+batches what waits together. Bodies are limited while they arrive and the API key checked by a pure
+ASGI middleware (``guard.py``), which leaves the client's disconnect visible: a client that leaves,
+streamed or not, frees its slot at once, and its generation stops at the next token (or, still queued,
+leaves the queue).
 """
 
 from __future__ import annotations
