@@ -81,9 +81,9 @@ def srv(tiny_path, tmp_path_factory):
     with serve_process("--api-key", KEY, "--allowed-media-dir", str(media), "--max-body-mb", str(BODY_MB),
                        "--max-pixels", str(MAX_PIXELS), info=info) as url:
         server = Server(url, info["proc"], info["log"])
-        warm = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=60, json={
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(png_bytes())}},
-                                                      {"type": "text", "text": "hi"}]}], "max_tokens": 2})
+        content = [{"type": "image_url", "image_url": {"url": data_uri(png_bytes())}}, {"type": "text", "text": "hi"}]
+        warm = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=60,
+                          json={"messages": [{"role": "user", "content": content}], "max_tokens": 2})
         assert warm.status_code == 200
         server.idle_kb = server.peak_kb = server.rss_kb()
         watcher = threading.Thread(target=server.watch_memory, daemon=True)
@@ -151,7 +151,7 @@ def test_bodies_that_are_not_json_requests(srv, name):
     assert_clear_error(post(srv, content, headers), status, match)
 
 
-# -- 2. wrong shapes and types (31) -----------------------------------------------------------------------------
+# -- 2. wrong shapes and types (32) ---------------------------------------------------------------------------
 def deep(n: int) -> Any:
     value: Any = {}
     for _ in range(n):
@@ -178,7 +178,8 @@ BAD_SHAPES: dict[str, tuple[dict[str, Any], int, str]] = {
     "image-detail-ultra": ({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:,", "detail": "ultra"}}]}]}, 422, r"detail"),
     "stream-yes": ({"messages": HI, "stream": "yes"}, 422, r"stream: Input should be a valid boolean"),
-    "temperature-a-string": ({"messages": HI, "temperature": "0.5"}, 422, r"temperature: Input should be a valid number"),
+    "temperature-a-string": ({"messages": HI, "temperature": "0.5"}, 422,
+                             r"temperature: Input should be a valid number"),
     "max-tokens-1.5": ({"messages": HI, "max_tokens": 1.5}, 422, r"max_tokens: Input should be a valid integer"),
     "max-tokens-true": ({"messages": HI, "max_tokens": True}, 422, r"max_tokens: Input should be a valid integer"),
     "seed-a-string": ({"messages": HI, "seed": "1"}, 422, r"seed: Input should be a valid integer"),
@@ -250,7 +251,8 @@ def test_values_out_of_bounds(srv, name):
 
 
 def test_bounds_accept_their_edges(srv):
-    for fields in ({"seed": 2**63 - 1}, {"seed": 0}, {"temperature": 2, "top_k": 2**31 - 1}, {"max_completion_tokens": 1}):
+    edges = ({"seed": 2**63 - 1}, {"seed": 0}, {"temperature": 2, "top_k": 2**31 - 1}, {"max_completion_tokens": 1})
+    for fields in edges:
         r = post(srv, body(**fields))
         assert r.status_code == 200, (fields, r.text)
 
@@ -302,7 +304,7 @@ def test_media_parts_that_cannot_be_used(srv, name):
     assert "root:" not in err["message"]  # nothing read from a file is echoed
 
 
-# -- 5. too much: bodies, text, images (9) -----------------------------------------------------------------------
+# -- 5. too much, and broken HTTP (17) ------------------------------------------------------------------------
 def test_too_much_text_is_refused_before_tokenizing(srv):
     t0 = time.perf_counter()
     assert_clear_error(post(srv, body(messages=[{"role": "user", "content": "x" * 1_500_000}])), 400,

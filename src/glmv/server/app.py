@@ -239,7 +239,8 @@ def _tool_calls_in(message: ChatMessage, where: str) -> list[ToolCall]:
         if not isinstance(args, dict):
             raise RequestError(f"{where}.tool_calls[{i}].function.arguments must be a JSON object")
         if json_depth(args) > MAX_JSON_DEPTH:
-            raise RequestError(f"{where}.tool_calls[{i}].function.arguments nests more than {MAX_JSON_DEPTH} levels deep")
+            raise RequestError(f"{where}.tool_calls[{i}].function.arguments nests more than {MAX_JSON_DEPTH} "
+                               f"levels deep")
         calls.append(ToolCall(tc.function.name, args))
     return calls
 
