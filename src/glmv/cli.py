@@ -335,6 +335,9 @@ def run_task(
         if result is None:
             return 130
         result.trace = [step.to_dict() for step in trace]
+        images = [m for m in group if hasattr(m, "original_size")]
+        if len(images) == 1:  # grounding boxes in the input file's pixels (boxes are on a 0-1000 scale)
+            result.output.with_image_size(*images[0].original_size)
         results.append((group, result))
         if not args.json:
             if not stream:
