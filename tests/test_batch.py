@@ -199,7 +199,10 @@ def test_a_second_batch_on_the_same_folder_is_refused_and_a_dead_holder_does_not
 
 
 # -- a torn manifest ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("tail", ['{"id": "b.png", "sta', '{"id": "b.png", "status": "failed", "error": "x"}', "\x00\x00"])
+TORN_TAILS = ['{"id": "b.png", "sta', '{"id": "b.png", "status": "failed", "error": "x"}', "\x00\x00"]
+
+
+@pytest.mark.parametrize("tail", TORN_TAILS)
 def test_a_torn_last_manifest_line_is_repaired(tmp_path, tail):
     src = tmp_path / "in"
     img(src / "a.png")

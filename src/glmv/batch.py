@@ -207,7 +207,8 @@ def refuse_long_names(plan: Plan, opts: Options) -> None:
             keep.append(item)
         elif item.rel not in refused:
             refused.add(item.rel)
-            doc = Item(item.rel, item.rel, item.source, "document" if item.page else item.kind, item.size, item.mtime_ns)
+            kind = "document" if item.page else item.kind
+            doc = Item(item.rel, item.rel, item.source, kind, item.size, item.mtime_ns)
             plan.failed.append((doc, f"cannot write results for '{item.source}': the output name '{long[:40]}...' "
                                      f"would be longer than {NAME_MAX} bytes; rename the file"))
     plan.items = keep
@@ -370,7 +371,8 @@ class FolderFull(Exception):
     """The output folder takes no more writes; the batch stops and can be resumed."""
 
 
-def run_batch(inputs: list[str], opts: Options, backend_factory: Callable[[], Backend], stderr: TextIO = sys.stderr) -> int:
+def run_batch(inputs: list[str], opts: Options, backend_factory: Callable[[], Backend],
+              stderr: TextIO = sys.stderr) -> int:
     """Run the batch; 0 if every current input is done, 1 if some failed. Raises GlmvError if it cannot run."""
     out = ensure_writable_dir(opts.out)
     lock = FolderLock(out)  # first: a second run must not clean away this run's temporary files
@@ -523,7 +525,8 @@ class _Run:
                 else:
                     tokens = result.usage.completion_tokens
                     self._record(item, "a result", status="done", outputs=outputs, completion_tokens=tokens,
-                                 prompt_tokens=result.usage.prompt_tokens, seconds=round(time.perf_counter() - start, 3))
+                                 prompt_tokens=result.usage.prompt_tokens,
+                                 seconds=round(time.perf_counter() - start, 3))
                     with self._lock:
                         self.stats["done"] += 1
                         self.stats["tokens"] += tokens
@@ -620,5 +623,5 @@ def default_prompt(task: str, prompt: str | None) -> str:
     return TASKS[task].prompt
 
 
-__all__ = ["run_batch", "expand", "expected_outputs", "refuse_long_names", "check_collisions", "Options", "Manifest", "FolderLock",
-           "default_prompt"]
+__all__ = ["run_batch", "expand", "expected_outputs", "refuse_long_names", "check_collisions", "Options", "Manifest",
+           "FolderLock", "default_prompt"]
