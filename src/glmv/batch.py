@@ -138,8 +138,9 @@ def expand(inputs: list[str], pages: str | None = None, out: Path | None = None,
     plan = Plan()
     out_abs = out.resolve() if out is not None else None
     for root, label in _roots(inputs):
-        is_dir = root.is_dir()
-        files = _walk(root, out_abs) if is_dir else [(root, root.name, False)]
+        # only an output folder inside this root can hold files of ours: look for them only then
+        holds_out = out_abs is not None and root.is_dir() and _inside(out_abs, root.resolve())
+        files = _walk(root, out_abs if holds_out else None) if root.is_dir() else [(root, root.name, False)]
         for f, rel, in_out in files:
             kind = kind_of(f)
             if in_out and (kind == "unknown" or out_abs != root.resolve()):
@@ -291,7 +292,8 @@ class Manifest:
         self.repaired = False
         data = path.read_bytes() if path.exists() else b""
         end = data.rfind(b"\n") + 1
-        lines = data[:end].decode("utf-8", "replace").splitlines()
+        # split on "\n" only: names may hold U+2028 or \x1c, which splitlines() would cut records at
+        lines = data[:end].decode("utf-8", "replace").split("\n")
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if end < len(data):  # cut by a kill or a full disk: complete it if it is whole, else drop it
             tail = data[end:].decode("utf-8", "replace")
