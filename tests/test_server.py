@@ -282,8 +282,11 @@ def test_tool_calls_round_trip(stream):
             for ev in c.chat.completions.create(model="m", messages=messages, tools=TOOLS, stream=True):
                 d = ev.choices[0].delta
                 reasoning += getattr(d, "reasoning_content", None) or ""
-                for tc in d.tool_calls or []:
-                    calls[tc.index] = tc
+                for tc in d.tool_calls or []:  # the id and name come first, the arguments in fragments
+                    if tc.index not in calls:
+                        calls[tc.index] = tc
+                    else:
+                        calls[tc.index].function.arguments += tc.function.arguments or ""
                 finish = ev.choices[0].finish_reason or finish
             assert finish == "tool_calls" and "zoom in" in reasoning
             call = calls[0]

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence, TextIO
 from . import __version__
 from .backends.base import Backend, GenerationRequest, Result, collect
 from .errors import GlmvError
+from .limits import Budget, add_limit_arguments, limits_from_args
 from .outputs import save_html, text_as_page
 from .prompts import TASKS, Message, user_message
 from .settings import DEFAULT_MAX_NEW_TOKENS, SamplingParams, Settings
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model_args(p)
         _add_backend_args(p)
         _add_generation_args(p)
+        add_limit_arguments(p)
 
     batch = sub.add_parser("batch", help="run a task over files, folders, PDFs and decks; resumable")
     batch.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders (recursive)")
@@ -158,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-pixels", type=int, default=None, metavar="N", help="scale images down to at most N pixels")
     g.add_argument("--max-body-mb", type=int, default=64, help="largest request body accepted; more gets 413 (default 64)")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_limit_arguments(serve)
     return parser
 
 
@@ -292,11 +295,13 @@ def run_task(
         raise GlmvError("the prompt is empty: say what you want to know (for example -p 'describe this image')")
     if sources.count("-") > 1:
         raise GlmvError("standard input ('-') can be read only once")
-    from .documents import load_inputs
+    from .documents import RenderOptions, load_all
 
-    media = [m for src in sources for m in load_inputs(src, pages=args.pages, long_side=args.pdf_long_side, dpi=args.dpi,
-                                                        max_pixels=settings.max_pixels,
-                                                        allow_remote=settings.allow_remote_media)]
+    # Everything is measured (headers, page counts) and checked against the limits before anything is decoded.
+    budget = Budget(limits_from_args(args), separate_prompts=task == "ocr")
+    budget.add_text(len(prompt) + len(args.system or ""))
+    render = RenderOptions(args.pages, args.pdf_long_side, args.dpi, settings.max_pixels)
+    media = load_all(sources, render, budget=budget, allow_remote=settings.allow_remote_media)
     if task == "html":
         from .outputs import ensure_writable_dir
 
@@ -561,7 +566,7 @@ def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr:
     config = ServerConfig(model_name=args.served_model_name or settings.model, api_key=api_key,
                           allowed_media_dir=media_dir, allow_remote_media=args.allow_remote_media,
                           max_queue=args.max_queue, max_pixels=settings.max_pixels,
-                          max_body_bytes=args.max_body_mb * 2**20)
+                          max_body_bytes=args.max_body_mb * 2**20, limits=limits_from_args(args))
     app = build_app(backend, config)
     stderr.write(f"glmv: serving {config.model_name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)\n")
     stderr.flush()

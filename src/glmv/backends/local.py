@@ -22,7 +22,10 @@ from ..loading import Log, _stderr_log, choose_placement, load_checkpoint, resol
 from ..parsing import StreamParser
 from ..prompts import template_videos, to_template_messages, validate_messages
 from ..settings import SamplingParams, Settings
-from .base import Chunk, GenerationRequest, Timings, Usage
+from .base import Chunk, GenerationRequest, Timings, Usage, delta_chunk
+
+
+WITHDRAW_POLL_S = 0.1  # how often a waiting caller checks whether its request was cancelled
 
 
 class IncrementalDecoder:
@@ -58,7 +61,7 @@ class IncrementalDecoder:
         return full[len(prefix_text) :]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue removes jobs by identity (comparing tensors would raise)
 class _Job:
     inputs: dict[str, Any]
     gen_kwargs: dict[str, Any]
@@ -458,6 +461,13 @@ class LocalBackend:
     def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Chunk]:
         t0 = time.perf_counter()
         inputs, prompt = self.prepare(request)  # raises before any GPU work
+        n_prompt, limit = int(inputs["input_ids"].shape[1]), self.context_length
+        if request.exact_max_tokens and n_prompt + request.sampling.max_new_tokens > limit:
+            raise ContextLengthError(
+                f"max_tokens is too large: the prompt is {n_prompt} tokens and the model's context is {limit}, "
+                f"so at most {limit - n_prompt} new tokens fit (asked for {request.sampling.max_new_tokens}): "
+                f"lower max_tokens or shorten the prompt"
+            )
         return self._stream(request, inputs, prompt, cancel or threading.Event(), t0)
 
     def _stream(
@@ -476,7 +486,8 @@ class LocalBackend:
             yield Chunk("status", text=f"waiting: {ahead} request(s) ahead")
 
         decoder = IncrementalDecoder(self.processor.tokenizer)
-        parser = StreamParser(thinking_open=prompt.rstrip().endswith("<think>"))
+        parser = StreamParser(thinking_open=prompt.rstrip().endswith("<think>"), tools=request.tools,
+                              tools_enabled=bool(request.tools))
         stops = sampling.stop
         hold = max((len(s) for s in stops), default=1) - 1
         usage = Usage(prompt_tokens=n_prompt)
@@ -489,7 +500,7 @@ class LocalBackend:
 
         def feed(text: str) -> Iterator[Chunk]:
             for delta in parser.feed(text):
-                yield Chunk(delta.part, text=delta.text, usage=usage, timings=timings)
+                yield delta_chunk(delta, usage, timings)
             while len(parser.tool_calls) > emitted_calls[0]:
                 call = parser.tool_calls[emitted_calls[0]]
                 emitted_calls[0] += 1
@@ -498,7 +509,14 @@ class LocalBackend:
         emitted_calls = [0]
         try:
             while True:
-                kind, payload = job.out.get()
+                try:
+                    kind, payload = job.out.get(timeout=WITHDRAW_POLL_S)
+                except queue.Empty:
+                    if not (cancel.is_set() and self._withdraw(job)):
+                        continue
+                    # cancelled while still queued: it leaves the queue and never reaches the model
+                    kind, payload = "done", {"cancelled": True, "prefill_s": None,
+                                             "queued_s": time.perf_counter() - job.queued_at}
                 if kind == "tokens":
                     if timings.ttft_s is None:
                         timings.ttft_s = time.perf_counter() - t0
@@ -527,7 +545,7 @@ class LocalBackend:
                     raw.append(tail)
                     yield from feed(pending + tail)
                     for delta in parser.finish():
-                        yield Chunk(delta.part, text=delta.text, usage=usage, timings=timings)
+                        yield delta_chunk(delta, usage, timings)
                     timings.total_s = time.perf_counter() - t0
                     timings.prefill_s = payload["prefill_s"]
                     timings.queued_s = payload["queued_s"]
@@ -557,6 +575,16 @@ class LocalBackend:
         finally:
             if not finished:
                 cancel.set()  # the caller went away: free the inference thread at the next token
+                self._withdraw(job)  # or, still queued, leave the queue now
+
+    def _withdraw(self, job: _Job) -> bool:
+        """Take a job out of the queue if it is still waiting there (True if it was)."""
+        with self._cv:
+            try:
+                self._pending.remove(job)
+            except ValueError:
+                return False
+            return True
 
     def _eos_ids(self) -> set[int]:
         gc = getattr(self.model, "generation_config", None)
