@@ -478,3 +478,25 @@ def test_ctrl_c_stops_at_once_with_the_summary_and_resumes(tmp_path):
     p = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert len(done_ids(out)) == len(set(done_ids(out))) == 10
+
+
+class CancelsOnError(ScriptedBackend):
+    """Like the local backend: a stream that ends in an error sets the cancel event it was given."""
+
+    def generate(self, request, cancel=None):
+        if "bad" in request.messages[-1].content[0].source:
+            if cancel is not None:
+                cancel.set()
+            raise GlmvError("generation failed: the engine refused this one")
+        return super().generate(request, cancel)
+
+
+def test_one_failing_generation_does_not_cancel_the_others(tmp_path):
+    src = tmp_path / "in"
+    img(src / "bad.png")
+    for i in range(6):
+        img(src / f"ok{i}.png")
+    err = io.StringIO()
+    rc = run_batch([str(src)], Options(task="ocr", prompt="p", out=tmp_path / "out", batch_size=3),
+                   lambda: CancelsOnError(echo, delay_s=0.01), err)
+    assert rc == 1 and "done 6 now" in err.getvalue() and "0 not done" in err.getvalue(), err.getvalue()

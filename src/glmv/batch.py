@@ -404,6 +404,9 @@ class _Run:
         self.out, self.opts, self.plan, self.manifest, self.stderr = out, opts, plan, manifest, stderr
         self.stop = threading.Event()  # set when the folder is full or the user interrupts: no new items start
         self.stop_reason: str | None = None
+        # One cancel event per running item: a backend may set the event it was given (when its stream ends
+        # early), so sharing one would let a single failing item cancel all the others.
+        self._cancels: set[threading.Event] = set()
         self.stats = {"done": 0, "failed": 0, "tokens": 0}
         self.backend: Backend | None = None
         self.sampling = SamplingParams()
@@ -434,10 +437,13 @@ class _Run:
             why, fix = f"cannot write to '{self.out}': {exc.strerror or exc}", "fix that"
         return f"{why} (writing {path}); the batch stopped: {fix} and rerun the same command to resume"
 
-    def _stopped(self, reason: str) -> None:
+    def _stopped(self, reason: str | None) -> None:
+        """Start no new item and cancel the running ones."""
         with self._lock:
             self.stop_reason = self.stop_reason or reason
-        self.stop.set()
+            self.stop.set()
+            for cancel in self._cancels:
+                cancel.set()
 
     def run(self, backend_factory: Callable[[], Backend], stale: int) -> int:
         plan, opts, out = self.plan, self.opts, self.out
@@ -505,7 +511,7 @@ class _Run:
                 bar.set_postfix_str(f"{self.stats['failed']} failed, {self.stats['tokens']} tokens")
             return False
         except KeyboardInterrupt:
-            self.stop.set()  # running generations see it and end; queued items do not start
+            self._stopped(None)
             return True
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -548,14 +554,25 @@ class _Run:
             media = _load(item, self.opts)
             request = GenerationRequest([user_message(self.opts.prompt, media)], sampling=self.sampling,
                                         thinking=self.opts.thinking)
-            result = collect(self.backend.generate(request, self.stop))
+            cancel = threading.Event()
+            with self._lock:
+                if self.stop.is_set():
+                    return None, None
+                self._cancels.add(cancel)
+            try:
+                result = collect(self.backend.generate(request, cancel))
+            finally:
+                with self._lock:
+                    self._cancels.discard(cancel)
         except GlmvError as exc:
             return None, str(exc)
         except OSError as exc:
             return None, f"cannot read '{item.source}': {exc.strerror or exc}"
         except Exception as exc:  # a bug in a decoder or backend fails this item, not the whole batch
             return None, f"unexpected {type(exc).__name__} on '{item.id}': {exc}"
-        return (None, None) if result.finish_reason == "cancelled" else (result, None)
+        if result.finish_reason == "cancelled":
+            return None, None if self.stop.is_set() else "the backend cancelled the generation; rerun to retry"
+        return result, None
 
     def _failures(self) -> list[tuple[str, str]]:
         """(id, error) of the current inputs that are failing now; old records of other files do not count."""
