@@ -66,7 +66,6 @@ class Item:
     size: int = 0
     mtime_ns: int = 0
     page: int | None = None  # 1-based
-    pages_total: int | None = None
     path: Path | None = None  # what to read when it is not the source: a deck's converted PDF
 
     def key(self) -> dict[str, Any]:
@@ -181,7 +180,7 @@ def _expand_document(plan: Plan, doc: Item, kind: str, pages: str | None, max_do
         return
     for i in selected:
         plan.items.append(Item(f"{doc.rel}#page={i + 1}", doc.rel, doc.source, "page", doc.size, doc.mtime_ns,
-                               i + 1, n, Path(source)))
+                               i + 1, Path(source)))
 
 
 def expected_outputs(item: Item, opts: Options) -> list[str]:
