@@ -392,36 +392,41 @@ KILLABLE = """
 import sys
 from glmv.cli import main
 from glmv.testing.scripted import ScriptedBackend
-script = lambda r: "seen " + r.messages[-1].content[0].source + " " + "w" * 3000
-sys.exit(main(sys.argv[1:], backend_factory=lambda s: ScriptedBackend(script, delay_s=0.0005)))
+# 30 pieces of 100 characters, 10 ms apart: about 0.3 s an item, and 3 KB results
+script = lambda r: ["seen " + r.messages[-1].content[0].source] + ["w" * 100] * 30
+sys.exit(main(sys.argv[1:], backend_factory=lambda s: ScriptedBackend(script, delay_s=0.01)))
 """
 
 
 def test_kill_9_at_ten_random_moments_then_resume_does_every_item_once(tmp_path):
-    src = mixed_inputs(tmp_path / "in", n_images=10, pdf_pages=4)
+    src = mixed_inputs(tmp_path / "in", n_images=16, pdf_pages=4)
     out = tmp_path / "out"
     args = [sys.executable, "-c", KILLABLE, "batch", str(src), "--out", str(out), "--format", "both",
             "--pdf-long-side", "200", "--batch-size", "3"]
     seed = random.randrange(10**6)
     rng = random.Random(seed)
+    progress = []
     for _ in range(10):
-        proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # wait for the run to start working, then kill it somewhere inside
-        deadline = time.time() + 60
-        while not (out / "manifest.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.6))
+        proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        line = ""
+        while "item(s):" not in line and proc.poll() is None:  # planned: the work starts now
+            line = proc.stderr.readline()
+        time.sleep(rng.uniform(0.05, 0.6))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        proc.stderr.close()
+        progress.append(len(done_ids(out)) if (out / "manifest.jsonl").exists() else 0)
+    assert len(set(progress)) >= 3 and progress[0] < 20, (seed, progress)  # the kills landed all through the work
     p = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, (seed, p.stderr)
-    expected = sorted([f"p{i:02d}.png" if i % 2 == 0 else f"sub/p{i:02d}.png" for i in range(10)]
+    expected = sorted([f"p{i:02d}.png" if i % 2 == 0 else f"sub/p{i:02d}.png" for i in range(16)]
                       + [f"doc.pdf#page={i}" for i in (1, 2, 3, 4)])
     assert done_ids(out) == expected, seed  # every item done exactly once, across all the kills
     assert_clean(out)
     for rec in records(out):
         for rel in rec.get("outputs", []):
-            assert (out / rel).read_text().startswith(("seen ", "{")), (seed, rel)
+            text = (out / rel).read_text()
+            assert text.startswith(("seen ", "{")) and "w" * 3000 in text, (seed, rel)  # whole files only
     assert (out / "doc.pdf.md").read_text().count("<!-- page ") == 4
 
 
