@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -219,6 +220,75 @@ def test_bad_videos(tmp_path):
     junk.write_bytes(b"not a video at all" * 10)
     with pytest.raises(MediaError, match="junk.mp4"):
         load_video(junk)
+
+
+def _prefill_embeddings(backend, request):
+    """The language model's input embeddings for a request's prompt, and the prompt's token types."""
+    import torch
+
+    from glmv.backends.base import collect
+
+    inputs, _ = backend.prepare(request)
+    seen = []
+    hook = backend.model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].detach().clone()), with_kwargs=True)
+    try:
+        collect(backend.generate(request))
+    finally:
+        hook.remove()
+    return seen[0][0], inputs["mm_token_type_ids"][0], torch
+
+
+def test_image_and_video_in_one_prompt(tiny_backend, tmp_path):
+    """transformers' GLM-4.6V masks image and video placeholders by one token id; with both in a prompt each
+    must still land in its own slots: the mixed prompt's image and video embeddings equal those of the
+    image alone and the video alone."""
+    from glmv.backends.base import GenerationRequest
+    from glmv.media import load_image
+    from glmv.prompts import user_message
+
+    image = load_image(Image.new("RGB", (112, 84), (200, 40, 40)))
+    video = load_video(make_video(tmp_path / "clip.mp4", seconds=1.0), max_pixels=20_000)
+    sampling = tiny_backend.default_sampling.merged(max_new_tokens=1, temperature=0)
+
+    def embeddings(*media):
+        emb, types, torch = _prefill_embeddings(tiny_backend, GenerationRequest([user_message("compare", list(media))],
+                                                                                sampling=sampling))
+        return emb[types == 1], emb[types == 2], torch
+
+    img_alone, _, torch = embeddings(image)
+    _, vid_alone, _ = embeddings(video)
+    for order in ((image, video), (video, image)):
+        img_mixed, vid_mixed, _ = embeddings(*order)
+        assert img_mixed.shape == img_alone.shape and vid_mixed.shape == vid_alone.shape
+        assert torch.allclose(img_mixed, img_alone, atol=1e-5) and torch.allclose(vid_mixed, vid_alone, atol=1e-5)
+
+
+def test_cli_asks_about_an_image_and_a_video_together(tmp_path, tiny_path):
+    from glmv.cli import main
+
+    img = tmp_path / "a.png"
+    img.write_bytes(png_bytes((100, 80)))
+    clip = make_video(tmp_path / "c.mp4", seconds=1.0)
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["ask", str(img), str(clip), "-p", "what changes?", "--model", str(tiny_path), "--max-new-tokens", "2",
+                 "--json"], stdout=out, stderr=err)
+    assert code == 0, err.getvalue()
+    assert json.loads(out.getvalue())["usage"]["completion_tokens"] == 2
+
+
+def test_video_is_never_batched_with_images():
+    import threading
+
+    from glmv.backends.local import _batch_key, _Job
+
+    def job(*keys):
+        return _Job(inputs={k: None for k in ("input_ids", *keys)}, gen_kwargs={"max_new_tokens": 8},
+                    cancel=threading.Event(), seed=None)
+
+    text, image, video, mixed = job(), job("pixel_values"), job("pixel_values_videos"), job("pixel_values", "pixel_values_videos")
+    assert _batch_key(text) == _batch_key(image)
+    assert len({_batch_key(image), _batch_key(video), _batch_key(mixed)}) == 3
 
 
 def test_load_inputs_dispatches(tmp_path, pdf):

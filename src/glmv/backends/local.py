@@ -23,6 +23,7 @@ from ..parsing import StreamParser
 from ..prompts import template_videos, to_template_messages, validate_messages
 from ..settings import SamplingParams, Settings
 from .base import Chunk, GenerationRequest, Timings, Usage, delta_chunk
+from .mixed_media import separate_image_and_video_tokens
 
 
 WITHDRAW_POLL_S = 0.1  # how often a waiting caller checks whether its request was cancelled
@@ -71,8 +72,14 @@ class _Job:
     queued_at: float = field(default_factory=time.perf_counter)
 
 
+def _media_kind(inputs: dict[str, Any]) -> str:
+    has_video, has_image = "pixel_values_videos" in inputs, "pixel_values" in inputs
+    return "mixed" if has_video and has_image else "video" if has_video else "image"  # text-only joins images
+
+
 def _batch_key(job: _Job) -> tuple:
-    return tuple(sorted((k, repr(v)) for k, v in job.gen_kwargs.items()))
+    # Video is never batched with images: one generate call takes one kind of visual input.
+    return (_media_kind(job.inputs), *sorted((k, repr(v)) for k, v in job.gen_kwargs.items()))
 
 
 def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
@@ -220,6 +227,7 @@ class LocalBackend:
     def _attach(self, processor: Any, model: Any, placement: Any, path: Any) -> None:
         self.processor, self.model = processor, model
         self.model_path, self.placement = path, placement
+        separate_image_and_video_tokens(model)  # an image and a video in one prompt
         self.default_sampling = self._checkpoint_sampling(self.settings.sampling)
         self._start_engine()
         self._thread = threading.Thread(target=self._worker, name="glmv-inference", daemon=True)
