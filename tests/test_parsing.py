@@ -11,7 +11,7 @@ def stream(text: str, sizes=(1, 2, 3, 5, 7), seed=0, thinking_open=False):
     """Feed ``text`` in random small pieces; return (joined deltas per part, final result)."""
     rng = random.Random(seed)
     p = StreamParser(thinking_open=thinking_open)
-    parts = {"thinking": "", "answer": ""}
+    parts = {"thinking": "", "answer": "", "tool": ""}
     i = 0
     while i < len(text):
         n = rng.choice(sizes)
@@ -127,11 +127,18 @@ def test_two_tool_calls_and_json_form():
     assert r.answer == ""
 
 
-def test_unclosed_tool_call_is_not_executed_but_visible():
+def test_unclosed_tool_call_is_not_executed_but_reported():
     r = parse_output("<tool_call>crop\n<arg_key>box</arg_key>\n<arg_val")
     assert r.tool_calls == []
     assert r.truncated
-    assert "crop" in r.answer
+    assert r.cut_call is not None and r.cut_call.name == "crop"
+    assert r.to_dict()["cut_off_tool_call"] == {"name": "crop", "arguments": "{"}
+
+
+def test_call_cut_before_its_name_ends_stays_text():
+    r = parse_output("Let me look.<tool_call>cro")
+    assert r.tool_calls == [] and r.cut_call is None and r.truncated
+    assert r.answer == "Let me look.<tool_call>cro"
 
 
 def test_tool_call_round_trip():

@@ -10,7 +10,7 @@ from PIL import Image
 from glmv.media import load_image
 from glmv.parsing import ToolCall
 from glmv.prompts import Message, to_template_messages, user_message
-from glmv.testing.tiny import SPECIAL_TOKENS
+from glmv.testing.tiny import PLAIN_TOKENS, SPECIAL_TOKENS
 
 IMG = "<|begin_of_image|><|image|><|end_of_image|>"
 
@@ -44,7 +44,7 @@ def test_files_and_model_types(tiny_path):
 
 def test_every_special_token_is_one_token(processor):
     tok = processor.tokenizer
-    for t in SPECIAL_TOKENS:
+    for t in SPECIAL_TOKENS + PLAIN_TOKENS:
         ids = tok.encode(t, add_special_tokens=False)
         assert len(ids) == 1, t
     assert tok.padding_side == "left"
@@ -67,13 +67,13 @@ def test_prompt_format_matches_model_facts(processor):
     text = render(processor, [Message("system", ["{system text}"]), user_message("describe this image", [img()])])
     assert text == (
         "[gMASK]<sop><|system|>\n{system text}<|user|>\n"
-        "<|begin_of_image|><|image|><|end_of_image|>describe this image<|assistant|>"
+        "<|begin_of_image|><|image|><|end_of_image|>describe this image<|assistant|>\n"
     )
 
 
 def test_several_images_in_one_turn(processor):
     text = render(processor, [user_message("compare", [img(), img()])])
-    assert text == f"[gMASK]<sop><|user|>\n{IMG}{IMG}compare<|assistant|>"
+    assert text == f"[gMASK]<sop><|user|>\n{IMG}{IMG}compare<|assistant|>\n"
 
 
 def test_thinking_off_appends_nothink_and_prefills_empty_think(processor):
@@ -87,7 +87,7 @@ def test_thinking_off_appends_nothink_and_prefills_empty_think(processor):
 def test_history_is_rendered_without_reasoning(processor):
     msgs = [user_message("q1"), Message("assistant", ["answer one"]), user_message("q2")]
     text = render(processor, msgs)
-    assert "<|assistant|>\n<think></think>\nanswer one<|user|>\nq2<|assistant|>" in text
+    assert "<|assistant|>\n<think></think>\nanswer one<|user|>\nq2<|assistant|>\n" in text
 
 
 def test_tools_block_and_tool_result_with_image(processor):
@@ -107,7 +107,7 @@ def test_tools_block_and_tool_result_with_image(processor):
         "<|assistant|>\n<think></think>\nZooming.\n<tool_call>crop\n<arg_key>box</arg_key>\n<arg_value>[1, 2, 3, 4]"
         "</arg_value>\n<arg_key>note</arg_key>\n<arg_value>top left</arg_value>\n</tool_call>"
     ) in text
-    assert text.endswith(f"<|observation|>\n<tool_response>\n{IMG}crop of box [1, 2, 3, 4]\n</tool_response><|assistant|>")
+    assert text.endswith(f"<|observation|>\n<tool_response>\n{IMG}crop of box [1, 2, 3, 4]\n</tool_response><|assistant|>\n")
 
 
 def test_processor_expands_image_tokens_like_the_real_one(processor):
@@ -118,3 +118,23 @@ def test_processor_expands_image_tokens_like_the_real_one(processor):
     # MODEL_FACTS.md: 1288x728 -> 1196 visual tokens.
     assert int((inputs["input_ids"][0] == image_id).sum()) == 1196
     assert inputs["image_grid_thw"].tolist() == [[1, 26 * 2, 46 * 2]]
+
+
+def test_think_box_and_tool_tags_are_single_tokens_that_survive_skip_special_tokens(processor):
+    """Like the released tokenizers (MODEL_FACTS.md): one token each, but not special."""
+    tok = processor.tokenizer
+    text = "<think>r</think><|begin_of_box|>[[1,2,3,4]]<|end_of_box|><tool_call>f\n<arg_key>k</arg_key>" \
+           "\n<arg_value>v</arg_value>\n</tool_call>/nothink"
+    ids = tok.encode(text + "<|endoftext|><|user|><|image|>", add_special_tokens=False)
+    assert tok.decode(ids, skip_special_tokens=True) == text  # the control tokens go, the tags stay
+
+
+def test_processor_carries_the_released_pixel_bounds(processor, tiny_path):
+    config = json.loads((tiny_path / "processor_config.json").read_text())
+    size = config.get("image_processor", config).get("size")
+    assert size == {"shortest_edge": 12544, "longest_edge": 9633792}
+    # MODEL_FACTS.md: at most ~6144 visual tokens per image; 4000x3000 -> 6030 (transformers' defaults give more).
+    text = render(processor, [user_message("describe this image", [img()])])
+    inputs = processor(text=[text], images=[Image.new("RGB", (4000, 3000), "white")], return_tensors="pt")
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image|>")
+    assert int((inputs["input_ids"][0] == image_id).sum()) == 6030

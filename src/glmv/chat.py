@@ -24,6 +24,7 @@ from .backends.base import Backend, Chunk, GenerationRequest, Result, collect
 from .cli import (BackendFactory, Printer, UsageError, _check_document_flags, _choose_backend, _conversation,
                   _log_answer, _refuse_ignored, _sampling_from_args, _settings_from_args, summary_line)
 from .errors import GlmvError
+from .limits import Budget, limits_from_args
 from .prompts import Message, user_message
 from .settings import DEFAULT_MAX_PIXELS, SamplingParams
 
@@ -59,7 +60,8 @@ class ChatSession:
 
         for source in sources:
             media = load_inputs(source, pages=self.args.pages, long_side=self.args.pdf_long_side, dpi=self.args.dpi,
-                                max_pixels=self.args.max_pixels or DEFAULT_MAX_PIXELS)
+                                max_pixels=self.args.max_pixels or DEFAULT_MAX_PIXELS,
+                                budget=Budget(limits_from_args(self.args)))  # measured before decoding
             self.pending.extend(media)
             self.pending_sources.append(source)
             self.say(f"{source} goes with your next message ({len(media)} image(s))" if len(media) != 1 else

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence, TextIO
 from . import __version__
 from .backends.base import Backend, GenerationRequest, Result, collect
 from .errors import GlmvError
+from .limits import Budget, add_limit_arguments, limits_from_args
 from .outputs import save_html, text_as_page
 from .prompts import TASKS, Message, user_message
 from .settings import DEFAULT_MAX_NEW_TOKENS, SamplingParams, Settings
@@ -227,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model_args(p)
         _add_backend_args(p)
         _add_generation_args(p)
+        add_limit_arguments(p)
         _add_session_args(p)
 
     batch = sub.add_parser("batch", help="run a task over files, folders, PDFs and decks; resumable")
@@ -237,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--format", choices=["md", "json", "both"], default="md")
     batch.add_argument("--batch-size", type=int, default=4, help="items in flight at once (batched by the engine)")
     batch.add_argument("--retry-failed", action="store_true", help="retry items that failed in an earlier run")
+    batch.add_argument("--max-doc-pages", type=int, default=2000,
+                       help="a PDF or deck with more pages to read fails with a message (default 2000)")
     _add_model_args(batch)
     _add_backend_args(batch)
     _add_generation_args(batch)
@@ -268,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--idle-timeout", default=None, metavar="DURATION", help="stop after this long without requests (90s, 30m, 2h)")
     g.add_argument("--state-file", default=None, help=argparse.SUPPRESS)  # glmv start: where to record this server
     g.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_limit_arguments(serve)
 
     start = sub.add_parser("start", help="keep a model loaded in the background; ask/ocr/html/chat/batch then use it")
     _add_model_args(start)
@@ -599,11 +604,13 @@ def run_task(
         raise GlmvError("standard input ('-') can be read only once")
     _check_document_flags(args, sources)
     conversation_id, prior = _conversation(args, stderr) if task == "ask" else (None, [])
-    from .documents import load_inputs
+    from .documents import RenderOptions, load_all
 
-    media = [m for src in sources for m in load_inputs(src, pages=args.pages, long_side=args.pdf_long_side, dpi=args.dpi,
-                                                        max_pixels=settings.max_pixels,
-                                                        allow_remote=settings.allow_remote_media)]
+    # Everything is measured (headers, page counts) and checked against the limits before anything is decoded.
+    budget = Budget(limits_from_args(args), separate_prompts=task == "ocr")
+    budget.add_text(len(prompt) + len(args.system or ""))
+    render = RenderOptions(args.pages, args.pdf_long_side, args.dpi, settings.max_pixels)
+    media = load_all(sources, render, budget=budget, allow_remote=settings.allow_remote_media)
     if task == "html":
         from .outputs import ensure_writable_dir
 
@@ -637,6 +644,9 @@ def run_task(
         if result is None:
             return 130
         result.trace = [step.to_dict() for step in trace]
+        images = [m for m in group if hasattr(m, "original_size")]
+        if len(images) == 1:  # grounding boxes in the input file's pixels (boxes are on a 0-1000 scale)
+            result.output.with_image_size(*images[0].original_size)
         results.append((group, result))
         if not args.json:
             if not stream:
@@ -784,12 +794,12 @@ def run_batch_command(args: argparse.Namespace, backend_factory: BackendFactory 
     overrides = _sampling_from_args(args)
     settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
                                  engine=args.engine, max_pixels=args.max_pixels, thinking=args.thinking)
-    if args.batch_size < 1:
-        raise GlmvError("--batch-size must be at least 1")
+    if args.batch_size < 1 or args.max_doc_pages < 1:
+        raise GlmvError("--batch-size and --max-doc-pages must be at least 1")
     opts = Options(task=args.task, prompt=default_prompt(args.task, args.prompt), out=Path(args.out), fmt=args.format,
                    batch_size=args.batch_size, retry_failed=args.retry_failed, pages=args.pages,
                    long_side=args.pdf_long_side, dpi=args.dpi, max_pixels=settings.max_pixels, thinking=args.thinking,
-                   sampling_overrides=overrides)
+                   sampling_overrides=overrides, max_doc_pages=args.max_doc_pages)
     chosen, _ = _choose_backend(args, settings, backend_factory, stderr)
 
     def factory() -> Backend:
@@ -884,8 +894,8 @@ def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr:
         media_dir = Path(args.allowed_media_dir).expanduser()
         if not media_dir.is_dir():
             raise GlmvError(f"--allowed-media-dir '{args.allowed_media_dir}' is not a folder")
-    if args.max_queue < 1 or args.max_batch < 1:
-        raise GlmvError("--max-queue and --max-batch must be at least 1")
+    if args.max_queue < 1 or args.max_batch < 1 or args.max_body_mb < 1:
+        raise GlmvError("--max-queue, --max-batch and --max-body-mb must be at least 1")
     if args.host not in LOOPBACK and not api_key:
         stderr.write(f"glmv: warning: listening on {args.host} without --api-key: anyone who can reach this "
                      f"address can use the model\n")
@@ -901,7 +911,7 @@ def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr:
     config = ServerConfig(model_name=args.served_model_name or settings.model, api_key=api_key,
                           allowed_media_dir=media_dir, allow_remote_media=args.allow_remote_media,
                           max_queue=args.max_queue, max_pixels=settings.max_pixels,
-                          max_body_bytes=args.max_body_mb * 2**20)
+                          max_body_bytes=args.max_body_mb * 2**20, limits=limits_from_args(args))
     tracker = resident.ActivityTracker(build_app(backend, config))
     server = uvicorn.Server(uvicorn.Config(tracker, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=5))

@@ -163,6 +163,25 @@ def choose_placement(settings: Settings) -> Placement:
     return Placement(device=device, dtype=dtype, quant=settings.quant)
 
 
+def chat_template_source(processor: Any, path: Path, name: str) -> str:
+    """Which chat template prompts are rendered with: always the checkpoint's own (the released templates
+    differ in details such as the newline after the generation prompt); glmv's own only for ``tiny``, whose
+    checkpoint glmv writes. Raises when the checkpoint has none: guessing a format would silently degrade answers."""
+    import hashlib
+
+    template = getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None), "chat_template", None)
+    if not isinstance(template, str) or not template.strip():
+        raise ModelLoadError(
+            f"cannot load '{name}': the checkpoint has no chat template (chat_template.jinja); "
+            f"use a complete GLM-4.6V checkpoint (zai-org/GLM-4.6V-Flash)"
+        )
+    digest = hashlib.sha256(template.encode("utf-8")).hexdigest()[:12]
+    if (path / "glmv_tiny.json").exists():
+        return f"glmv's GLM-4.6V template (tiny test checkpoint), sha256 {digest}"
+    found = [f for f in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json") if (path / f).exists()]
+    return f"the checkpoint's own ({found[0] if found else 'processor config'}), sha256 {digest}"
+
+
 def load_checkpoint(path: Path, placement: Placement, name: str, log: Log = _stderr_log) -> tuple[Any, Any]:
     """Load processor and model from a local folder."""
     import torch
@@ -177,6 +196,7 @@ def load_checkpoint(path: Path, placement: Placement, name: str, log: Log = _std
             f"cannot load the processor of '{name}': {exc} (GLM-4.6V needs transformers >= 5.2; "
             f"this is {transformers.__version__})"
         ) from None
+    log(f"chat template: {chat_template_source(processor, path, name)}")
     kwargs: dict[str, Any] = {"dtype": placement.dtype}
     if placement.device.startswith("cuda") and placement.quant != "w4":
         kwargs["device_map"] = "auto" if placement.device == "cuda" else placement.device

@@ -53,6 +53,9 @@ class Message:
     role: Role
     content: list[Content] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
+    # An assistant turn's reasoning. The chat template keeps it only for turns after the last user message
+    # (the tool loop: the model continues its own chain of thought) and drops it from earlier history.
+    reasoning: str = ""
 
     @property
     def text(self) -> str:
@@ -112,6 +115,8 @@ def to_template_messages(messages: list[Message]) -> tuple[list[dict[str, Any]],
         entry: dict[str, Any] = {"role": m.role, "content": parts}
         if m.tool_calls:
             entry["tool_calls"] = [_tool_call_dict(c) for c in m.tool_calls]
+        if m.role == "assistant" and m.reasoning:
+            entry["reasoning_content"] = m.reasoning
         out.append(entry)
     return out, images
 

@@ -241,7 +241,8 @@ def run_tool_loop(backend: Backend, messages: list[Message], registry: ToolRegis
         calls = result.output.tool_calls
         if not calls or round_ == max_steps:
             return result, trace, messages
-        messages.append(Message("assistant", [result.output.answer] if result.output.answer else [], tool_calls=calls))
+        messages.append(Message("assistant", [result.output.answer] if result.output.answer else [], tool_calls=calls,
+                                reasoning=result.output.thinking))
         for call in calls:
             t0 = time.perf_counter()
             content, error = registry.call(call, ctx)

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Protocol
 
 from ..errors import GlmvError
-from ..parsing import ParsedOutput, ToolCall
+from ..parsing import Delta, ParsedOutput, ToolCall
 from ..prompts import Message
 from ..settings import SamplingParams
 
-ChunkType = Literal["status", "thinking", "answer", "tool_call", "done"]
+ChunkType = Literal["status", "thinking", "answer", "tool_args", "tool_call", "done"]
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
 
 
@@ -30,6 +30,8 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     thinking: bool = True
     tools: list[dict[str, Any]] | None = None
+    # max_new_tokens was asked for (an API's max_tokens): a prompt that leaves less room is refused, not cut
+    exact_max_tokens: bool = False
 
 
 @dataclass
@@ -88,10 +90,21 @@ class Chunk:
     tool_call: ToolCall | None = None
     usage: Usage = field(default_factory=Usage)
     timings: Timings = field(default_factory=Timings)
+    # "tool_args": a fragment (``text``) of call ``index``'s JSON arguments; its first chunk carries ``name``.
+    # A "tool_call" chunk follows when the call is complete.
+    index: int = -1
+    name: str | None = None
     # Only on the final "done" chunk:
     result: ParsedOutput | None = None
     finish_reason: FinishReason | None = None
     raw_text: str = ""
+
+
+def delta_chunk(delta: Delta, usage: Usage, timings: Timings) -> Chunk:
+    """The chunk for one parser delta (every backend streams through :class:`~glmv.parsing.StreamParser`)."""
+    if delta.part == "tool":
+        return Chunk("tool_args", text=delta.text, index=delta.index, name=delta.name, usage=usage, timings=timings)
+    return Chunk(delta.part, text=delta.text, usage=usage, timings=timings)
 
 
 class Backend(Protocol):

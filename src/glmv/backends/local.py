@@ -22,7 +22,11 @@ from ..loading import Log, _stderr_log, choose_placement, load_checkpoint, resol
 from ..parsing import StreamParser
 from ..prompts import template_videos, to_template_messages, validate_messages
 from ..settings import SamplingParams, Settings
-from .base import Chunk, GenerationRequest, Timings, Usage
+from .base import Chunk, GenerationRequest, Timings, Usage, delta_chunk
+from .mixed_media import separate_image_and_video_tokens
+
+
+WITHDRAW_POLL_S = 0.1  # how often a waiting caller checks whether its request was cancelled
 
 
 class IncrementalDecoder:
@@ -58,7 +62,7 @@ class IncrementalDecoder:
         return full[len(prefix_text) :]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue removes jobs by identity (comparing tensors would raise)
 class _Job:
     inputs: dict[str, Any]
     gen_kwargs: dict[str, Any]
@@ -68,8 +72,14 @@ class _Job:
     queued_at: float = field(default_factory=time.perf_counter)
 
 
+def _media_kind(inputs: dict[str, Any]) -> str:
+    has_video, has_image = "pixel_values_videos" in inputs, "pixel_values" in inputs
+    return "mixed" if has_video and has_image else "video" if has_video else "image"  # text-only joins images
+
+
 def _batch_key(job: _Job) -> tuple:
-    return tuple(sorted((k, repr(v)) for k, v in job.gen_kwargs.items()))
+    # Video is never batched with images: one generate call takes one kind of visual input.
+    return (_media_kind(job.inputs), *sorted((k, repr(v)) for k, v in job.gen_kwargs.items()))
 
 
 def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
@@ -217,6 +227,7 @@ class LocalBackend:
     def _attach(self, processor: Any, model: Any, placement: Any, path: Any) -> None:
         self.processor, self.model = processor, model
         self.model_path, self.placement = path, placement
+        separate_image_and_video_tokens(model)  # an image and a video in one prompt
         self.default_sampling = self._checkpoint_sampling(self.settings.sampling)
         self._start_engine()
         self._thread = threading.Thread(target=self._worker, name="glmv-inference", daemon=True)
@@ -458,6 +469,13 @@ class LocalBackend:
     def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Chunk]:
         t0 = time.perf_counter()
         inputs, prompt = self.prepare(request)  # raises before any GPU work
+        n_prompt, limit = int(inputs["input_ids"].shape[1]), self.context_length
+        if request.exact_max_tokens and n_prompt + request.sampling.max_new_tokens > limit:
+            raise ContextLengthError(
+                f"max_tokens is too large: the prompt is {n_prompt} tokens and the model's context is {limit}, "
+                f"so at most {limit - n_prompt} new tokens fit (asked for {request.sampling.max_new_tokens}): "
+                f"lower max_tokens or shorten the prompt"
+            )
         return self._stream(request, inputs, prompt, cancel or threading.Event(), t0)
 
     def _stream(
@@ -472,11 +490,10 @@ class LocalBackend:
             ahead = len(self._pending) + self._running
             self._pending.append(job)
             self._cv.notify()
-        if ahead:
-            yield Chunk("status", text=f"waiting: {ahead} request(s) ahead")
 
         decoder = IncrementalDecoder(self.processor.tokenizer)
-        parser = StreamParser(thinking_open=prompt.rstrip().endswith("<think>"))
+        parser = StreamParser(thinking_open=prompt.rstrip().endswith("<think>"), tools=request.tools,
+                              tools_enabled=bool(request.tools))
         stops = sampling.stop
         hold = max((len(s) for s in stops), default=1) - 1
         usage = Usage(prompt_tokens=n_prompt)
@@ -489,7 +506,7 @@ class LocalBackend:
 
         def feed(text: str) -> Iterator[Chunk]:
             for delta in parser.feed(text):
-                yield Chunk(delta.part, text=delta.text, usage=usage, timings=timings)
+                yield delta_chunk(delta, usage, timings)
             while len(parser.tool_calls) > emitted_calls[0]:
                 call = parser.tool_calls[emitted_calls[0]]
                 emitted_calls[0] += 1
@@ -497,8 +514,17 @@ class LocalBackend:
 
         emitted_calls = [0]
         try:
+            if ahead:
+                yield Chunk("status", text=f"waiting: {ahead} request(s) ahead")
             while True:
-                kind, payload = job.out.get()
+                try:
+                    kind, payload = job.out.get(timeout=WITHDRAW_POLL_S)
+                except queue.Empty:
+                    if not (cancel.is_set() and self._withdraw(job)):
+                        continue
+                    # cancelled while still queued: it leaves the queue and never reaches the model
+                    kind, payload = "done", {"cancelled": True, "prefill_s": None,
+                                             "queued_s": time.perf_counter() - job.queued_at}
                 if kind == "tokens":
                     if timings.ttft_s is None:
                         timings.ttft_s = time.perf_counter() - t0
@@ -527,7 +553,7 @@ class LocalBackend:
                     raw.append(tail)
                     yield from feed(pending + tail)
                     for delta in parser.finish():
-                        yield Chunk(delta.part, text=delta.text, usage=usage, timings=timings)
+                        yield delta_chunk(delta, usage, timings)
                     timings.total_s = time.perf_counter() - t0
                     timings.prefill_s = payload["prefill_s"]
                     timings.queued_s = payload["queued_s"]
@@ -557,6 +583,16 @@ class LocalBackend:
         finally:
             if not finished:
                 cancel.set()  # the caller went away: free the inference thread at the next token
+                self._withdraw(job)  # or, still queued, leave the queue now
+
+    def _withdraw(self, job: _Job) -> bool:
+        """Take a job out of the queue if it is still waiting there (True if it was)."""
+        with self._cv:
+            try:
+                self._pending.remove(job)
+            except ValueError:
+                return False
+            return True
 
     def _eos_ids(self) -> set[int]:
         gc = getattr(self.model, "generation_config", None)

@@ -16,10 +16,10 @@ from typing import Any, Iterator
 
 from ..errors import GenerationError, ModelLoadError, RequestError
 from ..media import LoadedImage, image_to_data_uri
-from ..parsing import StreamParser, ToolCall
+from ..parsing import Delta, StreamParser, ToolCall
 from ..prompts import Message, validate_messages
 from ..settings import SamplingParams
-from .base import Chunk, GenerationRequest, Timings, Usage
+from .base import Chunk, GenerationRequest, Timings, Usage, delta_chunk
 
 
 def to_openai_messages(messages: list[Message]) -> list[dict[str, Any]]:
@@ -154,23 +154,23 @@ class RemoteBackend:
                 for choice in event.choices or []:
                     delta = choice.delta
                     reasoning = getattr(delta, "reasoning_content", None) or (delta.model_extra or {}).get("reasoning_content")
-                    pieces: list[tuple[str, str]] = []
+                    pieces: list[Delta] = []
                     if reasoning:
                         reasoning_parts.append(reasoning)
-                        pieces.append(("thinking", reasoning))
+                        pieces.append(Delta("thinking", reasoning))
                     if delta.content:
                         raw.append(delta.content)
-                        pieces.extend((d.part, d.text) for d in parser.feed(delta.content))
+                        pieces.extend(parser.feed(delta.content))
                     for tc in delta.tool_calls or []:
                         slot = calls.setdefault(tc.index, {"name": "", "arguments": ""})
                         if tc.function and tc.function.name:
                             slot["name"] += tc.function.name
                         if tc.function and tc.function.arguments:
                             slot["arguments"] += tc.function.arguments
-                    for part, text in pieces:
+                    for piece in pieces:
                         if timings.ttft_s is None:
                             timings.ttft_s = time.perf_counter() - t0
-                        yield Chunk(part, text=text, usage=usage, timings=timings)  # type: ignore[arg-type]
+                        yield delta_chunk(piece, usage, timings)
                     while len(parser.tool_calls) > emitted:
                         yield Chunk("tool_call", tool_call=parser.tool_calls[emitted], usage=usage, timings=timings)
                         emitted += 1
@@ -181,7 +181,7 @@ class RemoteBackend:
         finally:
             stream.close()
         for d in parser.finish():
-            yield Chunk(d.part, text=d.text, usage=usage, timings=timings)
+            yield delta_chunk(d, usage, timings)
         result = parser.result()
         if reasoning_parts:  # reasoning split off by the server, plus any inline <think> the parser found
             result.thinking = ("".join(reasoning_parts).strip() + "\n\n" + result.thinking).strip()

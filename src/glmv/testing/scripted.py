@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Callable, Iterator
 
-from ..backends.base import Chunk, GenerationRequest, Timings, Usage
+from ..backends.base import Chunk, GenerationRequest, Timings, Usage, delta_chunk
 from ..errors import GlmvError
 from ..parsing import StreamParser
 from ..prompts import validate_messages
@@ -54,7 +54,7 @@ class ScriptedBackend:
         t0 = time.perf_counter()
         usage = Usage(prompt_tokens=sum(len(m.text.split()) + 256 * len(m.images) for m in request.messages))
         timings = Timings()
-        parser = StreamParser()
+        parser = StreamParser(tools=request.tools, tools_enabled=bool(request.tools))
         raw = []
         reason = "stop"
         n_calls = 0
@@ -73,12 +73,12 @@ class ScriptedBackend:
             usage.completion_tokens += 1
             raw.append(piece)
             for d in parser.feed(piece):
-                yield Chunk(d.part, text=d.text, usage=usage, timings=timings)
+                yield delta_chunk(d, usage, timings)
             while len(parser.tool_calls) > n_calls:
                 yield Chunk("tool_call", tool_call=parser.tool_calls[n_calls], usage=usage, timings=timings)
                 n_calls += 1
         for d in parser.finish():
-            yield Chunk(d.part, text=d.text, usage=usage, timings=timings)
+            yield delta_chunk(d, usage, timings)
         result = parser.result()
         if reason == "stop" and result.tool_calls:
             reason = "tool_calls"

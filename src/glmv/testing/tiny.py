@@ -20,9 +20,15 @@ from pathlib import Path
 
 from ..settings import cache_root
 
-# Bump when the layout changes, so cached copies are rebuilt.
-TINY_VERSION = "3"
+# Bump when the layout changes, so cached copies are rebuilt (4: think/box/tool tags no longer special,
+# released pixel bounds, the template that strips reasoning from history).
+TINY_VERSION = "4"
 
+# The released processor configs of the family (GLM-OCR, GLM-4.1V) bound images to 12544..9633792 pixels
+# (at most ~6144 visual tokens); transformers' class defaults (longest_edge 11760000) differ.
+IMAGE_SIZE = {"shortest_edge": 12544, "longest_edge": 9633792}
+
+# Control tokens: special (``skip_special_tokens=True`` removes them), as in the released tokenizer.
 SPECIAL_TOKENS = [
     "<|endoftext|>",
     "[MASK]",
@@ -40,6 +46,10 @@ SPECIAL_TOKENS = [
     "<|end_of_video|>",
     "<|image|>",
     "<|video|>",
+]
+
+# Single tokens that are NOT special in the released tokenizers: they survive ``skip_special_tokens=True``.
+PLAIN_TOKENS = [
     "<think>",
     "</think>",
     "<tool_call>",
@@ -92,6 +102,7 @@ def _build_tokenizer(out: Path) -> None:
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in PLAIN_TOKENS])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|endoftext|>",
@@ -120,7 +131,7 @@ def build_tiny_checkpoint(out: Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     _build_tokenizer(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS + PLAIN_TOKENS}
 
     text_config = {
         "vocab_size": len(tokenizer),
@@ -176,7 +187,7 @@ def build_tiny_checkpoint(out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
 
     processor = Glm46VProcessor(
-        image_processor=Glm46VImageProcessor(),
+        image_processor=Glm46VImageProcessor(size=dict(IMAGE_SIZE)),
         tokenizer=tokenizer,
         video_processor=Glm46VVideoProcessor(),
         chat_template=chat_template_text(),

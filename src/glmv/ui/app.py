@@ -234,7 +234,7 @@ class WebApp:
             calls = run.done.result.tool_calls if run is not None and run.done is not None and run.done.result else []
             if not tools or not calls or run.stopped:
                 return
-            convo.append(Message("assistant", [run.answer] if run.answer else [], tool_calls=calls))
+            convo.append(Message("assistant", [run.answer] if run.answer else [], tool_calls=calls, reasoning=run.thinking))
             for call in calls:
                 content, error = registry.call(call, ctx)
                 convo.append(Message("tool", content))
