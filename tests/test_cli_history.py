@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -161,3 +162,28 @@ def test_idle_timeout_stops_a_real_server_but_not_mid_request():
     assert body == b"x" * 8 and not idle  # 2 s of streaming did not count as idle
     thread.join(10)
     assert not thread.is_alive() and idle and 0.9 < idle[0] - served < 3.5
+
+
+def test_chat_ctrl_c_stops_the_answer_not_the_program(fresh_history):
+    """SIGINT (what Ctrl-C sends) while an answer streams, sent once the first piece is on its way."""
+    import signal
+
+    class Interrupted(ScriptedBackend):
+        def generate(self, request, cancel=None):
+            for i, chunk in enumerate(super().generate(request, cancel)):
+                if i == 0 and len(self.requests) == 1:
+                    os.kill(os.getpid(), signal.SIGINT)
+                yield chunk
+
+    backend = Interrupted(lambda request: "word " * 200 if len(request.messages) == 1 else "ok", delay_s=0.01)
+    out, err = io.StringIO(), io.StringIO()
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = main(["chat", "--no-log"], backend_factory=lambda s: backend, stdin=io.StringIO("go on\nnext\n"),
+                    stdout=out, stderr=err)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert code == 0 and "glmv: stopped" in err.getvalue() and "finish: cancelled" in err.getvalue()
+    first, second = backend.requests
+    partial = second.messages[1].text  # the answer as far as it went stays in the conversation
+    assert 0 < len(partial) < len("word " * 200) and second.messages[2].text == "next"

@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the GLM-4.6V vision-language models: describe images, read text, turn screenshots into HTML.",
         epilog="Also: glmv bench (speed against the GPU's bandwidth limit; glmv bench --help). "
                "With no command, glmv describes input/image_1.png like the original tutorial "
-               "(glmv --input IMAGE --prompt TEXT picks another).",
+               "(glmv --input IMAGE --prompt TEXT picks another). "
+               "glmv start keeps a model loaded, so later commands answer in about a second.",
     )
     parser.add_argument("--version", action="version", version=f"glmv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
