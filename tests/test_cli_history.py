@@ -187,3 +187,11 @@ def test_chat_ctrl_c_stops_the_answer_not_the_program(fresh_history):
     first, second = backend.requests
     partial = second.messages[1].text  # the answer as far as it went stays in the conversation
     assert 0 < len(partial) < len("word " * 200) and second.messages[2].text == "next"
+
+
+def test_chat_refuses_a_bad_image_before_loading_the_model(fresh_history, tmp_path):
+    (tmp_path / "bad.png").write_text("not an image")
+    made = []
+    r = main(["chat", str(tmp_path / "bad.png")], backend_factory=lambda s: made.append(s), stdin=io.StringIO(""),
+             stdout=io.StringIO(), stderr=(err := io.StringIO()))
+    assert r == 2 and "bad.png" in err.getvalue() and err.getvalue().startswith("error: ") and made == []

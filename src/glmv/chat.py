@@ -55,13 +55,8 @@ class ChatSession:
         self.stderr.write(f"glmv: {line}\n")
         self.stderr.flush()
 
-    def add_inputs(self, sources: list[str]) -> None:
-        from .documents import load_inputs
-
-        for source in sources:
-            media = load_inputs(source, pages=self.args.pages, long_side=self.args.pdf_long_side, dpi=self.args.dpi,
-                                max_pixels=self.args.max_pixels or DEFAULT_MAX_PIXELS,
-                                budget=Budget(limits_from_args(self.args)))  # measured before decoding
+    def add_inputs(self, sources: list[str], loaded: list[list[Any]] | None = None) -> None:
+        for source, media in zip(sources, loaded or [load_input(self.args, s) for s in sources]):
             self.pending.extend(media)
             self.pending_sources.append(source)
             self.say(f"{source} goes with your next message ({len(media)} image(s))" if len(media) != 1 else
@@ -176,6 +171,14 @@ class ChatSession:
         return result
 
 
+def load_input(args: argparse.Namespace, source: str) -> list[Any]:
+    """One image, document or video, measured against the limits before it is decoded."""
+    from .documents import load_inputs
+
+    return load_inputs(source, pages=args.pages, long_side=args.pdf_long_side, dpi=args.dpi,
+                       max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, budget=Budget(limits_from_args(args)))
+
+
 def _read_line(stdin: TextIO, prompt: str, stdout: TextIO) -> str:
     if stdin is sys.stdin and stdin.isatty():
         return input(prompt)  # line editing and history through readline
@@ -199,15 +202,14 @@ def run_chat(args: argparse.Namespace, injected: BackendFactory | None, stdin: T
     conversation_id, prior = _conversation(args, stderr)
     if args.system:
         prior = [Message("system", [args.system]), *[m for m in prior if m.role != "system"]]
+    loaded = [load_input(args, s) for s in sources]  # before the model: a bad image never waits for a load
     factory, where = _choose_backend(args, settings, injected, stderr)
-    session_args = args
-    session = None
+    backend = factory(settings)
     try:
-        backend = factory(settings)
         model = backend.model if where == "openai" else settings.model  # type: ignore[attr-defined]
         sampling = (getattr(backend, "default_sampling", None) or SamplingParams()).merged(**overrides)
-        session = ChatSession(backend, session_args, model, where, sampling, conversation_id, prior, stdout, stderr)
-        session.add_inputs(sources)
+        session = ChatSession(backend, args, model, where, sampling, conversation_id, prior, stdout, stderr)
+        session.add_inputs(sources, loaded)
         stderr.write(f"glmv: chatting with {model}{' (continuing ' + conversation_id + ')' if conversation_id else ''}. "
                      f"/help lists the commands; Ctrl-C stops an answer, Ctrl-D quits\n")
         while True:
@@ -233,5 +235,4 @@ def run_chat(args: argparse.Namespace, injected: BackendFactory | None, stdin: T
                 stderr.flush()
         return 0
     finally:
-        if session is not None:
-            session.backend.close()
+        backend.close()
