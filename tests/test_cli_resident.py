@@ -228,8 +228,13 @@ def test_batch_uses_the_resident_model(server, tmp_path):
 
 
 def test_start_reports_why_a_model_cannot_load(server, tmp_path):
-    p = glmv("start", "--model", str(tmp_path / "no-such-model"), timeout=300)
-    assert p.returncode == 2 and "no such folder" in p.stderr and "exited while starting" in p.stderr
+    code, _, err = run(["start", "--model", str(tmp_path / "no-such-model")])
+    assert code == 2 and "no such folder" in err  # found before anything starts
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    p = glmv("start", "--model", str(broken), timeout=300)
+    assert p.returncode == 2 and "exited while starting" in p.stderr and str(broken) in p.stderr
     assert p.stderr.startswith("glmv: starting ") and "Traceback" not in p.stderr
     assert [s["pid"] for s in json.loads(glmv("ps", "--json").stdout)["servers"]] == [server["pid"]]
 

@@ -31,7 +31,7 @@ from .errors import GlmvError
 from .limits import Budget, add_limit_arguments, limits_from_args
 from .outputs import save_html, text_as_page
 from .prompts import TASKS, Message, user_message
-from .settings import DEFAULT_MAX_NEW_TOKENS, SamplingParams, Settings
+from .settings import DEFAULT_MAX_NEW_TOKENS, TINY_MODEL, SamplingParams, Settings
 
 DEFAULT_IMAGE = "input/image_1.png"
 SUBCOMMANDS = ("ask", "ocr", "html")
@@ -955,6 +955,10 @@ def run_start(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     explicit = {f: getattr(args, f) for f in resident.MATCH_FIELDS if getattr(args, f, None) is not None}
     found, _ = resident.find_resident(model, explicit)
     if found is None:
+        from .loading import _is_hub_id, resolve_model
+
+        if model != TINY_MODEL and (Path(model).expanduser().exists() or not _is_hub_id(model)):
+            resolve_model(model)  # a local folder's mistakes are found here at once, not after a background start
         serve_args = [a for f in ("device", "dtype", "quant", "engine", "max_pixels") if getattr(args, f) is not None
                       for a in (_flag(f), str(getattr(args, f)))]
         # local only, so no need for the public server's 64 MB cap: a long PDF's pages travel as data URIs
