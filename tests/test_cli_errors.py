@@ -90,3 +90,17 @@ def test_help_and_errors_import_nothing_heavy():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert "usage: glmv" in p.stdout
     assert json.loads(p.stdout.strip().splitlines()[-1]) == [[2, 2, 2, 2, 0, 0], []], p.stderr
+
+
+def test_json_out_writes_the_object_and_bad_targets_are_refused_first(tmp_path, sample_png):
+    target = tmp_path / "answer.json"
+    r = run_cli(["ask", str(sample_png), "-p", "colour?", "--json-out", str(target)])
+    assert r.code == 0 and r.out.strip() == "A red square."  # text on stdout, the object in the file
+    assert json.loads(target.read_text())["answer"] == "A red square."
+    r = run_cli(["ask", str(sample_png), "--json", "--json-out", str(target)])
+    assert json.loads(r.out) == json.loads(target.read_text())
+    r = run_cli(["ask", str(sample_png), "--json-out", str(tmp_path)])
+    assert r.code == 2 and "is a folder" in r.err and r.backend.requests == []
+    (tmp_path / "file").write_text("x")
+    r = run_cli(["ask", str(sample_png), "--json-out", str(tmp_path / "file" / "a.json")])
+    assert r.code == 2 and r.backend.requests == []

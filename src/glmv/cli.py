@@ -179,6 +179,7 @@ def _add_session_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-server", action="store_true",
                    help="load the model in this process even when `glmv start` keeps a matching one loaded")
     g.add_argument("--no-log", action="store_true", help="leave this out of the history (glmv logs)")
+    g.add_argument("--json-out", default=None, metavar="FILE", help="write the --json object to FILE too (with or without --json)")
 
 
 def _add_conversation_args(p: argparse.ArgumentParser) -> None:
@@ -480,7 +481,8 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
         raise UsageError("--show-thinking shows nothing with --no-thinking: drop one of them")
     if args.json and args.stream:
         raise UsageError("--stream and --json do not mix: --json prints one object when the answer is complete")
-    unused = {"batch": ("stream", "show_thinking", "system", "tools", "max_steps"), "chat": ("json", "stream", "tools", "max_steps")}
+    _check_json_out(args)
+    unused = {"batch": ("stream", "show_thinking", "system", "tools", "max_steps"), "chat": ("json", "json_out", "stream", "tools", "max_steps")}
     for dest in unused.get(args.command, ()):
         if dest in given:
             raise UsageError(f"glmv {args.command} does not use {_flag(dest)}")
@@ -692,17 +694,38 @@ def run_task(
                    "finish_reason": result.finish_reason, "timings": {"total_s": round(sum(p["timings"]["total_s"] for p in pages), 4)},
                    "usage": {k: sum(p["usage"][k] for p in pages) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
     conversation_id = _log_answer(args, conversation_id, model_name, where, prompt, sources, payload, sampling)
-    if args.json:
-        if conversation_id:
-            payload["conversation_id"] = conversation_id
-        if task == "html":
-            payload["html_path"] = str(html_path)
-            payload["html_found"] = result.output.html is not None
-            if refine_versions:
-                payload["versions"] = [{k: v[k] for k in ("version", "path", "score")} for v in refine_versions]
-        stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+    if conversation_id:
+        payload["conversation_id"] = conversation_id
+    if task == "html":
+        payload["html_path"] = str(html_path)
+        payload["html_found"] = result.output.html is not None
+        if refine_versions:
+            payload["versions"] = [{k: v[k] for k in ("version", "path", "score")} for v in refine_versions]
+    _emit_json(args, payload, stdout)
     stdout.flush()
     return 0
+
+
+def _emit_json(args: argparse.Namespace, payload: dict[str, Any], stdout: TextIO) -> None:
+    """--json: the object on stdout; --json-out FILE: the same object in FILE (written atomically)."""
+    text = json.dumps(payload, ensure_ascii=False)
+    if args.json:
+        stdout.write(text + "\n")
+    if getattr(args, "json_out", None):
+        from .outputs import write_atomic
+
+        write_atomic(Path(args.json_out), text + "\n")
+
+
+def _check_json_out(args: argparse.Namespace) -> None:
+    """A --json-out file that cannot be written is refused before any work."""
+    if getattr(args, "json_out", None):
+        from .outputs import ensure_writable_dir
+
+        target = Path(args.json_out)
+        if target.is_dir():
+            raise UsageError(f"--json-out '{args.json_out}' is a folder; give a file name")
+        ensure_writable_dir(target.parent if str(target.parent) else Path("."))
 
 
 def _generate_with_tools(backend: Backend, messages: list[Message], media: list[Any], sampling: SamplingParams,
@@ -810,8 +833,8 @@ def run_batch_command(args: argparse.Namespace, backend_factory: BackendFactory 
         return backend
 
     code = run_batch(args.inputs, opts, factory, stderr)
-    if args.json:
-        stdout.write(json.dumps(_batch_summary(Path(args.out)), ensure_ascii=False) + "\n")
+    if args.json or args.json_out:
+        _emit_json(args, _batch_summary(Path(args.out)), stdout)
     return code
 
 
