@@ -50,7 +50,8 @@ def _cpu_s(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def timed(args: list[str], runs: int, expect_in_stderr: str | None = None, server_pid: int | None = None) -> dict[str, Any]:
+def timed(args: list[str], runs: int, expect_in_stderr: str | None = None,
+          server_pid: int | None = None) -> dict[str, Any]:
     """Wall time per run, and CPU time (the command's, and the resident server's): the CPU figures do not
     depend on what else the machine is doing, the wall figures do."""
     walls, cpu, server_cpu = [], [], []
@@ -73,12 +74,14 @@ def timed(args: list[str], runs: int, expect_in_stderr: str | None = None, serve
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=5, help="runs per figure (default 5)")
-    p.add_argument("--in-process-runs", type=int, default=1, help="runs of the in-process ask (slow; default 1; 0 skips it)")
+    p.add_argument("--in-process-runs", type=int, default=1,
+                   help="runs of the in-process ask (slow; default 1; 0 skips it)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON object to FILE")
     args = p.parse_args(argv)
 
-    report: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "python": platform.python_version(),
+    report: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+                              "python": platform.python_version(),
                               "date": time.strftime("%Y-%m-%d"), "load_avg_1min": round(os.getloadavg()[0], 2)}
     report["help"] = timed(["--help"], args.runs)
     report["argument_error"] = timed(["ask", "--temperature", "abc"], args.runs, "error: --temperature needs a number")
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{report['machine']}, Python {report['python']}, load average {report['load_avg_1min']} at the start")
     print("| command | median wall | worst | runs | CPU: command + server |\n|---|---|---|---|---|")
     for key, label in (("help", "glmv --help"), ("argument_error", "glmv ask --temperature abc"),
-                       ("missing_image", "glmv ask no-such.png"), ("ask_resident", "glmv ask --model tiny IMG (resident)"),
+                       ("missing_image", "glmv ask no-such.png"),
+                       ("ask_resident", "glmv ask --model tiny IMG (resident)"),
                        ("ask_in_process", "glmv ask --model tiny IMG --no-server")):
         if key not in report:
             continue

@@ -91,7 +91,8 @@ class ChatSession:
             self.say("new conversation")
         else:
             close = difflib.get_close_matches(name, [*COMMANDS, "/quit"], n=1)
-            raise UsageError(f"unknown command {name} ({f'did you mean {close[0]}? ' if close else ''}/help lists them)")
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise UsageError(f"unknown command {name} ({hint}/help lists them)")
         return True
 
     def set(self, key: str, value: str) -> None:
@@ -103,7 +104,8 @@ class ChatSession:
         try:
             number = kinds[name](value.strip())
         except ValueError:
-            raise UsageError(f"/set {key} needs {'a whole number' if kinds[name] is int else 'a number'}, not {value.strip()!r}") from None
+            kind = "a whole number" if kinds[name] is int else "a number"
+            raise UsageError(f"/set {key} needs {kind}, not {value.strip()!r}") from None
         self.sampling = self.sampling.merged(**{name: number})
         self.say(f"{key} {number}")
 
@@ -123,7 +125,8 @@ class ChatSession:
         """One user message and the streamed answer."""
         message = user_message(text, self.pending)
         sources, self.pending, self.pending_sources = self.pending_sources, [], []
-        request = GenerationRequest(messages=[*self.messages, message], sampling=self.sampling, thinking=self.args.thinking)
+        request = GenerationRequest(messages=[*self.messages, message], sampling=self.sampling,
+                                    thinking=self.args.thinking)
         result = self.stream(request)
         self.messages += [message, Message("assistant", [result.output.answer])]
         self.stderr.write(summary_line(result) + "\n")
@@ -158,11 +161,13 @@ class ChatSession:
                     printer.write(item.type, item.text)
                 yield item
 
-        threading.Thread(target=pump, name="glmv-chat-stream", daemon=True).start()
-        while True:
+        thread = threading.Thread(target=pump, name="glmv-chat-stream", daemon=True)
+        result: Result | None = None
+        while result is None:  # Ctrl-C may come at any moment, even before the thread is started
             try:
+                if thread.ident is None:
+                    thread.start()
                 result = collect(received())
-                break
             except KeyboardInterrupt:
                 cancel.set()  # the backend ends the stream at the next token, with what it had written
         printer.end()
@@ -210,7 +215,8 @@ def run_chat(args: argparse.Namespace, injected: BackendFactory | None, stdin: T
         sampling = (getattr(backend, "default_sampling", None) or SamplingParams()).merged(**overrides)
         session = ChatSession(backend, args, model, where, sampling, conversation_id, prior, stdout, stderr)
         session.add_inputs(sources, loaded)
-        stderr.write(f"glmv: chatting with {model}{' (continuing ' + conversation_id + ')' if conversation_id else ''}. "
+        continuing = f" (continuing {conversation_id})" if conversation_id else ""
+        stderr.write(f"glmv: chatting with {model}{continuing}. "
                      f"/help lists the commands; Ctrl-C stops an answer, Ctrl-D quits\n")
         while True:
             try:

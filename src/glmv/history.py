@@ -129,7 +129,8 @@ class History:
             self.db = sqlite3.connect(self.path, timeout=10)
             self.db.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as exc:
-            raise GlmvError(f"cannot open the history database {self.path}: {exc} (--no-log or GLMV_HISTORY=off skips it)") from None
+            raise GlmvError(f"cannot open the history database {self.path}: {exc} "
+                            f"(--no-log or GLMV_HISTORY=off skips it)") from None
 
     def close(self) -> None:
         self.db.close()
@@ -145,8 +146,8 @@ class History:
             settings: dict[str, Any], usage: dict[str, Any], timings: dict[str, Any], finish_reason: str | None) -> int:
         with self.db:
             cur = self.db.execute(
-                "INSERT INTO responses (conversation_id, created, command, model, backend, prompt, system, inputs, answer,"
-                " thinking, settings, usage, timings, finish_reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO responses (conversation_id, created, command, model, backend, prompt, system, inputs,"
+                " answer, thinking, settings, usage, timings, finish_reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (conversation_id, time.time(), command, model, backend, prompt, system, json.dumps(inputs), answer,
                  thinking, json.dumps(settings), json.dumps(usage), json.dumps(timings), finish_reason))
         return int(cur.lastrowid or 0)
@@ -201,7 +202,8 @@ def record(*, conversation_id: str, command: str, model: str | None, backend: st
                      timings=payload.get("timings", {}), finish_reason=payload.get("finish_reason"))
 
 
-def replay(entries: list[Entry], load: Callable[[str, str | None], list[Any]], warn: Callable[[str], None]) -> list[Message]:
+def replay(entries: list[Entry], load: Callable[[str, str | None], list[Any]],
+           warn: Callable[[str], None]) -> list[Message]:
     """The messages of earlier turns: each prompt with its inputs loaded again (``load(source, pages)``), then
     the answer. Inputs that cannot be read again (standard input, data: URIs, deleted files) are left out, with
     a warning; a file that changed since is used as it is now, with a warning."""
@@ -213,7 +215,8 @@ def replay(entries: list[Entry], load: Callable[[str, str | None], list[Any]], w
         for item in e.inputs:
             source = item.get("source", "")
             if source in ("-", "data:"):
-                warn(f"an input of an earlier turn ({'standard input' if source == '-' else 'a data: URI'}) cannot be read again: left out")
+                what = "standard input" if source == "-" else "a data: URI"
+                warn(f"an input of an earlier turn ({what}) cannot be read again: left out")
                 continue
             try:
                 media.extend(load(source, e.settings.get("pages")))

@@ -48,7 +48,8 @@ def parse_duration(text: str) -> float | None:
     if text.strip().lower() in ("never", "none", "off"):
         return None
     if not m:
-        raise GlmvError(f"invalid idle timeout {text!r}: use seconds or a number with s, m or h (30m, 2h), or 0 for never")
+        raise GlmvError(f"invalid idle timeout {text!r}: use seconds or a number with s, m or h (30m, 2h), "
+                        f"or 0 for never")
     seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
     return seconds or None
 
@@ -198,7 +199,8 @@ def start(serve_args: list[str], model: str, stderr: TextIO, wait_s: float | Non
                 raise GlmvError(f"the background server for {model} exited while starting: {last} (log: {log_path})")
             if deadline is not None and time.monotonic() > deadline:
                 proc.terminate()
-                raise GlmvError(f"the background server for {model} did not start within {wait_s:.0f} s (log: {log_path})")
+                raise GlmvError(f"the background server for {model} did not start within {wait_s:.0f} s "
+                                f"(log: {log_path})")
             time.sleep(0.1)
     except KeyboardInterrupt:
         proc.terminate()

@@ -119,7 +119,8 @@ class OpenAI:
         self.models = _Models(self)
         self.chat = _Chat(self)
 
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    def _request(self, method: str, path: str,
+                 body: dict[str, Any] | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
         payload = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
         try:
