@@ -93,8 +93,11 @@ def test_resident_not_used_when_the_model_or_a_setting_differs(server, tmp_path)
 
 
 def test_resident_matches_explicit_settings_it_resolved(server):
-    code, out, err = run(["ask", "-p", "hi", "--model", "tiny", "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "2"])
+    code, out, err = run(["ask", "-p", "hi", "--model", "tiny", "--device", "cpu", "--dtype", "float32",
+                          "--max-pixels", "100000", "--max-new-tokens", "2"])
     assert code == 0 and "using the resident tiny" in err, err
+    code, _, err = run(["ask", "-p", "hi", "--model", "tiny", "--max-pixels", "9000000", "--device", "cuda"])
+    assert "it scales images to at most 4000000 pixels, fewer than 9000000" in err
 
 
 def test_continue_the_last_conversation_and_a_given_one(server):

@@ -27,7 +27,7 @@ from .errors import GlmvError
 from .settings import TINY_MODEL, cache_root
 
 # Settings that change what the model computes; a client flag given explicitly must agree with the server.
-MATCH_FIELDS = ("device", "dtype", "quant", "engine", "max_pixels")
+MATCH_FIELDS = ("max_pixels", "device", "dtype", "quant", "engine")
 DEFAULT_IDLE_TIMEOUT_S = 30 * 60.0
 
 
@@ -91,6 +91,10 @@ class Resident:
             if want is None:
                 continue
             have = {self.settings.get(name), self.resolved.get(name)}
+            if name == "max_pixels":  # the client scales images first: any cap up to the server's gives the same
+                if int(want) <= int(self.settings.get(name) or 0):
+                    continue
+                return f"it scales images to at most {self.settings.get(name)} pixels, fewer than {want}"
             if name == "dtype":
                 want = _DTYPE_ALIASES.get(str(want), want)
                 have = {_DTYPE_ALIASES.get(str(h), h) for h in have}
