@@ -558,8 +558,8 @@ def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr:
         media_dir = Path(args.allowed_media_dir).expanduser()
         if not media_dir.is_dir():
             raise GlmvError(f"--allowed-media-dir '{args.allowed_media_dir}' is not a folder")
-    if args.max_queue < 1 or args.max_batch < 1:
-        raise GlmvError("--max-queue and --max-batch must be at least 1")
+    if args.max_queue < 1 or args.max_batch < 1 or args.max_body_mb < 1:
+        raise GlmvError("--max-queue, --max-batch and --max-body-mb must be at least 1")
     if args.host not in LOOPBACK and not api_key:
         stderr.write(f"glmv: warning: listening on {args.host} without --api-key: anyone who can reach this "
                      f"address can use the model\n")
