@@ -141,6 +141,19 @@ def test_cli_video_frames_limit(tmp_path):
     assert code == 2 and "8 video frames (2 a second), over the limit of 4 (max_video_frames)" in err, err
 
 
+def test_web_app_chat_upload_over_the_limits(tmp_path):
+    from glmv.errors import GlmvError
+    from test_ui import make_app
+
+    app, backend = make_app(tmp_path, "never")
+    hundred = tmp_path / "hundred.pdf"
+    hundred.write_bytes(pdf_claiming(100, real=100))
+    t0 = time.perf_counter()
+    with pytest.raises(GlmvError, match="100 PDF pages, over the limit of 64 .max_pdf_pages."):
+        list(app.chat({"text": "summarize", "files": [{"path": str(hundred)}]}, [], [], True, False, True, 16, "s"))
+    assert time.perf_counter() - t0 < 1.5 and not backend.requests
+
+
 # -- the server: 413 with an OpenAI error body, before decoding -----------------------------------------
 @pytest.fixture(scope="module")
 def live():
