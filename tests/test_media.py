@@ -327,3 +327,25 @@ def test_https_is_verified_for_the_host_name_while_connecting_to_the_checked_add
     other = RemotePolicy(trusted_hosts=frozenset({"other.test"}), resolve=lambda host, p: ["127.0.0.1"], ssl_context=trusting)
     with pytest.raises(MediaError, match="TLS failed.*(hostname|match)"):  # right address, wrong name
         load_image(f"https://other.test:{port}/ok.png", remote=other)
+
+
+def test_server_with_remote_media_allowed_still_refuses_inward_urls(http_server):
+    """glmv serve --allow-remote-media: images and videos from inward addresses get a 400, nothing is fetched."""
+    import httpx
+
+    from glmv.server.app import ServerConfig
+    from glmv.testing.scripted import ScriptedBackend
+    from test_server import serve_in_thread
+
+    parts = [{"type": "image_url", "image_url": {"url": f"http://{host}:{http_server}/secret"}}
+             for host in ("127.0.0.1", "0x7f000001", "[::ffff:127.0.0.1]", "localhost")]
+    parts += [{"type": "video_url", "video_url": {"url": f"http://2130706433:{http_server}/secret"}},
+              {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data/"}}]
+    with serve_in_thread(ScriptedBackend("never"), ServerConfig(model_name="s", allow_remote_media=True)) as url:
+        for part in parts:
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                           json={"messages": [{"role": "user", "content": [part, {"type": "text", "text": "x"}]}]})
+            err = r.json()["error"]
+            assert r.status_code == 400 and "messages[0].content[0]" in err["message"] and "refused" in err["message"]
+            assert "root:x" not in err["message"]
+    assert _Handler.secret_hits == 0
