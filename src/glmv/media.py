@@ -245,7 +245,8 @@ def download(url: str, policy: RemotePolicy | None = None, what: str = "image") 
             raise MediaError(f"cannot fetch {what} '{url}': invalid port in '{current}'") from None
         if not host:
             raise MediaError(f"cannot fetch {what} '{url}': no host in '{current}'")
-        label = f"'{url}'" + (f" (redirected to '{current}')" if hop else "")
+        shown = current if len(current) <= 200 else current[:200] + "..."  # a redirect's target is the server's text
+        label = f"'{url}'" + (f" (redirected to '{shown}')" if hop else "")
         address = _checked_address(label, host, port, policy, what)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
