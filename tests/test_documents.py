@@ -186,6 +186,43 @@ def test_many_threads_rendering_at_once(tmp_path):
             assert list(pool.map(work, jobs)) == [2] * 10
 
 
+def test_bad_pdfs(tmp_path, pdf):
+    corrupt = tmp_path / "corrupt.pdf"
+    corrupt.write_bytes(b"%PDF-1.7\n" + os.urandom(300))
+    with pytest.raises(MediaError, match="corrupt.pdf.*corrupt"):
+        render_pdf(corrupt)
+    from pypdf import PdfReader, PdfWriter
+
+    writer = PdfWriter()
+    for page in PdfReader(pdf).pages:
+        writer.add_page(page)
+    writer.encrypt("secret")
+    enc = tmp_path / "locked.pdf"
+    with open(enc, "wb") as f:
+        writer.write(f)
+    with pytest.raises(MediaError, match="locked.pdf.*encrypted"):
+        render_pdf(enc)
+    empty = tmp_path / "empty.pdf"
+    empty.write_bytes(b"")
+    with pytest.raises(MediaError, match="empty"):
+        render_pdf(empty)
+    with pytest.raises(MediaError, match="outside"):
+        render_pdf(pdf, "4-5")
+    no_pages = tmp_path / "nopages.pdf"
+    with open(no_pages, "wb") as f:
+        PdfWriter().write(f)
+    with pytest.raises(MediaError, match="nopages.pdf.*no pages"):
+        render_pdf(no_pages)
+
+
+def test_deck_without_libreoffice_names_the_package(tmp_path, monkeypatch):
+    deck = tmp_path / "slides.pptx"
+    deck.write_bytes(b"PK\x03\x04 not really a deck")
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(MediaError, match="slides.pptx.*LibreOffice.*libreoffice-impress"):
+        office_to_pdf(deck)
+
+
 # -- video ---------------------------------------------------------------------------------------------
 def test_video_sampled_at_two_fps_with_timestamps(tmp_path):
     video = load_video(make_video(tmp_path / "clip.mp4", seconds=3.0))

@@ -18,7 +18,7 @@ from glmv.errors import ContextLengthError, LimitError, RequestError
 from glmv.limits import Budget, Limits, image_tokens, video_tokens
 from glmv.server.app import ServerConfig
 from glmv.testing.scripted import ScriptedBackend
-from test_documents import make_pdf, make_video, pdf_claiming
+from test_documents import make_video, pdf_claiming
 from test_server import serve_in_thread
 
 
