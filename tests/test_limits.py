@@ -41,6 +41,16 @@ def test_limits_are_validated():
             Limits(**bad)
 
 
+def test_flags_on_every_command_that_takes_media():
+    from glmv.cli import build_parser
+    from glmv.limits import limits_from_args
+
+    for command in ("ask", "ocr", "html", "serve"):
+        args = build_parser().parse_args([command, "--max-images", "5", "--max-prompt-tokens", "9000"])
+        assert limits_from_args(args) == Limits(max_images=5, max_prompt_tokens=9000)
+    assert limits_from_args(build_parser().parse_args(["serve"])) == Limits()
+
+
 def test_token_estimate_follows_the_processor():
     assert image_tokens(1288, 728) == 46 * 26  # 1196, the measured prompt's visual tokens
     assert image_tokens(2000, 2000) == 71 * 71
