@@ -372,6 +372,13 @@ def test_a_missing_input_is_an_error_before_any_work(tmp_path):
     assert rc == 2 and stderr.getvalue() == f"error: cannot read '{tmp_path / 'nope'}': no such file or folder\n"
 
 
+def test_a_fifo_given_by_name_fails_instead_of_blocking(tmp_path):
+    fifo = tmp_path / "scan.png"
+    os.mkfifo(fifo)
+    rc, err = run([fifo], tmp_path / "out")
+    assert rc == 1 and f"failed scan.png: cannot read '{fifo}': not a regular file" in err
+
+
 # -- PDFs, images and a video, again and again --------------------------------------------------------------------
 def test_pdfs_images_and_a_video_twenty_times_in_a_row(tmp_path):
     src = mixed_inputs(tmp_path / "in", n_images=3, pdf_pages=3)

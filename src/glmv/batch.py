@@ -150,6 +150,8 @@ def expand(inputs: list[str], pages: str | None = None, out: Path | None = None,
             rel = f"{label}/{rel}" if label else rel
             try:
                 st = f.stat()
+                if not f.is_file():  # a FIFO or device given by name would block or never end
+                    raise OSError(errno.EINVAL, "not a regular file")
             except OSError as exc:
                 plan.failed.append((Item(rel, rel, f.absolute(), "document"), f"cannot read '{f}': {exc.strerror}"))
                 continue
