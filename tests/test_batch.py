@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, png_bytes
+from conftest import REPO, bomb_png, png_bytes
 from glmv.batch import FolderLock, Options, check_collisions, expand, run_batch
 from glmv.cli import main
 from glmv.errors import GlmvError
@@ -344,6 +344,7 @@ def test_hostile_files_fail_alone_with_a_clear_message(tmp_path):
     (src / "corrupt.pdf").write_bytes(b"%PDF-1.7\n" + os.urandom(300))
     (src / "empty.pdf").write_bytes(b"")
     (src / "junk.mp4").write_bytes(b"not a video" * 20)
+    (src / "bomb.png").write_bytes(bomb_png(60_000, 60_000))  # 3.6 gigapixels announced in 100 bytes
     (src / ("n" * 248 + ".png")).write_bytes(png_bytes())  # x.png.json would be longer than a name may be
     img(src / "odd name\twith tab ü\u2028\x1c\x85.png")  # line separators for str.splitlines()
     (src / "loop").mkdir()
@@ -357,7 +358,7 @@ def test_hostile_files_fail_alone_with_a_clear_message(tmp_path):
     assert rc == 1
     assert "Traceback" not in err
     failed = {r["id"]: r["error"] for r in records(out) if r["status"] == "failed"}
-    assert set(failed) == {"empty.png", "text.png", "corrupt.pdf", "empty.pdf", "junk.mp4", "n" * 248 + ".png"}
+    assert set(failed) == {"empty.png", "text.png", "corrupt.pdf", "empty.pdf", "junk.mp4", "bomb.png", "n" * 248 + ".png"}
     for name, error in failed.items():
         assert name[:40] in error and not error.startswith("unexpected"), error
     assert done_ids(out) == ["odd name\twith tab ü\u2028\x1c\x85.png", "ok.png"]
