@@ -486,7 +486,8 @@ class _Run:
                 self.backend.close()
         failures = self._failures()
         left = len(todo) - self.stats["done"] - self.stats["failed"]
-        self.stderr.write(f"glmv: done {self.stats['done']} now ({already} earlier), failed {self.stats['failed']} "
+        failed_now = self.stats["failed"] + len(plan.failed)  # documents that could not be opened count too
+        self.stderr.write(f"glmv: done {self.stats['done']} now ({already} earlier), failed {failed_now} "
                           f"now, {len(failures)} failing in all, {left} not done, {self.stats['tokens']} tokens, "
                           f"{time.perf_counter() - t0:.1f} s; {joined} joined document(s); manifest {out / MANIFEST}\n")
         for item_id, error in failures[:20]:
