@@ -73,6 +73,14 @@ def test_json_output_fields(sample_png):
     assert data["finish_reason"] == "stop"
 
 
+def test_json_output_has_grounding_boxes_in_the_images_pixels(sample_png):
+    # sample_png is 64x48: a box on the 0-1000 scale maps onto it.
+    r = run_cli(["ask", str(sample_png), "--json", "-p", "where is the square?"],
+                script="<think>find it</think>square: <|begin_of_box|>[[250,500,750,1000]]<|end_of_box|>")
+    assert r.code == 0
+    assert json.loads(r.out)["boxes"] == [{"label": "square", "box": [250, 500, 750, 1000], "pixels": [16, 24, 48, 48]}]
+
+
 def test_no_arguments_is_the_tutorial_default(tmp_path, sample_png):
     (tmp_path / "input").mkdir()
     (tmp_path / "input" / "image_1.png").write_bytes(sample_png.read_bytes())

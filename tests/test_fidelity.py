@@ -5,6 +5,7 @@ Sources (every ported case names its own):
 - tests/fixtures/templates/: GLM-OCR's released template and llama.cpp's copy of GLM-4.6's (see the README there).
 - vLLM, tests/tool_parsers/test_glm4_moe_tool_parser.py (parser ``glm45``, the one the GLM-4.6V card serves with).
 - SGLang, test/registered/function_call test of ``Glm4MoeDetector`` (parser ``glm45``).
+- vLLM, tests/reasoning/test_glm4_moe_reasoning_parser.py (reasoning parser ``glm45``).
 Where the two projects disagree, vLLM's behaviour is followed (the issue asks for it) and the SGLang case is
 left out with the reason: SGLang drops calls to functions not in the request and unquotes a quoted value of a
 string parameter; vLLM keeps both as written.
@@ -261,10 +262,13 @@ CASES = [
      "<tool_call>f\n<arg_key>o</arg_key>\n<arg_value>{'pattern': '\\d+'}</arg_value>\n</tool_call>",
      [_fn("f", o={"type": "object"})], [("f", {"o": {"pattern": "\\d+"}})], ""),
 ]
+CASES.append(("glmv: a newline before the name", "<tool_call>\nget_weather\n<arg_key>city</arg_key>\n"
+              "<arg_value>Paris</arg_value>\n</tool_call>", WEATHER, [("get_weather", {"city": "Paris"})], ""))
 NO_CALL_CASES = [
     # (source, text): no call, the text is the answer
     ("vllm no_tools", "This is a test"),
     ("vllm streaming_empty_tool_call", "<tool_call></tool_call>"),
+    ("sglang empty_function_name_handling", "<tool_call>\n</tool_call>"),
 ]
 
 
@@ -332,6 +336,30 @@ def test_tool_markup_is_text_when_the_request_has_no_tools():
     text = "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>"
     r = parse_output(text, tools_enabled=False)
     assert r.tool_calls == [] and r.answer == text
+
+
+# vLLM's glm45 reasoning-parser cases: (output, reasoning, content). An unclosed <think> is reasoning, as vLLM
+# streams it (its non-streamed variant returns the whole text as content; glmv is the same both ways).
+REASONING_CASES = [
+    ("with_think", "<think>This is a reasoning section</think>This is the rest", "This is a reasoning section", "This is the rest"),
+    ("without_think", "This is the rest", "", "This is the rest"),
+    ("complete_reasoning", "<think>This is a reasoning section</think>", "This is a reasoning section", ""),
+    ("multiline_reasoning", "<think>This is a reasoning\nsection</think>This is the rest\nThat",
+     "This is a reasoning\nsection", "This is the rest\nThat"),
+    ("empty_think_block", "<think></think>This is the rest", "", "This is the rest"),
+    ("empty_think_block_no_content", "<think></think>", "", ""),
+    ("only_open_tag_stream", "<think>This is a reasoning section", "This is a reasoning section", ""),
+]
+
+
+@pytest.mark.parametrize("case", REASONING_CASES, ids=[c[0] for c in REASONING_CASES])
+def test_ported_reasoning_cases(case):
+    _, text, reasoning, content = case
+    whole = parse_output(text)
+    assert (whole.thinking, whole.answer) == (reasoning, content)
+    for seed in range(4):
+        streamed_answer, _, result = _stream(text, None, seed)
+        assert (result.thinking, streamed_answer.strip()) == (reasoning, content)
 
 
 # -- through the server, with the official openai client ------------------------------------------------------

@@ -109,6 +109,17 @@ def test_cli_refuses_over_limit_work_fast(tmp_path):
         assert "Traceback" not in err and out == "" and seconds < 1.5, (argv, seconds)
 
 
+def test_shapes_the_model_cannot_take_are_refused_before_decoding(tmp_path):
+    strip = tmp_path / "strip.png"
+    strip.write_bytes(png_bytes((20_000, 50)))
+    ribbon = tmp_path / "ribbon.pdf"
+    ribbon.write_bytes(pdf_claiming(1, size=(14_400, 10)))
+    for path, expected in ((strip, "strip.png': it is 20000x50 pixels, more than 200 times"),
+                           (ribbon, "ribbon.pdf#page=1': it is 1600x1 pixels")):
+        code, _, err, seconds = run_cli("ask", str(path), "-p", "x")
+        assert code == 2 and expected in err and seconds < 1.5, err
+
+
 def test_cli_pdf_with_a_lying_header_and_raised_limits(tmp_path):
     liar = tmp_path / "liar.pdf"
     liar.write_bytes(pdf_claiming(1_000_000, real=2))

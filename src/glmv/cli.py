@@ -335,6 +335,9 @@ def run_task(
         if result is None:
             return 130
         result.trace = [step.to_dict() for step in trace]
+        images = [m for m in group if hasattr(m, "original_size")]
+        if len(images) == 1:  # grounding boxes in the input file's pixels (boxes are on a 0-1000 scale)
+            result.output.with_image_size(*images[0].original_size)
         results.append((group, result))
         if not args.json:
             if not stream:
@@ -555,8 +558,8 @@ def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr:
         media_dir = Path(args.allowed_media_dir).expanduser()
         if not media_dir.is_dir():
             raise GlmvError(f"--allowed-media-dir '{args.allowed_media_dir}' is not a folder")
-    if args.max_queue < 1 or args.max_batch < 1:
-        raise GlmvError("--max-queue and --max-batch must be at least 1")
+    if args.max_queue < 1 or args.max_batch < 1 or args.max_body_mb < 1:
+        raise GlmvError("--max-queue, --max-batch and --max-body-mb must be at least 1")
     if args.host not in LOOPBACK and not api_key:
         stderr.write(f"glmv: warning: listening on {args.host} without --api-key: anyone who can reach this "
                      f"address can use the model\n")

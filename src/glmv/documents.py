@@ -452,15 +452,29 @@ def plan_input(source: Any, opts: RenderOptions = RenderOptions(), *, kind: str 
     return PlannedInput("image", name, data, size=image_size(data, name))
 
 
+MAX_ASPECT = 200  # the processor refuses images whose long side is over 200 times the short one
+
+
+def _check_aspect(name: str, size: tuple[int, int]) -> None:
+    w, h = size
+    if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
+        raise MediaError(f"cannot use '{name}': it is {w}x{h} pixels, more than {MAX_ASPECT} times as long as it is "
+                         f"wide, which the model cannot take; crop it into parts")
+
+
 def charge(planned: PlannedInput, budget: Budget, opts: RenderOptions = RenderOptions()) -> None:
-    """Count a planned input against the budget (raises when a limit is passed)."""
+    """Count a planned input against the budget (raises when a limit is passed or the model cannot take it)."""
     if planned.kind == "image":
+        _check_aspect(planned.name, planned.size)
         budget.add_image(planned.name, planned.size, fit_to_pixels(*planned.size, opts.max_pixels))
     elif planned.kind == "pdf":
         assert planned.pdf is not None
         rendered = [page_render_size(size, opts.long_side, opts.dpi) for size in planned.pdf.sizes_pt]
+        for i, size in zip(planned.pdf.indices, rendered):
+            _check_aspect(f"{planned.name}#page={i + 1}", size)
         budget.add_pages(planned.name, rendered, [fit_to_pixels(w, h, opts.max_pixels) for w, h in rendered])
     else:
+        _check_aspect(planned.name, planned.size)
         budget.add_video(planned.name, planned.frames, planned.size)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ast
 import json
-import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -314,19 +313,20 @@ class StreamParser:
         st = self._call
         if st is None or not st.valid:
             return
+        buf = self._tool_buf.lstrip()  # as parse_tool_call reads it: a newline may come before the name
         if st.name is None:
-            if self._tool_buf.lstrip().startswith("{"):
+            if buf.startswith("{"):
                 return  # the JSON form: known only when complete
-            cut = _name_end(self._tool_buf)
+            cut = _name_end(buf)
             if cut is None:
                 return
-            name = _clean_name(self._tool_buf[:cut])
+            name = _clean_name(buf[:cut])
             if not _NAME_RE.match(name):
                 st.valid = False
                 return
             st.name = name
             out.append(Delta("tool", "", st.index, name))
-        built = _arguments_so_far(st.name, self._tool_buf[_name_end(self._tool_buf) or 0 :], self._tools)
+        built = _arguments_so_far(st.name, buf[_name_end(buf) or 0 :], self._tools)
         if len(built) > len(st.sent) and built.startswith(st.sent):
             out.append(Delta("tool", built[len(st.sent) :], st.index))
             st.sent = built

@@ -490,8 +490,6 @@ class LocalBackend:
             ahead = len(self._pending) + self._running
             self._pending.append(job)
             self._cv.notify()
-        if ahead:
-            yield Chunk("status", text=f"waiting: {ahead} request(s) ahead")
 
         decoder = IncrementalDecoder(self.processor.tokenizer)
         parser = StreamParser(thinking_open=prompt.rstrip().endswith("<think>"), tools=request.tools,
@@ -516,6 +514,8 @@ class LocalBackend:
 
         emitted_calls = [0]
         try:
+            if ahead:
+                yield Chunk("status", text=f"waiting: {ahead} request(s) ahead")
             while True:
                 try:
                     kind, payload = job.out.get(timeout=WITHDRAW_POLL_S)

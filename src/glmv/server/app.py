@@ -5,7 +5,10 @@ like. Requests are parsed strictly (unknown fields: 422), converted to core mess
 policy (data: URIs always; http(s) only with ``--allow-remote-media``; local files only inside
 ``--allowed-media-dir``), validated and processed before they are queued, so a bad request never
 reaches the GPU. Admission is bounded (``--max-queue``; beyond it 429 with Retry-After); the backend
-batches what waits together. A client that disconnects has its generation cancelled at once.
+batches what waits together. Bodies are limited while they arrive and the API key checked by a pure
+ASGI middleware (``guard.py``), which leaves the client's disconnect visible: a client that leaves,
+streamed or not, frees its slot at once, and its generation stops at the next token (or, still queued,
+leaves the queue).
 """
 
 from __future__ import annotations
@@ -236,7 +239,8 @@ def _tool_calls_in(message: ChatMessage, where: str) -> list[ToolCall]:
         if not isinstance(args, dict):
             raise RequestError(f"{where}.tool_calls[{i}].function.arguments must be a JSON object")
         if json_depth(args) > MAX_JSON_DEPTH:
-            raise RequestError(f"{where}.tool_calls[{i}].function.arguments nests more than {MAX_JSON_DEPTH} levels deep")
+            raise RequestError(f"{where}.tool_calls[{i}].function.arguments nests more than {MAX_JSON_DEPTH} "
+                               f"levels deep")
         calls.append(ToolCall(tc.function.name, args))
     return calls
 
@@ -272,7 +276,7 @@ def to_generation_request(body: ChatCompletionRequest, config: ServerConfig, def
         repetition_penalty=body.repetition_penalty,
         max_new_tokens=asked,
         seed=body.seed,
-        stop=tuple([stop] if isinstance(stop, str) else stop) if stop else None,
+        stop=tuple([stop] if isinstance(stop, str) else stop) if stop is not None else None,
     )
     tools = None
     if body.tools and body.tool_choice != "none":
@@ -401,6 +405,9 @@ def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
             try:
                 gen_request = await asyncio.to_thread(to_generation_request, body, config, defaults,
                                                       getattr(backend, "context_length", None))
+                if cancel.is_set():  # the client left while its media was read: no tokenizing, no queueing
+                    watcher.cancel()
+                    return Response(status_code=499)
                 stream = await _start(backend, gen_request, cancel)
             except GlmvError as exc:
                 raise _api_error_from(exc) from None
