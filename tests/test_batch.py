@@ -219,6 +219,20 @@ def test_a_torn_last_manifest_line_is_repaired(tmp_path, tail):
     assert sorted(r["id"] for r in recs if r["status"] == "done") == ["a.png", "b.png"]
 
 
+def test_a_manifest_of_mostly_superseded_lines_is_compacted(tmp_path, monkeypatch):
+    monkeypatch.setattr("glmv.batch.COMPACT_SLACK", 5)
+    src = tmp_path / "in"
+    x = img(src / "x.png")
+    img(src / "y.png")
+    out = tmp_path / "out"
+    for i in range(12):  # x changes every run: one more superseded line each time (13 lines in all)
+        os.utime(x, ns=(time.time_ns(), time.time_ns() + i * 10**9))
+        assert run([src], out)[0] == 0
+    lines = (out / "manifest.jsonl").read_text().split("\n")[:-1]
+    assert 2 <= len(lines) < 12  # rewritten once on the way
+    assert "0 to do, 2 already done" in run([src], out)[1]
+
+
 # -- a full disk ---------------------------------------------------------------------------------------------
 def mixed_inputs(root: Path, n_images: int = 4, pdf_pages: int = 2) -> Path:
     for i in range(n_images):

@@ -51,6 +51,7 @@ MANIFEST = "manifest.jsonl"
 LOCK_FILE = ".glmv-batch.lock"
 WORK_DIR = ".glmv-work"  # decks converted to PDF live here while the batch runs (hidden: never an input)
 DEFAULT_MAX_DOC_PAGES = 2000
+COMPACT_SLACK = 1000  # superseded manifest lines tolerated before the manifest is rewritten at the next start
 NAME_MAX = 255  # bytes in one path component on common filesystems
 # A write error with one of these concerns one item's name; any other stops the batch (the folder is full,
 # over quota, read-only, gone...), because no later item could be written either.
@@ -309,6 +310,18 @@ class Manifest:
             if rec is not None:
                 self.latest[rec["id"]] = rec
         self._lock = threading.Lock()
+        if len(lines) > 2 * len(self.latest) + COMPACT_SLACK:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the file with only the latest record per item (atomically: a kill leaves old or new)."""
+        text = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in self.latest.values())
+        try:
+            write_atomic(self.path, text)
+        except OSError:
+            return  # no room to rewrite it: the long file works just as well
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
 
     @staticmethod
     def _parse(line: str) -> dict[str, Any] | None:
