@@ -33,8 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
 from .backends.base import Backend, GenerationRequest, Result, collect
-from .documents import (IMAGE_EXTS, OFFICE_EXTS, PDF_EXTS, VIDEO_EXTS, kind_of, load_video, office_to_pdf, parse_pages,
-                        pdf_page_count, render_pdf)
+from .documents import kind_of, load_video, office_to_pdf, parse_pages, pdf_page_count, render_pdf
 from .errors import GlmvError, MediaError
 from .media import load_image
 from .outputs import ensure_writable_dir, text_as_page, write_atomic
@@ -46,7 +45,6 @@ try:
 except ImportError:  # pragma: no cover - Windows: no advisory locks, the folder is not locked
     fcntl = None  # type: ignore[assignment]
 
-SUPPORTED = IMAGE_EXTS | PDF_EXTS | OFFICE_EXTS | VIDEO_EXTS
 MANIFEST = "manifest.jsonl"
 LOCK_FILE = ".glmv-batch.lock"
 WORK_DIR = ".glmv-work"  # decks converted to PDF live here while the batch runs (hidden: never an input)
