@@ -16,6 +16,7 @@ import http.client
 import io
 import ipaddress
 import math
+import re
 import socket
 import ssl
 import sys
@@ -327,7 +328,9 @@ def _bomb_error(name: str, max_decode_pixels: int) -> MediaError:
 
 
 def _corrupt_error(name: str, exc: Exception) -> MediaError:
-    detail = str(exc) or type(exc).__name__
+    # Pillow's messages can name its internal objects ("cannot identify image file <_io.BytesIO object at 0x...>"):
+    # keep only what helps the user.
+    detail = re.sub(r"\s*<[^>]*>", "", str(exc)).strip() or type(exc).__name__
     return MediaError(f"cannot read image '{name}': the file is truncated or corrupt ({detail})")
 
 
