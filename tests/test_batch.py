@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, png_bytes
+from conftest import REPO, bomb_png, png_bytes
 from glmv.batch import FolderLock, Options, check_collisions, expand, run_batch
 from glmv.cli import main
 from glmv.errors import GlmvError
@@ -219,6 +219,20 @@ def test_a_torn_last_manifest_line_is_repaired(tmp_path, tail):
     assert sorted(r["id"] for r in recs if r["status"] == "done") == ["a.png", "b.png"]
 
 
+def test_a_manifest_of_mostly_superseded_lines_is_compacted(tmp_path, monkeypatch):
+    monkeypatch.setattr("glmv.batch.COMPACT_SLACK", 5)
+    src = tmp_path / "in"
+    x = img(src / "x.png")
+    img(src / "y.png")
+    out = tmp_path / "out"
+    for i in range(12):  # x changes every run: one more superseded line each time (13 lines in all)
+        os.utime(x, ns=(time.time_ns(), time.time_ns() + i * 10**9))
+        assert run([src], out)[0] == 0
+    lines = (out / "manifest.jsonl").read_text().split("\n")[:-1]
+    assert 2 <= len(lines) < 12  # rewritten once on the way
+    assert "0 to do, 2 already done" in run([src], out)[1]
+
+
 # -- a full disk ---------------------------------------------------------------------------------------------
 def mixed_inputs(root: Path, n_images: int = 4, pdf_pages: int = 2) -> Path:
     for i in range(n_images):
@@ -344,6 +358,7 @@ def test_hostile_files_fail_alone_with_a_clear_message(tmp_path):
     (src / "corrupt.pdf").write_bytes(b"%PDF-1.7\n" + os.urandom(300))
     (src / "empty.pdf").write_bytes(b"")
     (src / "junk.mp4").write_bytes(b"not a video" * 20)
+    (src / "bomb.png").write_bytes(bomb_png(60_000, 60_000))  # 3.6 gigapixels announced in 100 bytes
     (src / ("n" * 248 + ".png")).write_bytes(png_bytes())  # x.png.json would be longer than a name may be
     img(src / "odd name\twith tab ü\u2028\x1c\x85.png")  # line separators for str.splitlines()
     (src / "loop").mkdir()
@@ -357,7 +372,7 @@ def test_hostile_files_fail_alone_with_a_clear_message(tmp_path):
     assert rc == 1
     assert "Traceback" not in err
     failed = {r["id"]: r["error"] for r in records(out) if r["status"] == "failed"}
-    assert set(failed) == {"empty.png", "text.png", "corrupt.pdf", "empty.pdf", "junk.mp4", "n" * 248 + ".png"}
+    assert set(failed) == {"empty.png", "text.png", "corrupt.pdf", "empty.pdf", "junk.mp4", "bomb.png", "n" * 248 + ".png"}
     for name, error in failed.items():
         assert name[:40] in error and not error.startswith("unexpected"), error
     assert done_ids(out) == ["odd name\twith tab ü\u2028\x1c\x85.png", "ok.png"]
@@ -370,6 +385,13 @@ def test_a_missing_input_is_an_error_before_any_work(tmp_path):
     rc = main(["batch", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], backend_factory=lambda s: no_backend(),
               stderr=stderr)
     assert rc == 2 and stderr.getvalue() == f"error: cannot read '{tmp_path / 'nope'}': no such file or folder\n"
+
+
+def test_a_fifo_given_by_name_fails_instead_of_blocking(tmp_path):
+    fifo = tmp_path / "scan.png"
+    os.mkfifo(fifo)
+    rc, err = run([fifo], tmp_path / "out")
+    assert rc == 1 and f"failed scan.png: cannot read '{fifo}': not a regular file" in err
 
 
 # -- PDFs, images and a video, again and again --------------------------------------------------------------------
@@ -398,6 +420,11 @@ sys.exit(main(sys.argv[1:], backend_factory=lambda s: ScriptedBackend(script, de
 """
 
 
+def manifest_lines(out: Path) -> int:
+    path = out / "manifest.jsonl"
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
 def test_kill_9_at_ten_random_moments_then_resume_does_every_item_once(tmp_path):
     src = mixed_inputs(tmp_path / "in", n_images=16, pdf_pages=4)
     out = tmp_path / "out"
@@ -407,16 +434,21 @@ def test_kill_9_at_ten_random_moments_then_resume_does_every_item_once(tmp_path)
     rng = random.Random(seed)
     progress = []
     for _ in range(10):
+        before = manifest_lines(out)
         proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         line = ""
         while "item(s):" not in line and proc.poll() is None:  # planned: the work starts now
             line = proc.stderr.readline()
-        time.sleep(rng.uniform(0.05, 0.6))
+        # a random moment: after 0 to 3 more results (whatever the machine's speed), plus 0 to 0.3 s
+        wait_for, deadline = before + rng.randrange(4), time.time() + 30
+        while manifest_lines(out) < wait_for and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stderr.close()
-        progress.append(len(done_ids(out)) if (out / "manifest.jsonl").exists() else 0)
-    assert len(set(progress)) >= 3 and progress[0] < 20, (seed, progress)  # the kills landed all through the work
+        progress.append(manifest_lines(out))
+    assert len(set(progress)) >= 3, (seed, progress)  # the kills landed all through the work
     p = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, (seed, p.stderr)
     expected = sorted([f"p{i:02d}.png" if i % 2 == 0 else f"sub/p{i:02d}.png" for i in range(16)]

@@ -180,7 +180,7 @@ def test_bench_runs_on_the_tiny_model(tmp_path):
         e = report["configs"][name]
         assert e["decode_tok_s_b1"] > 0 and e["aggregate_tok_s_b2"] > 0 and e["prefill_s"] > 0, e
     assert report["configs"]["tutorial-nf4"] == {"skipped": "needs CUDA", "peak_gpu_GB": None, "ratio_b1": None}
-    assert report["prompt_tokens"] == 1206  # the real 1288x728 screenshot through the real processor
+    assert report["prompt_tokens"] == 1207  # the real 1288x728 screenshot through the real processor (1196 visual tokens)
     assert json.loads(p.stdout) == report  # --json: one object on stdout, the same as --json-out's file
 
 

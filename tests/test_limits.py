@@ -18,7 +18,7 @@ from glmv.errors import ContextLengthError, LimitError, RequestError
 from glmv.limits import Budget, Limits, image_tokens, video_tokens
 from glmv.server.app import ServerConfig
 from glmv.testing.scripted import ScriptedBackend
-from test_documents import make_pdf, make_video, pdf_claiming
+from test_documents import make_video, pdf_claiming
 from test_server import serve_in_thread
 
 
@@ -39,6 +39,16 @@ def test_limits_are_validated():
     for bad in ({"max_images": 0}, {"max_total_pixels": -1}, {"max_text_chars": 1.5}, {"max_pdf_pages": True}):
         with pytest.raises(RequestError, match="invalid --max-"):
             Limits(**bad)
+
+
+def test_flags_on_every_command_that_takes_media():
+    from glmv.cli import build_parser
+    from glmv.limits import limits_from_args
+
+    for command in ("ask", "ocr", "html", "serve"):
+        args = build_parser().parse_args([command, "--max-images", "5", "--max-prompt-tokens", "9000"])
+        assert limits_from_args(args) == Limits(max_images=5, max_prompt_tokens=9000)
+    assert limits_from_args(build_parser().parse_args(["serve"])) == Limits()
 
 
 def test_token_estimate_follows_the_processor():
@@ -139,6 +149,19 @@ def test_cli_video_frames_limit(tmp_path):
     clip = make_video(tmp_path / "clip.mp4", seconds=3.0)
     code, _, err, seconds = run_cli("ask", str(clip), "--max-video-frames", "4", "-p", "x")
     assert code == 2 and "8 video frames (2 a second), over the limit of 4 (max_video_frames)" in err, err
+
+
+def test_web_app_chat_upload_over_the_limits(tmp_path):
+    from glmv.errors import GlmvError
+    from test_ui import make_app
+
+    app, backend = make_app(tmp_path, "never")
+    hundred = tmp_path / "hundred.pdf"
+    hundred.write_bytes(pdf_claiming(100, real=100))
+    t0 = time.perf_counter()
+    with pytest.raises(GlmvError, match="100 PDF pages, over the limit of 64 .max_pdf_pages."):
+        list(app.chat({"text": "summarize", "files": [{"path": str(hundred)}]}, [], [], True, False, True, 16, "s"))
+    assert time.perf_counter() - t0 < 1.5 and not backend.requests
 
 
 # -- the server: 413 with an OpenAI error body, before decoding -----------------------------------------

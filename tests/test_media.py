@@ -217,6 +217,7 @@ INWARD_HOSTS = [
     "[::1]", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "[::]", "[64:ff9b::7f00:1]", "[2002:7f00:1::]",
     "169.254.169.254", "[fe80::1]", "10.0.0.1", "172.16.5.4", "192.168.1.1", "100.64.0.1", "[fc00::1]",
     "224.0.0.1", "[ff02::1]", "240.0.0.1", "255.255.255.255", "198.18.0.1",
+    "user:pw@127.0.0.1", "evil.example\\@127.0.0.1", "[::ffff:169.254.169.254]", "LOCALHOST",
 ]
 
 
@@ -288,3 +289,63 @@ def test_size_and_time_limits(http_server):
 def test_other_url_schemes_are_refused(url):
     with pytest.raises(MediaError, match="unsupported URL scheme"):
         load_image(url)
+
+
+@pytest.fixture
+def https_server(tmp_path):
+    """An HTTPS media host with a self-signed certificate for 'media.test' (made by the openssl CLI)."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=media.test",
+                    "-addext", "subjectAltName=DNS:media.test", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads = True
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield srv.server_address[1], cert
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_https_is_verified_for_the_host_name_while_connecting_to_the_checked_address(https_server):
+    import ssl
+
+    port, cert = https_server
+    trusting = ssl.create_default_context(cafile=str(cert))
+    # The certificate names media.test; the connection goes to the address checked for it (127.0.0.1).
+    assert load_image(f"https://media.test:{port}/ok.png", remote=media_host(ssl_context=trusting)).size == (12, 34)
+    with pytest.raises(MediaError, match="TLS failed.*certificate"):  # self-signed: not trusted by default
+        load_image(f"https://media.test:{port}/ok.png", remote=media_host())
+    other = RemotePolicy(trusted_hosts=frozenset({"other.test"}), resolve=lambda host, p: ["127.0.0.1"], ssl_context=trusting)
+    with pytest.raises(MediaError, match="TLS failed.*(hostname|match)"):  # right address, wrong name
+        load_image(f"https://other.test:{port}/ok.png", remote=other)
+
+
+def test_server_with_remote_media_allowed_still_refuses_inward_urls(http_server):
+    """glmv serve --allow-remote-media: images and videos from inward addresses get a 400, nothing is fetched."""
+    import httpx
+
+    from glmv.server.app import ServerConfig
+    from glmv.testing.scripted import ScriptedBackend
+    from test_server import serve_in_thread
+
+    parts = [{"type": "image_url", "image_url": {"url": f"http://{host}:{http_server}/secret"}}
+             for host in ("127.0.0.1", "0x7f000001", "[::ffff:127.0.0.1]", "localhost")]
+    parts += [{"type": "video_url", "video_url": {"url": f"http://2130706433:{http_server}/secret"}},
+              {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data/"}}]
+    with serve_in_thread(ScriptedBackend("never"), ServerConfig(model_name="s", allow_remote_media=True)) as url:
+        for part in parts:
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                           json={"messages": [{"role": "user", "content": [part, {"type": "text", "text": "x"}]}]})
+            err = r.json()["error"]
+            assert r.status_code == 400 and "messages[0].content[0]" in err["message"] and "refused" in err["message"]
+            assert "root:x" not in err["message"]
+    assert _Handler.secret_hits == 0

@@ -33,8 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
 from .backends.base import Backend, GenerationRequest, Result, collect
-from .documents import (IMAGE_EXTS, OFFICE_EXTS, PDF_EXTS, VIDEO_EXTS, kind_of, load_video, office_to_pdf, parse_pages,
-                        pdf_page_count, render_pdf)
+from .documents import kind_of, load_video, office_to_pdf, parse_pages, pdf_page_count, render_pdf
 from .errors import GlmvError, MediaError
 from .media import load_image
 from .outputs import ensure_writable_dir, text_as_page, write_atomic
@@ -46,11 +45,11 @@ try:
 except ImportError:  # pragma: no cover - Windows: no advisory locks, the folder is not locked
     fcntl = None  # type: ignore[assignment]
 
-SUPPORTED = IMAGE_EXTS | PDF_EXTS | OFFICE_EXTS | VIDEO_EXTS
 MANIFEST = "manifest.jsonl"
 LOCK_FILE = ".glmv-batch.lock"
 WORK_DIR = ".glmv-work"  # decks converted to PDF live here while the batch runs (hidden: never an input)
 DEFAULT_MAX_DOC_PAGES = 2000
+COMPACT_SLACK = 1000  # superseded manifest lines tolerated before the manifest is rewritten at the next start
 NAME_MAX = 255  # bytes in one path component on common filesystems
 # A write error with one of these concerns one item's name; any other stops the batch (the folder is full,
 # over quota, read-only, gone...), because no later item could be written either.
@@ -150,6 +149,8 @@ def expand(inputs: list[str], pages: str | None = None, out: Path | None = None,
             rel = f"{label}/{rel}" if label else rel
             try:
                 st = f.stat()
+                if not f.is_file():  # a FIFO or device given by name would block or never end
+                    raise OSError(errno.EINVAL, "not a regular file")
             except OSError as exc:
                 plan.failed.append((Item(rel, rel, f.absolute(), "document"), f"cannot read '{f}': {exc.strerror}"))
                 continue
@@ -307,6 +308,18 @@ class Manifest:
             if rec is not None:
                 self.latest[rec["id"]] = rec
         self._lock = threading.Lock()
+        if len(lines) > 2 * len(self.latest) + COMPACT_SLACK:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the file with only the latest record per item (atomically: a kill leaves old or new)."""
+        text = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in self.latest.values())
+        try:
+            write_atomic(self.path, text)
+        except OSError:
+            return  # no room to rewrite it: the long file works just as well
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
 
     @staticmethod
     def _parse(line: str) -> dict[str, Any] | None:
@@ -484,7 +497,8 @@ class _Run:
                 self.backend.close()
         failures = self._failures()
         left = len(todo) - self.stats["done"] - self.stats["failed"]
-        self.stderr.write(f"glmv: done {self.stats['done']} now ({already} earlier), failed {self.stats['failed']} "
+        failed_now = self.stats["failed"] + len(plan.failed)  # documents that could not be opened count too
+        self.stderr.write(f"glmv: done {self.stats['done']} now ({already} earlier), failed {failed_now} "
                           f"now, {len(failures)} failing in all, {left} not done, {self.stats['tokens']} tokens, "
                           f"{time.perf_counter() - t0:.1f} s; {joined} joined document(s); manifest {out / MANIFEST}\n")
         for item_id, error in failures[:20]:

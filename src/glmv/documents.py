@@ -306,9 +306,8 @@ def video_frame_size(width: int, height: int, max_pixels: int = VIDEO_FRAME_PIXE
     return max(28, w), max(28, h)
 
 
-def probe_video(data: bytes, name: str, fps: float = VIDEO_FPS, max_seconds: float = VIDEO_MAX_SECONDS,
-                max_frames: int = VIDEO_MAX_FRAMES, max_pixels: int = VIDEO_FRAME_PIXELS) -> tuple[int, tuple[int, int]]:
-    """How many frames :func:`load_video` will sample and their size, from the container header alone."""
+def _open_video(data: bytes, name: str) -> tuple[Any, Any]:
+    """Open a container and its first video stream (the caller closes the container)."""
     try:
         import av
     except ImportError:
@@ -319,10 +318,19 @@ def probe_video(data: bytes, name: str, fps: float = VIDEO_FPS, max_seconds: flo
         container = av.open(io.BytesIO(data))
     except Exception as exc:
         raise MediaError(f"cannot read video '{name}': not a video file PyAV can decode ({exc})") from None
+    if not container.streams.video:
+        container.close()
+        raise MediaError(f"cannot read video '{name}': it has no video stream")
+    return container, container.streams.video[0]
+
+
+def probe_video(data: bytes, name: str, fps: float = VIDEO_FPS, max_seconds: float = VIDEO_MAX_SECONDS,
+                max_frames: int = VIDEO_MAX_FRAMES, max_pixels: int = VIDEO_FRAME_PIXELS) -> tuple[int, tuple[int, int]]:
+    """How many frames :func:`load_video` will sample and their size, from the container header alone."""
+    import av
+
+    container, stream = _open_video(data, name)
     try:
-        if not container.streams.video:
-            raise MediaError(f"cannot read video '{name}': it has no video stream")
-        stream = container.streams.video[0]
         width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
         if width < 1 or height < 1:
             raise MediaError(f"cannot read video '{name}': its header gives no frame size (corrupt?)")
@@ -345,25 +353,14 @@ def load_video(source: Any, fps: float = VIDEO_FPS, max_seconds: float = VIDEO_M
                max_frames: int = VIDEO_MAX_FRAMES, max_pixels: int = VIDEO_FRAME_PIXELS, allow_remote: bool = True,
                remote: RemotePolicy | None = None, name: str | None = None) -> LoadedVideo:
     """Decode and sample a video at ``fps`` (frames in pairs, as the processor groups them in time)."""
-    try:
-        import av
-        import numpy as np
-        from transformers.video_utils import VideoMetadata
-    except ImportError:
-        raise MediaError("reading video needs PyAV: pip install av") from None
+    import numpy as np
+    from transformers.video_utils import VideoMetadata
+
     name = name or describe_source(source)
     data = read_source_bytes(source, allow_remote=allow_remote, remote=remote, what="video")
-    if not data:
-        raise MediaError(f"cannot read video '{name}': the file is empty (0 bytes)")
-    try:
-        container = av.open(io.BytesIO(data))
-    except Exception as exc:
-        raise MediaError(f"cannot read video '{name}': not a video file PyAV can decode ({exc})") from None
+    container, stream = _open_video(data, name)
     frames, indices = [], []
     try:
-        if not container.streams.video:
-            raise MediaError(f"cannot read video '{name}': it has no video stream")
-        stream = container.streams.video[0]
         src_fps = float(stream.average_rate or stream.guessed_rate or 25.0)
         step = 1.0 / fps
         next_t = 0.0
@@ -485,7 +482,8 @@ def decode_planned(planned: PlannedInput, opts: RenderOptions = RenderOptions())
     if planned.kind == "pdf":
         return render_pdf(planned.data, opts.pages, opts.long_side, opts.dpi, opts.max_pixels, info=planned.pdf)
     if planned.kind == "video":
-        return [load_video(planned.data, name=planned.name)]
+        # No more frames than the budget was charged for, even if the header understated the duration.
+        return [load_video(planned.data, name=planned.name, max_frames=planned.frames)]
     return [decode_image(planned.data, planned.name, max_pixels=opts.max_pixels)]
 
 

@@ -16,6 +16,7 @@ import http.client
 import io
 import ipaddress
 import math
+import re
 import socket
 import ssl
 import sys
@@ -162,6 +163,7 @@ class RemotePolicy:
     max_redirects: int = 3
     trusted_hosts: frozenset[str] = frozenset()
     resolve: Callable[[str, int], list[str]] = _resolve
+    ssl_context: ssl.SSLContext | None = None  # None: the system's trusted certificate authorities
 
 
 def address_refusal(address: str) -> str | None:
@@ -199,10 +201,10 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """HTTPS to a checked address; the certificate is still verified for the host name."""
+    """HTTPS to a checked address; the certificate is still verified for the host name (SNI included)."""
 
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+    def __init__(self, host: str, port: int, address: str, timeout: float, context: ssl.SSLContext | None = None) -> None:
+        super().__init__(host, port, timeout=timeout, context=context or ssl.create_default_context())
         self._address = address
 
     def connect(self) -> None:
@@ -244,13 +246,16 @@ def download(url: str, policy: RemotePolicy | None = None, what: str = "image") 
             raise MediaError(f"cannot fetch {what} '{url}': invalid port in '{current}'") from None
         if not host:
             raise MediaError(f"cannot fetch {what} '{url}': no host in '{current}'")
-        label = f"'{url}'" + (f" (redirected to '{current}')" if hop else "")
+        shown = current if len(current) <= 200 else current[:200] + "..."  # a redirect's target is the server's text
+        label = f"'{url}'" + (f" (redirected to '{shown}')" if hop else "")
         address = _checked_address(label, host, port, policy, what)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise MediaError(f"cannot fetch {what} '{url}': no answer within {policy.timeout_s:g} s")
-        conn_class = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
-        conn = conn_class(host, port, address, timeout=remaining)
+        if scheme == "https":
+            conn: http.client.HTTPConnection = _PinnedHTTPSConnection(host, port, address, remaining, policy.ssl_context)
+        else:
+            conn = _PinnedHTTPConnection(host, port, address, remaining)
         try:
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             conn.request("GET", target, headers={"User-Agent": "glmv", "Accept-Encoding": "identity"})
@@ -268,6 +273,9 @@ def download(url: str, policy: RemotePolicy | None = None, what: str = "image") 
             raise
         except TimeoutError:
             raise MediaError(f"cannot fetch {what} '{url}': no answer within {policy.timeout_s:g} s") from None
+        except ssl.SSLError as exc:
+            reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or type(exc).__name__
+            raise MediaError(f"cannot fetch {what} '{url}': TLS failed ({reason})") from None
         except (OSError, http.client.HTTPException, ValueError) as exc:
             reason = getattr(exc, "strerror", None) or type(exc).__name__
             raise MediaError(f"cannot fetch {what} '{url}': {reason} (check the address and your network, "
@@ -320,7 +328,9 @@ def _bomb_error(name: str, max_decode_pixels: int) -> MediaError:
 
 
 def _corrupt_error(name: str, exc: Exception) -> MediaError:
-    detail = str(exc) or type(exc).__name__
+    # Pillow's messages can name its internal objects ("cannot identify image file <_io.BytesIO object at 0x...>"):
+    # keep only what helps the user.
+    detail = re.sub(r"\s*<[^>]*>", "", str(exc)).strip() or type(exc).__name__
     return MediaError(f"cannot read image '{name}': the file is truncated or corrupt ({detail})")
 
 

@@ -200,7 +200,8 @@ class WebApp:
         """One chat turn. ``message`` is a MultimodalTextbox value: {"text": ..., "files": [...]}.
         With ``use_tools`` the model may crop/zoom the conversation's images and render HTML; each step shows
         up in the chat as a collapsible message followed by the image the tool returned."""
-        from ..documents import load_inputs
+        from ..documents import RenderOptions, load_all
+        from ..limits import Budget
         from ..tools import ToolContext, default_registry
 
         text = (message or {}).get("text", "").strip()
@@ -208,7 +209,8 @@ class WebApp:
         if not text:
             raise GlmvError("type a message (images alone need a question)")
         paths = [f if isinstance(f, str) else f.get("path") for f in files]
-        media = [m for p in paths for m in load_inputs(p, max_pixels=self.max_pixels)]  # images, PDF pages, videos
+        # Images, PDF pages and videos, measured against the default work limits before any is decoded.
+        media = load_all(paths, RenderOptions(max_pixels=self.max_pixels), budget=Budget())
         history = [*history, user_message(text, media)]
         view = list(chat_view or [])
         for p in paths:
