@@ -11,7 +11,8 @@ a nibble moved into bits 19..22 of the float 1.0 is ``1 + q / 16``, so with ``T 
 over a group, ``sum(w * x) = 16 * scale * T + (min - 16 * scale) * sum(x)``. Kernels:
 
 - a GEMV for one row of input (batch-1 decode): per-thread 16-byte weight loads, one FMA per weight;
-- a GEMM for 2..32 rows: tiles dequantised to bf16 in registers and multiplied on the tensor cores;
+- a GEMM for 2..32 rows: tiles dequantised to bf16 in registers and multiplied on the tensor cores,
+  optionally split over K (float32 atomics) for the shapes with few output blocks;
 - a dequantisation kernel for long inputs (prefill), which then use cuBLAS.
 
 Block sizes are chosen per shape and batch size by :class:`glmv.engine.gemv.GemvTuner`.
@@ -101,43 +102,53 @@ if HAVE_TRITON:
         tl.store(Y + offs_n, out.to(Y.dtype.element_ty), mask=nmask)
 
     @triton.jit
-    def _w4_gemm_kernel(X, P, S, M, B_, Y, R, N, KW, n_groups, x_stride,
-                        HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr):
-        """Rows 2..32: each [BLOCK_N, NG * 128] weight tile is dequantised to bf16 in natural column
-        order and multiplied with the input tile in one tensor-core product."""
+    def _w4_gemm_kernel(X, P, S, M, B_, Y, R, N, KW, n_groups, x_stride, groups_per_split,
+                        HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr,
+                        SPLIT: tl.constexpr):
+        """Rows 2..32: for each nibble position j the [BLOCK_N, NG * 16] weight slice (columns
+        128 g + 16 j + t) is dequantised to bf16 in registers and multiplied on the tensor cores with the
+        matching input columns. With SPLIT > 1 the groups are shared out over SPLIT programs, which add
+        their float32 partial sums into Y (zeroed by the caller)."""
         pid_n = tl.program_id(0)
         pid_b = tl.program_id(1)
+        sp = tl.program_id(2)
         offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
         bmask = offs_b < R
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
         offs_g = tl.arange(0, NG)
-        offs_j = tl.arange(0, 8)
         offs_t = tl.arange(0, 16)
-        offs_c = tl.arange(0, NG * 128)
+        offs_c = tl.arange(0, NG * 16)  # (group, t) flattened, matching the reshaped weight tile
+        g_start = sp * groups_per_split
+        g_end = tl.minimum(g_start + groups_per_split, n_groups)
         acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
-        for g0 in range(0, n_groups, NG):
+        for g0 in range(g_start, g_end, NG):
             gi = g0 + offs_g
-            gmask = gi < n_groups
+            gmask = gi < g_end
             p = tl.load(P + offs_n[:, None, None] * KW + gi[None, :, None] * 16 + offs_t[None, None, :],
                         mask=nmask[:, None, None] & gmask[None, :, None], other=0)
             sm = nmask[:, None] & gmask[None, :]
             s = tl.load(S + offs_n[:, None] * n_groups + gi[None, :], mask=sm, other=0.0).to(tl.float32)
             m = tl.load(M + offs_n[:, None] * n_groups + gi[None, :], mask=sm, other=0.0).to(tl.float32)
-            a = 16.0 * s
-            c = m - a
-            q = (p[:, :, None, :] >> (4 * offs_j)[None, None, :, None]) & 15  # [BLOCK_N, NG, 8, 16]
-            f = ((q << 19) | 0x3F800000).to(tl.float32, bitcast=True)
-            # bf16 operands on the tensor cores (fp32 inputs, as in the CPU interpreter's tests, stay fp32)
-            w = (f * a[:, :, None, None] + c[:, :, None, None]).to(X.dtype.element_ty)
-            w = tl.reshape(w, (BLOCK_N, NG * 128))  # columns g * 128 + 16 j + t: natural order
-            xk = tl.load(X + offs_b[:, None] * x_stride + g0 * 128 + offs_c[None, :],
-                         mask=bmask[:, None] & ((g0 * 128 + offs_c) < n_groups * 128)[None, :], other=0.0)
-            acc += tl.dot(xk, tl.trans(w))
+            a = (16.0 * s)[:, :, None]
+            c = (m[:, :, None] - a)
+            col = (g0 + offs_c // 16) * 128 + offs_c % 16
+            cmask = bmask[:, None] & ((g0 + offs_c // 16) < g_end)[None, :]
+            for j in tl.static_range(8):
+                # bf16 operands on the tensor cores (fp32 inputs, as in the CPU interpreter's tests, stay fp32)
+                w = (_nibble(p, j) * a + c).to(X.dtype.element_ty)
+                w = tl.reshape(w, (BLOCK_N, NG * 16))
+                xj = tl.load(X + offs_b[:, None] * x_stride + col[None, :] + j * 16, mask=cmask, other=0.0)
+                acc += tl.dot(xj, tl.trans(w))
         if HAS_BIAS:
-            acc += tl.load(B_ + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + offs_b[:, None] * N + offs_n[None, :], acc.to(Y.dtype.element_ty),
-                 mask=bmask[:, None] & nmask[None, :])
+            if sp == 0:
+                acc += tl.load(B_ + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        out = Y + offs_b[:, None] * N + offs_n[None, :]
+        omask = bmask[:, None] & nmask[None, :]
+        if SPLIT > 1:
+            tl.atomic_add(out, acc, mask=omask)
+        else:
+            tl.store(out, acc.to(Y.dtype.element_ty), mask=omask)
 
     @triton.jit
     def _w4_dequant_kernel(P, S, M, W, K, n_groups, OUT_ROWS: tl.constexpr):
@@ -236,14 +247,15 @@ class W4Linear(torch.nn.Module):
 
 
 # Batch 1: (BLOCK_N, groups per step, warps, stages, wide decode, prefetch); 2..32 rows: (BLOCK_B, BLOCK_N,
-# groups per step, warps, stages). The tuner times them per shape and batch size (measured on an H200: the
+# groups per step, warps, stages, split-K). The tuner times them per shape and batch size (measured on an H200: the
 # best of the first build's set was (8, 8, 4, 2) / (8, 16, 8, 2) / (4, 16, 4, 2)); the first is the default.
 GEMV_CONFIGS = [(8, 8, 4, 2, 0, 0), (4, 16, 4, 2, 0, 0), (8, 16, 8, 2, 0, 0), (8, 8, 4, 1, 0, 1),
                 (4, 16, 4, 1, 0, 1), (8, 16, 8, 1, 0, 1), (16, 8, 8, 1, 0, 1), (8, 8, 4, 2, 1, 0),
                 (4, 16, 4, 2, 1, 0), (8, 8, 4, 1, 1, 1), (16, 8, 8, 1, 1, 1), (4, 8, 2, 1, 0, 1),
                 (16, 4, 2, 1, 0, 1), (32, 4, 4, 1, 0, 1), (16, 8, 4, 1, 0, 1)]
-GEMM_CONFIGS = [(16, 32, 2, 4, 3), (16, 64, 2, 4, 3), (16, 32, 4, 4, 2), (16, 64, 4, 4, 2), (16, 16, 4, 4, 3),
-                (16, 128, 2, 8, 3), (32, 64, 2, 4, 3), (32, 64, 4, 8, 2), (32, 128, 2, 8, 3), (32, 32, 2, 4, 3)]
+GEMM_CONFIGS = [(16, 32, 2, 4, 3, 1), (16, 64, 4, 4, 2, 1), (16, 32, 8, 4, 2, 1), (16, 32, 2, 4, 3, 4),
+                (16, 32, 8, 4, 2, 4), (16, 64, 4, 4, 2, 2), (16, 16, 4, 4, 3, 4), (32, 64, 4, 8, 2, 1),
+                (32, 32, 2, 4, 3, 1), (32, 32, 4, 4, 2, 4), (32, 64, 4, 8, 2, 2)]
 
 
 def w4_linear(x, packed, scale, mn, bias=None, silu: bool = False, config: tuple | None = None):
@@ -267,12 +279,18 @@ def w4_linear(x, packed, scale, mn, bias=None, silu: bool = False, config: tuple
                                                     WIDE=bool(wide), PREFETCH=bool(prefetch),
                                                     num_warps=warps, num_stages=stages)
     else:
-        block_b, block_n, ng, warps, stages = tuple(config or GEMM_CONFIGS[0])[:5]
+        block_b, block_n, ng, warps, stages, split = (tuple(config or GEMM_CONFIGS[0]) + (1,))[:6]
         if r > block_b and block_b < 32 and config is None:
             block_b = 32
-        _w4_gemm_kernel[(triton.cdiv(n, block_n), triton.cdiv(r, block_b))](
-            x, p32, scale, mn, b, y, r, n, k // 8, n_groups, x.stride(0),
-            HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, NG=ng, num_warps=warps, num_stages=stages)
+        per = triton.cdiv(triton.cdiv(n_groups, split), ng) * ng
+        split = triton.cdiv(n_groups, per)
+        out = y if split == 1 else torch.zeros(r, n, dtype=torch.float32, device=x.device)
+        _w4_gemm_kernel[(triton.cdiv(n, block_n), triton.cdiv(r, block_b), split)](
+            x, p32, scale, mn, b, out, r, n, k // 8, n_groups, x.stride(0), per,
+            HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, NG=ng, SPLIT=split,
+            num_warps=warps, num_stages=stages)
+        if split > 1:
+            y.copy_(out)
     return y
 
 
