@@ -201,3 +201,19 @@ def test_cli_quant_needs_cuda_and_engine_flag():
     assert p.returncode == 0, p.stderr
     assert "fast engine ready" in p.stderr
     assert json.loads(p.stdout)["usage"]["completion_tokens"] == 5
+
+
+def test_fused_norms_patch_every_rmsnorm_and_leave_cpu_outputs_alone(tiny_path):
+    pytest.importorskip("triton")
+    from transformers import AutoModelForImageTextToText
+
+    from glmv.engine.kernels import install_fused_norms
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path).eval()
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    x = torch.randn(3, norms[0].weight.shape[0])
+    before = norms[0](x)
+    changed = install_fused_norms(model)
+    assert changed == len(norms) > 0
+    assert install_fused_norms(model) == 0  # once only
+    assert torch.equal(norms[0](x), before)  # fp32 CPU input: the original code path

@@ -6,10 +6,12 @@ weights built directly on the GPU (``--model full-random``), fed real processor 
 tokens. ``--model tiny --device cpu`` runs the same code in seconds (the test suite does). Also runs as
 a script: ``python -m glmv.bench``.
 
-Per configuration: time to first token with and without the processor, decode tokens/s at batch 1,
-aggregate tokens/s at larger batches, peak GPU memory, and warm-up time; plus the measured copy
-bandwidth, the batch-1 limit it implies (bandwidth / bytes of text weights), and each figure's ratio to
-it. Prints a table last and writes JSON.
+Per configuration: time to first token with the processor and its parts (processor, vision tower, the
+rest of prefill, and the next decode step), decode tokens/s at batch 1, aggregate tokens/s at larger
+batches, peak GPU memory, warm-up time, and a fresh process's first request after its warm-up; plus the
+measured copy bandwidth, the batch-1 limit it implies (bandwidth / bytes of text weights; for the 4-bit
+mode, bandwidth / the bytes one of its steps reads), and each figure's ratio to it. Prints a table last
+and writes JSON.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ Triton kernels of :mod:`glmv.engine.kernels`; sampling (repetition penalty, temp
 happens inside the step, on the GPU. On CUDA the step is captured once per batch size as a CUDA graph,
 so decoding a token is one graph replay and one 8-byte copy to the host.
 
-Works for the dense GLM-4.6V-Flash text decoder (``glm4v``) on one GPU in bf16/fp16. Anything else
-(quantized weights, the MoE model, several GPUs) uses transformers' ``generate``.
+Works for the dense GLM-4.6V-Flash text decoder (``glm4v``) on one GPU in bf16/fp16, or with its
+linear layers in glmv's int4 format (:mod:`glmv.engine.w4`). Anything else (bitsandbytes weights, the MoE
+model, several GPUs) uses transformers' ``generate``.
 """
 
 from __future__ import annotations
