@@ -285,12 +285,17 @@ class LocalBackend:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe this image"}]}]
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         image = Image.new("RGB", (1288, 728), (128, 128, 128))  # screenshot-sized: the common first request
-        inputs = dict(self.processor(text=[text], images=[image], return_tensors="pt"))
+        inputs = dict(self.processor(text=[text], images=[image], return_tensors="pt", **self._image_device()))
         inputs.pop("token_type_ids", None)
         if not self.engine.fits([inputs], 4):  # a tiny cache (tests): warm up on text alone
             inputs = dict(self.processor(text=["[gMASK]<sop><|user|>\nhi<|assistant|>"], return_tensors="pt"))
             inputs.pop("token_type_ids", None)
         self.engine.generate([inputs], {"max_new_tokens": 4, "do_sample": False}, lambda ids: False)
+
+    def _image_device(self) -> dict[str, str]:
+        """Resize and normalise images on the GPU when the model is on one (~2 ms instead of ~14 ms on the
+        CPU for a 1288x728 screenshot, same pixels; transformers' torchvision image processors take it)."""
+        return {"device": "cuda"} if str(getattr(self.placement, "device", "")).startswith("cuda") else {}
 
     def _checkpoint_sampling(self, base: SamplingParams) -> SamplingParams:
         """Model-card defaults, replaced by what the checkpoint's generation_config sets."""
@@ -359,6 +364,8 @@ class LocalBackend:
         if videos:
             kwargs = {"videos": [v.frames for v in videos], "video_metadata": [v.metadata for v in videos],
                       "do_sample_frames": False}
+        if images:
+            kwargs.update(self._image_device())
         try:
             inputs = self.processor(text=[prompt], images=images or None, return_tensors="pt", **kwargs)
         except Exception as exc:
