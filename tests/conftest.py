@@ -10,6 +10,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# No test may reach the Hugging Face hub, whatever network the machine has: a stray hub id must fail fast (the
+# "hub unreachable" path), never start a 20 GB download. Set before anything imports huggingface_hub, and
+# inherited by every subprocess the tests start.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):

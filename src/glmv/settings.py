@@ -19,6 +19,8 @@ DEFAULT_MODEL = "zai-org/GLM-4.6V-Flash"
 LARGE_MODEL = "zai-org/GLM-4.6V"
 TINY_MODEL = "tiny"
 DEFAULT_MAX_NEW_TOKENS = 8192
+MAX_SEED = 2**63 - 1  # what torch.manual_seed takes
+MAX_INT32 = 2**31 - 1
 # Cap on decoded image size. The processor rounds sides to multiples of 28 and costs one visual token
 # per 28x28 block; 4 Mpx (about 5,100 tokens) keeps 1080p screenshots whole and bounds prefill.
 DEFAULT_MAX_PIXELS = 4_000_000
@@ -45,14 +47,14 @@ class SamplingParams:
 
         check("temperature", _is_num(self.temperature) and 0.0 <= self.temperature <= 2.0, "between 0 and 2")
         check("top_p", _is_num(self.top_p) and 0.0 < self.top_p <= 1.0, "in (0, 1]")
-        check("top_k", _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 = off)")
+        check("top_k", _is_int(self.top_k) and 0 <= self.top_k <= MAX_INT32, "an integer from 0 (off) to 2^31-1")
         check(
             "repetition_penalty",
             _is_num(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
             "in (0, 10]",
         )
         check("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "an integer >= 1")
-        check("seed", self.seed is None or _is_int(self.seed), "an integer")
+        check("seed", self.seed is None or (_is_int(self.seed) and 0 <= self.seed <= MAX_SEED), "an integer from 0 to 2^63-1")
         check("stop", all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 8, "up to 8 non-empty strings")
 
     @property

@@ -30,6 +30,8 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     thinking: bool = True
     tools: list[dict[str, Any]] | None = None
+    # max_new_tokens was asked for (an API's max_tokens): a prompt that leaves less room is refused, not cut
+    exact_max_tokens: bool = False
 
 
 @dataclass

@@ -23,6 +23,10 @@ from ..parsing import StreamParser
 from ..prompts import template_videos, to_template_messages, validate_messages
 from ..settings import SamplingParams, Settings
 from .base import Chunk, GenerationRequest, Timings, Usage, delta_chunk
+from .mixed_media import separate_image_and_video_tokens
+
+
+WITHDRAW_POLL_S = 0.1  # how often a waiting caller checks whether its request was cancelled
 
 
 class IncrementalDecoder:
@@ -58,7 +62,7 @@ class IncrementalDecoder:
         return full[len(prefix_text) :]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue removes jobs by identity (comparing tensors would raise)
 class _Job:
     inputs: dict[str, Any]
     gen_kwargs: dict[str, Any]
@@ -68,8 +72,14 @@ class _Job:
     queued_at: float = field(default_factory=time.perf_counter)
 
 
+def _media_kind(inputs: dict[str, Any]) -> str:
+    has_video, has_image = "pixel_values_videos" in inputs, "pixel_values" in inputs
+    return "mixed" if has_video and has_image else "video" if has_video else "image"  # text-only joins images
+
+
 def _batch_key(job: _Job) -> tuple:
-    return tuple(sorted((k, repr(v)) for k, v in job.gen_kwargs.items()))
+    # Video is never batched with images: one generate call takes one kind of visual input.
+    return (_media_kind(job.inputs), *sorted((k, repr(v)) for k, v in job.gen_kwargs.items()))
 
 
 def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
@@ -217,6 +227,7 @@ class LocalBackend:
     def _attach(self, processor: Any, model: Any, placement: Any, path: Any) -> None:
         self.processor, self.model = processor, model
         self.model_path, self.placement = path, placement
+        separate_image_and_video_tokens(model)  # an image and a video in one prompt
         self.default_sampling = self._checkpoint_sampling(self.settings.sampling)
         self._start_engine()
         self._thread = threading.Thread(target=self._worker, name="glmv-inference", daemon=True)
@@ -274,12 +285,17 @@ class LocalBackend:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe this image"}]}]
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         image = Image.new("RGB", (1288, 728), (128, 128, 128))  # screenshot-sized: the common first request
-        inputs = dict(self.processor(text=[text], images=[image], return_tensors="pt"))
+        inputs = dict(self.processor(text=[text], images=[image], return_tensors="pt", **self._image_device()))
         inputs.pop("token_type_ids", None)
         if not self.engine.fits([inputs], 4):  # a tiny cache (tests): warm up on text alone
             inputs = dict(self.processor(text=["[gMASK]<sop><|user|>\nhi<|assistant|>"], return_tensors="pt"))
             inputs.pop("token_type_ids", None)
         self.engine.generate([inputs], {"max_new_tokens": 4, "do_sample": False}, lambda ids: False)
+
+    def _image_device(self) -> dict[str, str]:
+        """Resize and normalise images on the GPU when the model is on one (~2 ms instead of ~14 ms on the
+        CPU for a 1288x728 screenshot, same pixels; transformers' torchvision image processors take it)."""
+        return {"device": "cuda"} if str(getattr(self.placement, "device", "")).startswith("cuda") else {}
 
     def _checkpoint_sampling(self, base: SamplingParams) -> SamplingParams:
         """Model-card defaults, replaced by what the checkpoint's generation_config sets."""
@@ -348,6 +364,8 @@ class LocalBackend:
         if videos:
             kwargs = {"videos": [v.frames for v in videos], "video_metadata": [v.metadata for v in videos],
                       "do_sample_frames": False}
+        if images:
+            kwargs.update(self._image_device())
         try:
             inputs = self.processor(text=[prompt], images=images or None, return_tensors="pt", **kwargs)
         except Exception as exc:
@@ -458,6 +476,13 @@ class LocalBackend:
     def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Chunk]:
         t0 = time.perf_counter()
         inputs, prompt = self.prepare(request)  # raises before any GPU work
+        n_prompt, limit = int(inputs["input_ids"].shape[1]), self.context_length
+        if request.exact_max_tokens and n_prompt + request.sampling.max_new_tokens > limit:
+            raise ContextLengthError(
+                f"max_tokens is too large: the prompt is {n_prompt} tokens and the model's context is {limit}, "
+                f"so at most {limit - n_prompt} new tokens fit (asked for {request.sampling.max_new_tokens}): "
+                f"lower max_tokens or shorten the prompt"
+            )
         return self._stream(request, inputs, prompt, cancel or threading.Event(), t0)
 
     def _stream(
@@ -472,8 +497,6 @@ class LocalBackend:
             ahead = len(self._pending) + self._running
             self._pending.append(job)
             self._cv.notify()
-        if ahead:
-            yield Chunk("status", text=f"waiting: {ahead} request(s) ahead")
 
         decoder = IncrementalDecoder(self.processor.tokenizer)
         parser = StreamParser(thinking_open=prompt.rstrip().endswith("<think>"), tools=request.tools,
@@ -498,8 +521,17 @@ class LocalBackend:
 
         emitted_calls = [0]
         try:
+            if ahead:
+                yield Chunk("status", text=f"waiting: {ahead} request(s) ahead")
             while True:
-                kind, payload = job.out.get()
+                try:
+                    kind, payload = job.out.get(timeout=WITHDRAW_POLL_S)
+                except queue.Empty:
+                    if not (cancel.is_set() and self._withdraw(job)):
+                        continue
+                    # cancelled while still queued: it leaves the queue and never reaches the model
+                    kind, payload = "done", {"cancelled": True, "prefill_s": None,
+                                             "queued_s": time.perf_counter() - job.queued_at}
                 if kind == "tokens":
                     if timings.ttft_s is None:
                         timings.ttft_s = time.perf_counter() - t0
@@ -558,6 +590,16 @@ class LocalBackend:
         finally:
             if not finished:
                 cancel.set()  # the caller went away: free the inference thread at the next token
+                self._withdraw(job)  # or, still queued, leave the queue now
+
+    def _withdraw(self, job: _Job) -> bool:
+        """Take a job out of the queue if it is still waiting there (True if it was)."""
+        with self._cv:
+            try:
+                self._pending.remove(job)
+            except ValueError:
+                return False
+            return True
 
     def _eos_ids(self) -> set[int]:
         gc = getattr(self.model, "generation_config", None)

@@ -60,11 +60,15 @@ class RemoteBackend:
     name = "openai"
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 sampling: SamplingParams | None = None, timeout_s: float = 600.0) -> None:
-        try:
-            import openai
-        except ImportError:
-            raise ModelLoadError("--backend openai needs the openai package: pip install 'glmv[server]'") from None
+                 sampling: SamplingParams | None = None, timeout_s: float = 600.0, client_module: Any = None) -> None:
+        # client_module: something shaped like the openai package (glmv.backends.lite on the fast local path)
+        if client_module is not None:
+            openai = client_module
+        else:
+            try:
+                import openai
+            except ImportError:
+                raise ModelLoadError("--backend openai needs the openai package: pip install 'glmv[server]'") from None
         self._openai = openai
         self.base_url = base_url
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "not-needed", timeout=timeout_s, max_retries=0)

@@ -7,8 +7,9 @@ Triton kernels of :mod:`glmv.engine.kernels`; sampling (repetition penalty, temp
 happens inside the step, on the GPU. On CUDA the step is captured once per batch size as a CUDA graph,
 so decoding a token is one graph replay and one 8-byte copy to the host.
 
-Works for the dense GLM-4.6V-Flash text decoder (``glm4v``) on one GPU in bf16/fp16. Anything else
-(quantized weights, the MoE model, several GPUs) uses transformers' ``generate``.
+Works for the dense GLM-4.6V-Flash text decoder (``glm4v``) on one GPU in bf16/fp16, or with its
+linear layers in glmv's int4 format (:mod:`glmv.engine.w4`). Anything else (bitsandbytes weights, the MoE
+model, several GPUs) uses transformers' ``generate``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .gemv import GemvTuner, tuner_cache_file
-from .kernels import Kernels
+from .kernels import Kernels, install_fused_norms
 from .w4 import W4Linear, w4_linear
 
 TOPK_CAP = 256  # candidates kept for top-k/top-p sampling (top_k=0 means "all": approximated by these)
@@ -102,6 +103,8 @@ class FastEngine:
         self.is_cuda = self.device.type == "cuda"
         self.kernels = Kernels(use_triton=self.config.use_triton and self.is_cuda)
         self.use_graphs = self.config.use_graphs and self.is_cuda
+        if self.kernels.use_triton:
+            install_fused_norms(model)  # prefill runs the model's own forward: fuse its ~200 RMSNorms
         self.layers = [self._fuse(layer) for layer in lm.layers]
         self.tuner = GemvTuner(tuner_cache_file(self.device)) if (self.kernels.use_triton and self.config.tune) else None
         self.final_norm = lm.norm.weight
@@ -198,25 +201,27 @@ class FastEngine:
     def _mlp(self, y: torch.Tensor, lw: _Layer) -> torch.Tensor:
         gu = self._linear(y, lw.w_gate_up)
         if isinstance(lw.w_down, _W4):
-            if self.tuner is not None:
-                return self.tuner.w4_linear(gu, lw.w_down, silu=True)
-            return w4_linear(gu, lw.w_down.packed, lw.w_down.scale, lw.w_down.mn, silu=True)
+            return self._linear(self.kernels.silu_mul(gu), lw.w_down)
         if self.tuner is not None and gu.shape[0] == 1:
             return self.tuner.linear(gu, lw.w_down, silu=True)
         return F.linear(self.kernels.silu_mul(gu), lw.w_down)
 
-    def tune(self) -> float:
-        """Pick the fastest batch-1 product for each weight shape (timed once per GPU, then cached)."""
+    def tune(self, rows: int = 1) -> float:
+        """Pick the fastest product for each weight shape at this batch size (timed once per GPU, then
+        cached): for bf16 weights at batch 1 cuBLAS or a Triton GEMV, for int4 weights the block sizes."""
         t0 = time.perf_counter()
         if self.tuner is None:
             return 0.0
         lw = self.layers[0]
         if isinstance(lw.wqkv, _W4):
-            self.tuner.tune_w4(lw.wqkv, lw.bqkv)
-            self.tuner.tune_w4(lw.wo)
-            self.tuner.tune_w4(lw.w_gate_up)
-            self.tuner.tune_w4(lw.w_down, silu=True)
-        else:
+            self.tuner.tune_w4(lw.wqkv, lw.bqkv, rows)
+            self.tuner.tune_w4(lw.wo, rows=rows)
+            self.tuner.tune_w4(lw.w_gate_up, rows=rows)
+            self.tuner.tune_w4(lw.w_down, rows=rows)
+        if rows > 1:
+            self.tuner.save()
+            return time.perf_counter() - t0
+        if not isinstance(lw.wqkv, _W4):
             self.tuner.tune(lw.wqkv, lw.bqkv)
             self.tuner.tune(lw.wo)
             self.tuner.tune(lw.w_gate_up)
@@ -296,6 +301,8 @@ class FastEngine:
     def _capture_now(self, b: int, greedy: bool) -> None:
         if (b, greedy) in self._graphs:
             return
+        if b > 1:
+            self.tune(b)  # int4 block sizes for this batch size (cached on disk after the first time)
         saved = [t.clone() for t in (self._positions, self._write_idx, self._seq_lens, self._tokens,
                                      self._seen, self._greedy)]
         self._reset_dummy(b)

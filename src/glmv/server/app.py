@@ -5,7 +5,10 @@ like. Requests are parsed strictly (unknown fields: 422), converted to core mess
 policy (data: URIs always; http(s) only with ``--allow-remote-media``; local files only inside
 ``--allowed-media-dir``), validated and processed before they are queued, so a bad request never
 reaches the GPU. Admission is bounded (``--max-queue``; beyond it 429 with Retry-After); the backend
-batches what waits together. A client that disconnects has its generation cancelled at once.
+batches what waits together. Bodies are limited while they arrive and the API key checked by a pure
+ASGI middleware (``guard.py``), which leaves the client's disconnect visible: a client that leaves,
+streamed or not, frees its slot at once, and its generation stops at the next token (or, still queued,
+leaves the queue).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -25,12 +28,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..backends.base import Backend, Chunk, GenerationRequest
-from ..errors import GlmvError, MediaError, RequestError
-from ..media import load_image
+from ..documents import PlannedInput, RenderOptions, charge, decode_planned, plan_input
+from ..errors import ContextLengthError, GlmvError, LimitError, MediaError, RequestError
+from ..limits import Budget, Limits
 from ..parsing import PartialCall, ToolCall
 from ..prompts import Message
 from ..settings import SamplingParams
-from .schemas import ChatCompletionRequest, ChatMessage, FilePart, ImagePart, TextPart, VideoPart
+from .guard import RequestGuard, error_body
+from .schemas import (MAX_JSON_DEPTH, ChatCompletionRequest, ChatMessage, FilePart, ImagePart, TextPart, VideoPart,
+                      json_depth)
 
 
 @dataclass
@@ -42,6 +48,7 @@ class ServerConfig:
     max_queue: int = 64
     max_body_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 4_000_000
+    limits: Limits = field(default_factory=Limits)  # work per request, checked before decoding or tokenizing
 
 
 class APIError(Exception):
@@ -52,49 +59,93 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+INVALID_JSON = ("We could not parse the JSON body of your request: send a JSON object encoded as UTF-8 "
+                "(Content-Type: application/json)")
+MAX_LISTED_ERRORS = 5
+
+
+def _validation_error(errors: list[dict[str, Any]]) -> APIError:
+    """One OpenAI error for a request that does not match the schema: invalid JSON is a 400 (as OpenAI
+    answers it), unknown fields and wrong types a 422 naming the first few places."""
+    if any(err.get("type") == "json_invalid" for err in errors):
+        return APIError(400, INVALID_JSON)
+    if any(err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",) for err in errors):
+        return APIError(400, "the request body is empty: send a JSON object (Content-Type: application/json)")
+    unknown, bad = [], []
+    for err in errors:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")[:200]
+        if err.get("type") == "extra_forbidden":
+            unknown.append(loc)
+        elif not loc and err.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+            return APIError(400, "the request body must be a JSON object (Content-Type: application/json)")
+        else:
+            bad.append(f"{loc or 'body'}: {err.get('msg')}")
+
+    def listed(items: list[str], sep: str) -> str:
+        more = f" (and {len(items) - MAX_LISTED_ERRORS} more)" if len(items) > MAX_LISTED_ERRORS else ""
+        return sep.join(items[:MAX_LISTED_ERRORS]) + more
+
+    if unknown:
+        msg = "unknown or unsupported field(s): " + listed(unknown, ", ")
+        if bad:
+            msg += "; " + listed(bad, "; ")
+    else:
+        msg = "invalid request: " + listed(bad, "; ")
+    return APIError(422, msg, param=(unknown or [None])[0], code="invalid_fields")
+
+
+def _api_error_from(exc: GlmvError) -> APIError:
+    if exc.status >= 500:
+        return APIError(500, "the model failed to start this request", "server_error")
+    if isinstance(exc, ContextLengthError):
+        return APIError(exc.status, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, LimitError):  # 413, naming the limit (the message says which flag raises it)
+        return APIError(exc.status, str(exc), param=exc.limit, code=exc.code)
+    return APIError(exc.status, str(exc))
+
+
+def _text_chars(body: ChatCompletionRequest) -> int:
+    """Characters of text the prompt would hold (message text, tool-call arguments, tool definitions)."""
+    n = 0
+    for m in body.messages:
+        if isinstance(m.content, str):
+            n += len(m.content)
+        elif m.content:
+            n += sum(len(p.text) for p in m.content if isinstance(p, TextPart))
+        n += sum(len(tc.function.arguments) + len(tc.function.name) for tc in m.tool_calls or [])
+    if body.tools:
+        n += len(json.dumps([t.model_dump(exclude_none=True) for t in body.tools]))
+    return n
+
+
+def check_request_size(body: ChatCompletionRequest, config: ServerConfig, context: int | None) -> None:
+    """Cheap checks before any decoding or tokenizing: the text's length and max_tokens against the
+    model's context (the exact prompt length is checked by the backend once it is tokenized)."""
+    chars = _text_chars(body)
+    if chars > config.limits.max_text_chars:
+        raise APIError(400, f"the request holds {chars:,} characters of text; this server accepts at most "
+                            f"{config.limits.max_text_chars:,} (max_text_chars): shorten the prompt, or start the "
+                            f"server with a higher --max-text-chars", param="messages", code="context_length_exceeded")
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    if asked is not None and context is not None and asked >= context:
+        raise APIError(400, f"{field} is too large: {asked}. This model's context is {context} tokens, prompt and "
+                            f"answer together: ask for fewer", param=field, code="invalid_value")
 
 
 # -- request conversion ------------------------------------------------------------------------
-def _media_policy_load(url: str, config: ServerConfig, where: str) -> Any:
-    try:
-        return _load_under_policy(url, config, where)
-    except MediaError as exc:
-        msg = str(exc)
-        raise MediaError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+# Media parts are converted in two passes: first every part is read and measured (image headers, PDF
+# page counts and sizes, video headers) and charged to the request's Budget; only when the whole
+# request is within its limits is anything decoded or rendered.
+_KINDS = {ImagePart: "image", VideoPart: "video", FilePart: "pdf"}
 
 
-def _load_file_part(part: FilePart, config: ServerConfig, where: str) -> list[Any]:
-    """A PDF sent as an OpenAI ``file`` part (a data: URI): every page as an image."""
-    from ..documents import render_pdf
+@dataclass
+class _Pending:
+    """A media part measured but not decoded yet, and where it sits in the request (for messages)."""
 
-    if part.file.file_id:
-        raise APIError(422, f"{where}: file_id is not supported here; send the file as file_data (a data: URI)",
-                       param=where, code="unsupported_content")
-    data_uri = part.file.file_data or ""
-    if not data_uri.startswith("data:"):
-        raise MediaError(f"{where}: file_data must be a data: URI (data:application/pdf;base64,...)")
-    try:
-        return render_pdf(data_uri, max_pixels=config.max_pixels)
-    except MediaError as exc:
-        raise MediaError(f"{where}: {exc}") from None
-
-
-def _load_video_under_policy(url: str, config: ServerConfig, where: str) -> Any:
-    from ..documents import load_video
-
-    try:
-        if url.startswith("data:"):
-            return load_video(url, allow_remote=False)
-        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-        if scheme in ("http", "https"):
-            if not config.allow_remote_media:
-                raise MediaError("fetching remote videos is disabled on this server (start it with --allow-remote-media)")
-            return load_video(url)
-        return load_video(_allowed_path(url, config))
-    except MediaError as exc:
-        raise MediaError(f"{where}: {exc}") from None
+    where: str
+    planned: PlannedInput
 
 
 def _allowed_path(url: str, config: ServerConfig) -> Path:
@@ -109,36 +160,73 @@ def _allowed_path(url: str, config: ServerConfig) -> Path:
     return path
 
 
-def _load_under_policy(url: str, config: ServerConfig, where: str) -> Any:
+def _media_source(url: str, config: ServerConfig, what: str) -> tuple[Any, bool]:
+    """What a media URL may be read as under the server's policy: (source, whether fetching it is allowed)."""
     if url.startswith("data:"):
-        return load_image(url, max_pixels=config.max_pixels, allow_remote=False)
+        return url, False
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in ("http", "https"):
         if not config.allow_remote_media:
-            raise MediaError(f"{where}: fetching remote images is disabled on this server (start it with --allow-remote-media, or send a data: URI)")
-        return load_image(url, max_pixels=config.max_pixels, allow_remote=True)
+            raise MediaError(f"fetching remote {what}s is disabled on this server (start it with --allow-remote-media, "
+                             f"or send a data: URI)")
+        return url, True
     if scheme not in ("", "file"):
-        raise MediaError(f"{where}: unsupported image URL scheme '{scheme}': send a data: URI")
-    return load_image(_allowed_path(url, config), max_pixels=config.max_pixels)
+        raise MediaError(f"unsupported {what} URL scheme '{scheme}': send a data: URI")
+    return _allowed_path(url, config), False
 
 
-def _content(parts: str | list | None, config: ServerConfig, where: str) -> list[Any]:
+def _plan_part(part: ImagePart | VideoPart | FilePart, config: ServerConfig, where: str) -> _Pending:
+    kind = _KINDS[type(part)]
+    try:
+        if isinstance(part, FilePart):
+            if part.file.file_id:
+                raise APIError(422, f"{where}: file_id is not supported here; send the file as file_data (a data: URI)",
+                               param=where, code="unsupported_content")
+            source, remote_ok = part.file.file_data or "", False
+            if not source.startswith("data:"):
+                raise MediaError("file_data must be a data: URI (data:application/pdf;base64,...)")
+        else:
+            url = part.image_url.url if isinstance(part, ImagePart) else part.video_url.url
+            source, remote_ok = _media_source(url, config, kind)
+        opts = RenderOptions(max_pixels=config.max_pixels)
+        return _Pending(where, plan_input(source, opts, kind=kind, allow_remote=remote_ok))
+    except MediaError as exc:
+        msg = str(exc)
+        raise MediaError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+
+def _content(parts: str | list | None, config: ServerConfig, where: str, budget: Budget) -> list[Any]:
+    """Text and measured media of one message, each media part charged to ``budget`` (nothing decoded)."""
     if parts is None:
         return []
     if isinstance(parts, str):
         return [parts]
     out: list[Any] = []
     for i, part in enumerate(parts):
-        here = f"{where}.content[{i}]"
         if isinstance(part, TextPart):
             out.append(part.text)
-        elif isinstance(part, ImagePart):
-            out.append(_media_policy_load(part.image_url.url, config, here))
-        elif isinstance(part, VideoPart):
-            out.append(_load_video_under_policy(part.video_url.url, config, here))
-        elif isinstance(part, FilePart):
-            out.extend(_load_file_part(part, config, here))
+        elif type(part) in _KINDS:
+            pending = _plan_part(part, config, f"{where}.content[{i}]")
+            charge(pending.planned, budget, RenderOptions(max_pixels=config.max_pixels))
+            out.append(pending)
     return out
+
+
+def _decode(content: list[Any], config: ServerConfig) -> list[Any]:
+    out: list[Any] = []
+    for item in content:
+        if not isinstance(item, _Pending):
+            out.append(item)
+            continue
+        try:
+            out.extend(decode_planned(item.planned, RenderOptions(max_pixels=config.max_pixels)))
+        except MediaError as exc:
+            raise MediaError(f"{item.where}: {exc}") from None
+    return out
+
+
+def _count_images(body: ChatCompletionRequest) -> int:
+    return sum(isinstance(p, ImagePart) for m in body.messages if isinstance(m.content, list) for p in m.content)
 
 
 def _tool_calls_in(message: ChatMessage, where: str) -> list[ToolCall]:
@@ -146,37 +234,49 @@ def _tool_calls_in(message: ChatMessage, where: str) -> list[ToolCall]:
     for i, tc in enumerate(message.tool_calls or []):
         try:
             args = json.loads(tc.function.arguments or "{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             raise RequestError(f"{where}.tool_calls[{i}].function.arguments is not valid JSON") from None
         if not isinstance(args, dict):
             raise RequestError(f"{where}.tool_calls[{i}].function.arguments must be a JSON object")
+        if json_depth(args) > MAX_JSON_DEPTH:
+            raise RequestError(f"{where}.tool_calls[{i}].function.arguments nests more than {MAX_JSON_DEPTH} "
+                               f"levels deep")
         calls.append(ToolCall(tc.function.name, args))
     return calls
 
 
-def to_generation_request(body: ChatCompletionRequest, config: ServerConfig, defaults: SamplingParams) -> GenerationRequest:
-    """Validate and convert an OpenAI request into a core request (loads images; raises GlmvError/APIError)."""
+def to_generation_request(body: ChatCompletionRequest, config: ServerConfig, defaults: SamplingParams,
+                          context: int | None = None) -> GenerationRequest:
+    """Validate and convert an OpenAI request into a core request (loads images; raises GlmvError/APIError).
+
+    Media are measured and charged to a :class:`~glmv.limits.Budget` (``context``: the model's, in tokens)
+    before any of them is decoded, so an over-limit request costs only the reading of headers.
+    """
     if body.n not in (None, 1):
         raise APIError(422, "only n=1 is supported", param="n", code="unsupported_parameter")
     if body.tool_choice == "required":
         raise APIError(422, "tool_choice 'required' is not supported: use 'auto', 'none' or a named function",
                        param="tool_choice", code="unsupported_parameter")
+    budget = Budget(config.limits, context)
+    budget.add_text(_text_chars(body))
+    budget.count_images(_count_images(body))  # before a single image is read
+    contents = [_content(m.content, config, f"messages[{i}]", budget) for i, m in enumerate(body.messages)]
     messages: list[Message] = []
-    for i, m in enumerate(body.messages):
+    for i, (m, content) in enumerate(zip(body.messages, contents)):
         where = f"messages[{i}]"
         role = "system" if m.role == "developer" else m.role
-        content = _content(m.content, config, where)
-        messages.append(Message(role, content, tool_calls=_tool_calls_in(m, where),  # type: ignore[arg-type]
+        messages.append(Message(role, _decode(content, config), tool_calls=_tool_calls_in(m, where),  # type: ignore[arg-type]
                                 reasoning=m.reasoning_content or ""))
     stop = body.stop
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = defaults.merged(
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
         repetition_penalty=body.repetition_penalty,
-        max_new_tokens=body.max_completion_tokens or body.max_tokens,
+        max_new_tokens=asked,
         seed=body.seed,
-        stop=tuple([stop] if isinstance(stop, str) else stop) if stop else None,
+        stop=tuple([stop] if isinstance(stop, str) else stop) if stop is not None else None,
     )
     tools = None
     if body.tools and body.tool_choice != "none":
@@ -189,7 +289,8 @@ def to_generation_request(body: ChatCompletionRequest, config: ServerConfig, def
     thinking = True
     if body.chat_template_kwargs and body.chat_template_kwargs.enable_thinking is not None:
         thinking = body.chat_template_kwargs.enable_thinking
-    return GenerationRequest(messages=messages, sampling=sampling, thinking=thinking, tools=tools)
+    return GenerationRequest(messages=messages, sampling=sampling, thinking=thinking, tools=tools,
+                             exact_max_tokens=asked is not None)
 
 
 def tool_call_out(call: ToolCall | PartialCall) -> dict[str, Any]:
@@ -240,41 +341,20 @@ def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        unknown, bad = [], []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            if err.get("type") == "extra_forbidden":
-                unknown.append(loc)
-            else:
-                bad.append(f"{loc}: {err.get('msg')}")
-        if unknown:
-            msg = "unknown or unsupported field(s): " + ", ".join(unknown)
-            if bad:
-                msg += "; " + "; ".join(bad)
-        else:
-            msg = "invalid request: " + "; ".join(bad)
-        return error_response(APIError(422, msg, param=(unknown or [None])[0], code="invalid_fields"))
+        return error_response(_validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            return error_response(APIError(400, INVALID_JSON))  # not UTF-8, nested too deep, a 5000-digit number
         return error_response(APIError(exc.status_code, str(exc.detail), "invalid_request_error"))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         return error_response(APIError(500, "internal server error", "server_error"))
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next: Any) -> Any:
-        path = request.url.path
-        if config.api_key and path.startswith(("/v1", "/metrics")):
-            auth = request.headers.get("authorization", "")
-            if auth != f"Bearer {config.api_key}":
-                return error_response(APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
-                                               "authentication_error", code="invalid_api_key"))
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-            return error_response(APIError(413, f"request body over {config.max_body_bytes // 2**20} MB", code="body_too_large"))
-        return await call_next(request)
+    app.add_middleware(RequestGuard, max_body_bytes=config.max_body_bytes, api_key=config.api_key,
+                       count=lambda status: metrics.requests.labels(str(status)).inc())
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -290,15 +370,14 @@ def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        raw = await request.body()
-        if len(raw) > config.max_body_bytes:
-            raise APIError(413, f"request body over {config.max_body_bytes // 2**20} MB", code="body_too_large")
+        check_request_size(body, config, getattr(backend, "context_length", None))
         if state["admitted"] >= config.max_queue:
             raise APIError(429, f"server busy: {state['admitted']} requests in progress; retry shortly",
                            "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
         state["admitted"] += 1
         metrics.in_flight.inc()
         released = False
+        finished = False
 
         def release() -> None:
             nonlocal released
@@ -309,28 +388,52 @@ def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
 
         t0 = time.perf_counter()
         cancel = threading.Event()
+
+        async def watch_client() -> None:
+            """The client's disconnect (the only message left once the body is read) frees its slot at once."""
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            if not finished:
+                cancel.set()
+                if not released:
+                    metrics.requests.labels("499").inc()
+                release()
+
+        watcher = asyncio.create_task(watch_client())
         try:
             defaults = getattr(backend, "default_sampling", None) or SamplingParams()
             try:
-                gen_request = await asyncio.to_thread(to_generation_request, body, config, defaults)
+                gen_request = await asyncio.to_thread(to_generation_request, body, config, defaults,
+                                                      getattr(backend, "context_length", None))
+                if cancel.is_set():  # the client left while its media was read: no tokenizing, no queueing
+                    watcher.cancel()
+                    return Response(status_code=499)
                 stream = await _start(backend, gen_request, cancel)
             except GlmvError as exc:
-                raise APIError(exc.status if exc.status < 500 else 500,
-                               str(exc) if exc.status < 500 else "the model failed to start this request",
-                               "invalid_request_error" if exc.status < 500 else "server_error") from None
+                raise _api_error_from(exc) from None
         except BaseException:
+            watcher.cancel()
             release()
             raise
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            gen = _sse(stream, cid, created, config.model_name, include_usage, metrics, t0, cancel, release)
+
+            def stream_ended() -> None:
+                watcher.cancel()
+                release()
+
+            gen = _sse(stream, cid, created, config.model_name, include_usage, metrics, t0, cancel, stream_ended)
             return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            done = await _collect(stream, request, cancel)
+            done = await _collect(stream, watcher)
+            finished = True
         finally:
+            watcher.cancel()
             release()
+        if done is None:  # the client left: nobody to answer (uvicorn drops what is sent)
+            return Response(status_code=499)
         return JSONResponse(_completion(done, cid, created, config.model_name, metrics, t0))
 
     return app
@@ -370,24 +473,24 @@ async def _start(backend: Backend, request: GenerationRequest, cancel: threading
     return _ChunkStream(chunks, asyncio.get_running_loop(), cancel)
 
 
-async def _collect(stream: _ChunkStream, request: Any, cancel: threading.Event) -> Chunk:
-    async def watch_disconnect() -> None:
-        while not cancel.is_set():
-            if await request.is_disconnected():
-                cancel.set()
-                return
-            await asyncio.sleep(0.25)
+async def _collect(stream: _ChunkStream, client_gone: asyncio.Task) -> Chunk | None:
+    """The final chunk of a non-streamed request, or None as soon as its client disconnects."""
 
-    watcher = asyncio.create_task(watch_disconnect())
-    try:
-        async for chunk in stream:
-            if chunk.type == "done":
-                return chunk
-    except GlmvError as exc:
-        raise APIError(500, str(exc), "server_error") from None
-    finally:
-        watcher.cancel()
-    raise APIError(500, "generation ended without a result", "server_error")
+    async def result() -> Chunk:
+        try:
+            async for chunk in stream:
+                if chunk.type == "done":
+                    return chunk
+        except GlmvError as exc:
+            raise APIError(500, str(exc), "server_error") from None
+        raise APIError(500, "generation ended without a result", "server_error")
+
+    collector = asyncio.ensure_future(result())
+    await asyncio.wait({collector, client_gone}, return_when=asyncio.FIRST_COMPLETED)
+    if collector.done():
+        return collector.result()
+    collector.cancel()  # the backend sees the cancel event (set by the watcher) at its next token
+    return None
 
 
 def _record(done: Chunk, metrics: Metrics, t0: float) -> None:

@@ -1,7 +1,8 @@
 """The OpenAI chat-completions request format that ``glmv serve`` accepts, strictly.
 
 Unknown fields are refused (422 naming them), not ignored: a client that sends ``response_format`` or
-``logprobs`` must learn that they do nothing here. Values are range-checked by
+``logprobs`` must learn that they do nothing here. Types are strict (``"0.5"`` is not a number, ``1.5``
+not an integer, ``"yes"`` not a boolean), as OpenAI's API has them. Values are range-checked by
 :class:`~glmv.settings.SamplingParams`, the same rules the CLI and the web app use.
 """
 
@@ -9,11 +10,26 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+MAX_JSON_DEPTH = 64  # tool schemas and arguments nest this deep at most (the chat template recurses on them)
+MAX_MESSAGES = 2048  # bounds the work one request asks for: every message is validated and templated
+
+
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in a JSON value (iterative: no recursion limit to hit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ImageURL(Strict):
@@ -80,6 +96,13 @@ class FunctionDef(Strict):
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
+    @field_validator("parameters")
+    @classmethod
+    def _not_too_deep(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and json_depth(value) > MAX_JSON_DEPTH:
+            raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+        return value
+
 
 class Tool(Strict):
     type: Literal["function"]
@@ -105,7 +128,7 @@ class ChatTemplateKwargs(Strict):
 
 class ChatCompletionRequest(Strict):
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = None

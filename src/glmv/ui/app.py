@@ -112,11 +112,12 @@ def iframe(page: str | None, viewport: str = "desktop", zoom: str = "fit width")
     )
 
 
-def _gentle(exc: GlmvError, path: Any) -> GlmvError:
-    """The same error naming the file as the user knows it, not by the server's temporary upload path."""
+def _gentle(exc: GlmvError, *paths: Any) -> GlmvError:
+    """The same error naming files as the user knows them, not by the server's temporary upload paths."""
     text = str(exc)
-    if isinstance(path, str) and path:
-        text = text.replace(path, Path(path).name)
+    for path in paths:
+        if isinstance(path, str) and path:
+            text = text.replace(path, Path(path).name)
     return GlmvError(text)
 
 
@@ -368,19 +369,19 @@ class WebApp:
         With ``use_tools`` the model may crop/zoom the conversation's images and render HTML; each step shows
         up in the chat as a collapsible message followed by the image the tool returned. With ``find`` the
         question asks for boxes, which are drawn on the conversation's latest image."""
-        from ..documents import load_inputs
+        from ..documents import RenderOptions, load_all
+        from ..limits import Budget
         from ..tools import ToolContext, default_registry
 
         text = self._prompt((message or {}).get("text"), "Chat",
                             "what is in this picture? (an image needs a question too)")
         files = (message or {}).get("files", []) or []
         paths = [f if isinstance(f, str) else f.get("path") for f in files]
-        media = []
-        for p in paths:  # images, PDF pages, videos
-            try:
-                media.extend(load_inputs(p, max_pixels=self.max_pixels))
-            except GlmvError as exc:
-                raise _gentle(exc, p) from None
+        # Images, PDF pages and videos, measured against the default work limits before any is decoded.
+        try:
+            media = load_all(paths, RenderOptions(max_pixels=self.max_pixels), budget=Budget())
+        except GlmvError as exc:
+            raise _gentle(exc, *paths) from None
         images = [i for m in history for i in m.images] + [m for m in media if isinstance(m, LoadedImage)]
         if find and not images:
             raise GlmvError("Chat: Find needs an image in the conversation; attach one")
