@@ -129,6 +129,7 @@ def main() -> int:
                 page.wait_for_function("(document.querySelector('#glmv-status') || {innerText: ''}).innerText.includes('ready')")
                 page.locator("#describe-image input[type=file]").first.set_input_files(str(INPUT / "image_1.png"))
                 page.locator("#describe-mode").get_by_text("Find", exact=True).click()
+                page.wait_for_function("document.querySelector('#describe-prompt').innerText.includes('What to find')")
                 page.fill("#describe-prompt textarea", "the red house and the tree")
                 page.click("#describe-run")
                 done(page, "describe-stats")

@@ -142,17 +142,17 @@ def text(page, selector):
     return page.evaluate(TEXT_JS, selector)
 
 
-def wait_text(page, selector, wanted, timeout=15000):
+def wait_text(page, selector, wanted, timeout=30000):
     page.wait_for_function(f"([s, w]) => ({TEXT_JS})(s).includes(w)", arg=[selector, wanted], timeout=timeout)
     return text(page, selector)
 
 
-def finished(page, stats_id, timeout=20000):
+def finished(page, stats_id, timeout=30000):
     page.wait_for_function(f"(s) => ({FINAL})(({TEXT_JS})(s))", arg=f"#{stats_id}", timeout=timeout)
     return text(page, f"#{stats_id}")
 
 
-def result(page, stats_id, action, timeout=20000):
+def result(page, stats_id, action, timeout=30000):
     """Do ``action`` and wait for the status line to show a new final result (not the one before)."""
     before = text(page, f"#{stats_id}")
     action()
@@ -333,6 +333,7 @@ def test_find_draws_boxes_at_the_right_pixels(served, browser):
     page = open_page(browser, served.url)
     upload(page, "describe-image", IMAGE_1)
     page.locator("#describe-mode").get_by_text("Find", exact=True).click()
+    wait_text(page, "#describe-prompt", "What to find")
     page.fill("#describe-prompt textarea", "the red house")
     stats = result(page, "describe-stats", lambda: page.press("#describe-prompt textarea", "Enter"))
     assert "1 box drawn" in stats
@@ -425,10 +426,10 @@ def test_studio_preview_fits_saved_path_refine_progress_and_stop(served, browser
     page.fill("#html-rounds input[type=number]", "1")
     page.press("#html-rounds input[type=number]", "Enter")
     page.click("#html-refine")
-    progress = wait_text(page, "#html-stats", "round 1 of 1: the model is writing", 30000)
+    progress = wait_text(page, "#html-stats", "round 1 of 1: the model is writing", 60000)
     assert "tokens" in progress
     page.click("#html-stop")
-    final = wait_text(page, "#html-stats", "■", 15000)
+    final = wait_text(page, "#html-stats", "■", 30000)
     assert "stopped" in final
     page.locator("#html-compare img").nth(1).wait_for(timeout=5000)
     for img in page.locator("#html-compare img").all():  # target and render, whole

@@ -258,10 +258,13 @@ def build_ui(app: WebApp) -> Any:
                 yield (think_box(show, th), th, answer, st, gr.update(value=png, visible=png is not None),
                        gr.update(value=files, visible=bool(files)))
 
-        def describe_mode(mode):
+        def describe_mode(mode, current):
+            """Relabel the prompt box; swap the text only while it is the other mode's untouched default."""
             if mode == "Find":
-                return gr.update(label="What to find", value="", placeholder="the red house")
-            return gr.update(label="Prompt", value=TASKS["describe"].prompt, placeholder=None)
+                keep = current if (current or "").strip() != TASKS["describe"].prompt else ""
+                return gr.update(label="What to find", value=keep, placeholder="the red house")
+            return gr.update(label="Prompt", value=current if (current or "").strip() else TASKS["describe"].prompt,
+                             placeholder=None)
 
         def ocr(img, prompt, show, think, max_tokens, request: gr.Request):
             for th, md, raw, st, files in app.ocr(img, prompt, think, max_tokens, session(request)):
@@ -372,7 +375,7 @@ def build_ui(app: WebApp) -> Any:
         for trigger in (d_run.click, d_prompt.submit):
             trigger(guard(describe, 6, 3),
                     d_inputs, d_outputs, **run_opts)
-        d_mode.change(describe_mode, d_mode, d_prompt)
+        d_mode.change(describe_mode, [d_mode, d_prompt], d_prompt)
         o_outputs = [o_think_box, o_think, o_md, o_raw, o_stats, o_files]
         for trigger in (o_run.click, o_prompt.submit):
             trigger(guard(ocr, 6, 4),
