@@ -6,7 +6,9 @@
 2. the engine against transformers' generate on the tiny checkpoint: identical greedy tokens in fp32,
    with images, text-only and batched;
 3. the full-size random GLM-4.6V-Flash: the engine's first decode-step logits against the model's own
-   forward (relative error), since greedy tokens of random weights are too flat to compare.
+   forward (relative error), since greedy tokens of random weights are too flat to compare;
+4. the same model's engine tokens (bf16 and int4, batch 1 and 4) teacher-forced through the model's own
+   forward: each in its top 5 and within bf16 rounding of its best logit.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def kernels() -> bool:
 
 
 def w4_kernels() -> bool:
-    from glmv.engine.w4 import dequantize_w4, quantize_w4, w4_linear
+    from glmv.engine.w4 import GEMM_CONFIGS, GEMV_CONFIGS, dequantize_w4, quantize_w4, unpack_codes, w4_linear
 
     ok = True
     torch.manual_seed(2)
@@ -68,17 +70,27 @@ def w4_kernels() -> bool:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         p, s, m = quantize_w4(w)
         wd = dequantize_w4(p, s, m)
+        # the GPU dequantisation kernel against the layout's definition, on the CPU
+        ref_w = (unpack_codes(p.cpu()).float().view(n, k // 128, 128) * s.cpu().float()[..., None]
+                 + m.cpu().float()[..., None]).view(n, k)
+        derr = rel(wd.cpu(), ref_w)
+        ok &= derr < 1e-2
         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
-        for r in (1, 3, 8, 32):
-            x = torch.randn(r, k, device="cuda", dtype=torch.bfloat16)
-            err = rel(w4_linear(x, p, s, m, bias), torch.nn.functional.linear(x, wd, bias))
+        for r in (1, 2, 3, 8, 17, 32):
+            configs = [None] + (GEMV_CONFIGS if r == 1 else GEMM_CONFIGS) if n == 4608 else [None]
+            worst = 0.0
+            for cfg in configs:
+                x = torch.randn(r, k, device="cuda", dtype=torch.bfloat16)
+                y = w4_linear(x, p, s, m, bias, config=cfg)
+                worst = max(worst, rel(y, torch.nn.functional.linear(x, wd, bias)))
             gu = torch.randn(r, 2 * k, device="cuda", dtype=torch.bfloat16)
             g, u = gu.chunk(2, -1)
             err2 = rel(w4_linear(gu, p, s, m, silu=True), torch.nn.functional.linear(u * torch.nn.functional.silu(g), wd))
-            good = err < 1e-2 and err2 < 1e-2
+            good = worst < 1e-2 and err2 < 1e-2
             ok &= good
-            print(f"w4 {n}x{k} rows {r:2d}: rel.err {err:.1e} / silu {err2:.1e} {'ok' if good else 'FAIL'}")
-        print(f"w4 {n}x{k}: quantization rel.err {rel(wd, w):.3f}")
+            print(f"w4 {n}x{k} rows {r:2d} ({len(configs)} configs): rel.err {worst:.1e} / silu {err2:.1e} "
+                  f"{'ok' if good else 'FAIL'}")
+        print(f"w4 {n}x{k}: dequant kernel rel.err {derr:.1e}; quantization rel.err {rel(wd, w):.3f}")
     return ok
 
 
@@ -150,11 +162,80 @@ def full_logits() -> bool:
     return err < 3e-2
 
 
+def _row_inputs(processor, image, text):
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    prompt = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    inputs = dict(processor(text=[prompt], images=[image], return_tensors="pt", device="cuda"))
+    inputs.pop("token_type_ids", None)
+    return inputs
+
+
+def teacher_forced() -> bool:
+    """Engine tokens (bf16 batch 1 and 4, then int4 batch 1 and 4; 24 greedy tokens each) fed back through
+    the model's own forward: each must be in its top 5 and within bf16 rounding of its best logit."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from glmv.bench import build_model
+    from glmv.engine.fast import EngineConfig, FastEngine
+    from glmv.engine.w4 import quantize_text_decoder
+    from glmv.testing.tiny import ensure_tiny_checkpoint
+
+    processor = AutoProcessor.from_pretrained(ensure_tiny_checkpoint())
+    model = build_model("full-random", "cuda", torch.bfloat16, processor)
+    image = Image.open("input/image_3.png").convert("RGB")
+    texts = ["describe this image", "what is on this page?", "list the buttons", "write the HTML"]
+    rows = [_row_inputs(processor, image, t) for t in texts]
+    n_new = 24
+    ok = True
+    for mode in ("bf16", "w4"):
+        if mode == "w4":
+            quantize_text_decoder(model, "cuda")
+            torch.cuda.empty_cache()
+        engine = FastEngine(model, EngineConfig(max_batch=4, max_seq_len=2048))
+        engine.capture([1, 4])
+        for batch in (1, 4):
+            got = [[] for _ in range(batch)]
+
+            def on_tokens(ids, got=got):
+                for i, t in enumerate(ids):
+                    got[i].append(t)
+                return False
+
+            engine.generate(rows[:batch], {"max_new_tokens": n_new, "do_sample": False, "repetition_penalty": 1.0},
+                            on_tokens)
+            worst_rank, worst_gap = 0, 0.0
+            for r in range(batch):
+                inp = {k: v.to("cuda") for k, v in rows[r].items()}
+                toks = torch.tensor(got[r][:n_new], device="cuda")
+                ext = torch.cat([inp["input_ids"][0], toks[:-1]])[None]
+                extra = {"mm_token_type_ids": torch.cat([inp["mm_token_type_ids"][0], torch.zeros_like(toks[:-1])])[None]} \
+                    if "mm_token_type_ids" in inp else {}
+                with torch.inference_mode():
+                    model.model.rope_deltas = None
+                    logits = model(input_ids=ext, attention_mask=torch.ones_like(ext), pixel_values=inp["pixel_values"].to(torch.bfloat16),
+                                   image_grid_thw=inp["image_grid_thw"], logits_to_keep=len(toks), **extra).logits[0].float()
+                picked = logits.gather(1, toks[:, None])[:, 0]
+                rank = (logits > picked[:, None]).sum(-1)
+                gap = (logits.max(-1).values - picked) / logits.abs().max(-1).values.clamp_min(1e-3)
+                worst_rank = max(worst_rank, int(rank.max()))
+                worst_gap = max(worst_gap, float(gap.max()))
+            good = worst_rank < 5 and worst_gap < 2 ** -5  # a few bf16 ulps of the largest logit
+            ok &= good
+            print(f"teacher-forced {mode} batch {batch}: {batch * n_new} tokens, worst rank {worst_rank}, "
+                  f"worst gap {worst_gap:.1e} of the top logit {'ok' if good else 'FAIL'}")
+        del engine
+        torch.cuda.empty_cache()
+    del model
+    torch.cuda.empty_cache()
+    return ok
+
+
 if __name__ == "__main__":
     t0 = time.time()
     results = {}
     for name, fn in (("kernels", kernels), ("w4_kernels", w4_kernels), ("tiny_parity", tiny_parity),
-                     ("full_logits", full_logits)):
+                     ("full_logits", full_logits), ("teacher_forced", teacher_forced)):
         try:
             results[name] = fn()
         except Exception as exc:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, png_bytes
+from conftest import REPO, bomb_png, png_bytes
 from glmv.batch import FolderLock, Options, check_collisions, expand, run_batch
 from glmv.cli import main
 from glmv.errors import GlmvError
@@ -42,7 +42,7 @@ def run(inputs: list[Path], out: Path, script=echo, delay_s: float = 0.0, **opts
 
 
 def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().split("\n") if line]
 
 
 def done_ids(out: Path) -> list[str]:
@@ -199,7 +199,10 @@ def test_a_second_batch_on_the_same_folder_is_refused_and_a_dead_holder_does_not
 
 
 # -- a torn manifest ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("tail", ['{"id": "b.png", "sta', '{"id": "b.png", "status": "failed", "error": "x"}', "\x00\x00"])
+TORN_TAILS = ['{"id": "b.png", "sta', '{"id": "b.png", "status": "failed", "error": "x"}', "\x00\x00"]
+
+
+@pytest.mark.parametrize("tail", TORN_TAILS)
 def test_a_torn_last_manifest_line_is_repaired(tmp_path, tail):
     src = tmp_path / "in"
     img(src / "a.png")
@@ -210,10 +213,24 @@ def test_a_torn_last_manifest_line_is_repaired(tmp_path, tail):
         f.write("not json at all\n[1, 2]\n" + tail)  # junk lines, then one cut by a kill (no newline)
     rc, err = run([src], out)
     assert rc == 0 and "repaired the last line" in err and "1 to do" in err
-    lines = (out / "manifest.jsonl").read_text().splitlines()
+    lines = (out / "manifest.jsonl").read_text().split("\n")[:-1]
     assert lines[1:3] == ["not json at all", "[1, 2]"]
     recs = [json.loads(line) for line in lines[:1] + lines[3:]]  # nothing glued onto the torn line
     assert sorted(r["id"] for r in recs if r["status"] == "done") == ["a.png", "b.png"]
+
+
+def test_a_manifest_of_mostly_superseded_lines_is_compacted(tmp_path, monkeypatch):
+    monkeypatch.setattr("glmv.batch.COMPACT_SLACK", 5)
+    src = tmp_path / "in"
+    x = img(src / "x.png")
+    img(src / "y.png")
+    out = tmp_path / "out"
+    for i in range(12):  # x changes every run: one more superseded line each time (13 lines in all)
+        os.utime(x, ns=(time.time_ns(), time.time_ns() + i * 10**9))
+        assert run([src], out)[0] == 0
+    lines = (out / "manifest.jsonl").read_text().split("\n")[:-1]
+    assert 2 <= len(lines) < 12  # rewritten once on the way
+    assert "0 to do, 2 already done" in run([src], out)[1]
 
 
 # -- a full disk ---------------------------------------------------------------------------------------------
@@ -226,7 +243,7 @@ def mixed_inputs(root: Path, n_images: int = 4, pdf_pages: int = 2) -> Path:
 
 def assert_clean(out: Path) -> None:
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
-    for line in (out / "manifest.jsonl").read_text().splitlines():
+    for line in (out / "manifest.jsonl").read_text().split("\n")[:-1]:
         json.loads(line)  # every line whole
 
 
@@ -341,8 +358,9 @@ def test_hostile_files_fail_alone_with_a_clear_message(tmp_path):
     (src / "corrupt.pdf").write_bytes(b"%PDF-1.7\n" + os.urandom(300))
     (src / "empty.pdf").write_bytes(b"")
     (src / "junk.mp4").write_bytes(b"not a video" * 20)
+    (src / "bomb.png").write_bytes(bomb_png(60_000, 60_000))  # 3.6 gigapixels announced in 100 bytes
     (src / ("n" * 248 + ".png")).write_bytes(png_bytes())  # x.png.json would be longer than a name may be
-    img(src / "odd name\twith tab ü.png")
+    img(src / "odd name\twith tab ü\u2028\x1c\x85.png")  # line separators for str.splitlines()
     (src / "loop").mkdir()
     (src / "loop" / "again").symlink_to(src)  # a folder cycle
     (src / "dangling.png").symlink_to(src / "nowhere.png")
@@ -354,10 +372,11 @@ def test_hostile_files_fail_alone_with_a_clear_message(tmp_path):
     assert rc == 1
     assert "Traceback" not in err
     failed = {r["id"]: r["error"] for r in records(out) if r["status"] == "failed"}
-    assert set(failed) == {"empty.png", "text.png", "corrupt.pdf", "empty.pdf", "junk.mp4", "n" * 248 + ".png"}
+    assert set(failed) == {"empty.png", "text.png", "corrupt.pdf", "empty.pdf", "junk.mp4", "bomb.png", "n" * 248 + ".png"}
     for name, error in failed.items():
         assert name[:40] in error and not error.startswith("unexpected"), error
-    assert done_ids(out) == ["odd name\twith tab ü.png", "ok.png"]
+    assert done_ids(out) == ["odd name\twith tab ü\u2028\x1c\x85.png", "ok.png"]
+    assert "0 to do, 2 already done" in run([src], out)[1]
     assert not (out / "out").exists()
 
 
@@ -366,6 +385,13 @@ def test_a_missing_input_is_an_error_before_any_work(tmp_path):
     rc = main(["batch", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], backend_factory=lambda s: no_backend(),
               stderr=stderr)
     assert rc == 2 and stderr.getvalue() == f"error: cannot read '{tmp_path / 'nope'}': no such file or folder\n"
+
+
+def test_a_fifo_given_by_name_fails_instead_of_blocking(tmp_path):
+    fifo = tmp_path / "scan.png"
+    os.mkfifo(fifo)
+    rc, err = run([fifo], tmp_path / "out")
+    assert rc == 1 and f"failed scan.png: cannot read '{fifo}': not a regular file" in err
 
 
 # -- PDFs, images and a video, again and again --------------------------------------------------------------------
@@ -388,36 +414,51 @@ KILLABLE = """
 import sys
 from glmv.cli import main
 from glmv.testing.scripted import ScriptedBackend
-script = lambda r: "seen " + r.messages[-1].content[0].source + " " + "w" * 3000
-sys.exit(main(sys.argv[1:], backend_factory=lambda s: ScriptedBackend(script, delay_s=0.0005)))
+# 30 pieces of 100 characters, 10 ms apart: about 0.3 s an item, and 3 KB results
+script = lambda r: ["seen " + r.messages[-1].content[0].source] + ["w" * 100] * 30
+sys.exit(main(sys.argv[1:], backend_factory=lambda s: ScriptedBackend(script, delay_s=0.01)))
 """
 
 
+def manifest_lines(out: Path) -> int:
+    path = out / "manifest.jsonl"
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
 def test_kill_9_at_ten_random_moments_then_resume_does_every_item_once(tmp_path):
-    src = mixed_inputs(tmp_path / "in", n_images=10, pdf_pages=4)
+    src = mixed_inputs(tmp_path / "in", n_images=16, pdf_pages=4)
     out = tmp_path / "out"
     args = [sys.executable, "-c", KILLABLE, "batch", str(src), "--out", str(out), "--format", "both",
             "--pdf-long-side", "200", "--batch-size", "3"]
     seed = random.randrange(10**6)
     rng = random.Random(seed)
+    progress = []
     for _ in range(10):
-        proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # wait for the run to start working, then kill it somewhere inside
-        deadline = time.time() + 60
-        while not (out / "manifest.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.6))
+        before = manifest_lines(out)
+        proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        line = ""
+        while "item(s):" not in line and proc.poll() is None:  # planned: the work starts now
+            line = proc.stderr.readline()
+        # a random moment: after 0 to 3 more results (whatever the machine's speed), plus 0 to 0.3 s
+        wait_for, deadline = before + rng.randrange(4), time.time() + 30
+        while manifest_lines(out) < wait_for and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        proc.stderr.close()
+        progress.append(manifest_lines(out))
+    assert len(set(progress)) >= 3, (seed, progress)  # the kills landed all through the work
     p = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, (seed, p.stderr)
-    expected = sorted([f"p{i:02d}.png" if i % 2 == 0 else f"sub/p{i:02d}.png" for i in range(10)]
+    expected = sorted([f"p{i:02d}.png" if i % 2 == 0 else f"sub/p{i:02d}.png" for i in range(16)]
                       + [f"doc.pdf#page={i}" for i in (1, 2, 3, 4)])
     assert done_ids(out) == expected, seed  # every item done exactly once, across all the kills
     assert_clean(out)
     for rec in records(out):
         for rel in rec.get("outputs", []):
-            assert (out / rel).read_text().startswith(("seen ", "{")), (seed, rel)
+            text = (out / rel).read_text()
+            assert text.startswith(("seen ", "{")) and "w" * 3000 in text, (seed, rel)  # whole files only
     assert (out / "doc.pdf.md").read_text().count("<!-- page ") == 4
 
 
@@ -474,3 +515,25 @@ def test_ctrl_c_stops_at_once_with_the_summary_and_resumes(tmp_path):
     p = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert len(done_ids(out)) == len(set(done_ids(out))) == 10
+
+
+class CancelsOnError(ScriptedBackend):
+    """Like the local backend: a stream that ends in an error sets the cancel event it was given."""
+
+    def generate(self, request, cancel=None):
+        if "bad" in request.messages[-1].content[0].source:
+            if cancel is not None:
+                cancel.set()
+            raise GlmvError("generation failed: the engine refused this one")
+        return super().generate(request, cancel)
+
+
+def test_one_failing_generation_does_not_cancel_the_others(tmp_path):
+    src = tmp_path / "in"
+    img(src / "bad.png")
+    for i in range(6):
+        img(src / f"ok{i}.png")
+    err = io.StringIO()
+    rc = run_batch([str(src)], Options(task="ocr", prompt="p", out=tmp_path / "out", batch_size=3),
+                   lambda: CancelsOnError(echo, delay_s=0.01), err)
+    assert rc == 1 and "done 6 now" in err.getvalue() and "0 not done" in err.getvalue(), err.getvalue()

@@ -246,6 +246,7 @@ def test_unreachable_hub_and_unknown_model(tmp_path):
     p = glmv("ask", "input/image_1.png", env=env, timeout=120)
     assert p.returncode == 2
     assert "cannot load model 'zai-org/GLM-4.6V-Flash'" in p.stderr and "--model tiny" in p.stderr
+    assert "hf download zai-org/GLM-4.6V-Flash" in p.stderr  # the command huggingface-hub installs
     assert "Traceback" not in p.stderr
     p = glmv("ask", "input/image_1.png", "--model", "no-such-org/no-such-model", env={**env, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 2 and "no-such-org/no-such-model" in p.stderr

@@ -147,6 +147,43 @@ def test_queued_requests_are_batched_and_match_single_runs(tiny_backend):
     assert results == singles  # greedy: batching (left padding, mixed images) changes nothing
 
 
+def test_queued_requests_cancelled_leave_the_queue(tiny_backend):
+    """A request cancelled (or abandoned) while it waits leaves the queue at once and never reaches the model."""
+    blocker = tiny_backend.generate(req(tiny_backend, max_new_tokens=4000, temperature=0))
+    next(blocker)  # the worker is busy
+    cancel = threading.Event()
+    done = []
+    waiter = threading.Thread(target=lambda: done.append(collect(tiny_backend.generate(req(tiny_backend, seed=1), cancel))))
+    waiter.start()
+    abandoned = tiny_backend.generate(req(tiny_backend, seed=2))
+    assert next(abandoned).type == "status"  # "waiting: ... ahead"
+    deadline = time.time() + 10
+    while tiny_backend.queue_depth < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    assert tiny_backend.queue_depth == 3
+    abandoned.close()
+    assert tiny_backend.queue_depth == 2
+    t0 = time.perf_counter()
+    cancel.set()
+    waiter.join(5)
+    assert time.perf_counter() - t0 < 1.0 and tiny_backend.queue_depth == 1
+    assert done[0].finish_reason == "cancelled" and done[0].usage.completion_tokens == 0
+    tiny_backend.batch_sizes.clear()
+    blocker.close()
+    time.sleep(0.3)
+    assert tiny_backend.queue_depth == 0 and list(tiny_backend.batch_sizes) == []  # nothing else ran
+
+
+def test_max_tokens_asked_past_the_context_is_refused_not_cut(tiny_backend):
+    limit = tiny_backend.context_length
+    asked = GenerationRequest([user_message("hi")], sampling=tiny_backend.default_sampling.merged(max_new_tokens=limit - 2),
+                              exact_max_tokens=True)
+    with pytest.raises(ContextLengthError, match=r"max_tokens is too large: the prompt is \d+ tokens"):
+        tiny_backend.generate(asked)
+    asked.exact_max_tokens = False  # a default, not asked for: cut to what the context leaves
+    tiny_backend.generate(asked).close()
+
+
 def test_backend_around_a_model_in_memory(tiny_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -4,13 +4,15 @@ import base64
 import http.server
 import io
 import threading
+import time
+import urllib.parse
 
 import pytest
 from PIL import Image
 
 from conftest import bomb_png, png_bytes
 from glmv.errors import MediaError
-from glmv.media import fit_to_pixels, load_image, sniff_format
+from glmv.media import RemotePolicy, address_refusal, fit_to_pixels, load_image, sniff_format
 
 
 def test_png_path(sample_png):
@@ -107,17 +109,63 @@ def test_bad_data_uri():
         load_image("data:image/png;base64,aGVsbG8=")
 
 
+PASSWD = b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
+    """A media host that also plays the hostile parts: redirects inward, loops, lies about sizes, stalls."""
+
+    secret_hits = 0
+
     def do_GET(self):  # noqa: N802
-        if self.path == "/ok.png":
-            body = png_bytes((12, 34))
+        port = self.server.server_address[1]
+        path = self.path
+        if path == "/ok.png":
+            self._send(png_bytes((12, 34)))
+        elif path == "/passwd.png":  # an internal service's answer must never be echoed
+            self._send(PASSWD, "text/plain")
+        elif path == "/secret":
+            type(self).secret_hits += 1
+            self._send(PASSWD, "text/plain")
+        elif path.startswith("/to/"):  # /to/<url-encoded target>: a redirect anywhere
+            self._redirect(urllib.parse.unquote(path[len("/to/"):]).replace("PORT", str(port)))
+        elif path.startswith("/hops/"):  # /hops/N: N more redirects, then the image
+            n = int(path.rsplit("/", 1)[1])
+            self._redirect(f"/hops/{n - 1}" if n > 1 else "/ok.png")
+        elif path == "/huge-header":
             self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(10**12))
             self.end_headers()
-            self.wfile.write(body)
+        elif path == "/endless":  # no length, no end: the size limit must stop it
+            self.send_response(200)
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(b"\0" * 65536)
+            except OSError:
+                pass
+        elif path == "/stall":
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"x")
+            self.wfile.flush()
+            time.sleep(3)
         else:
             self.send_error(404)
+
+    def _send(self, body: bytes, ctype: str = "image/png") -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def log_message(self, *a):
         pass
@@ -126,21 +174,178 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def http_server():
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    srv.daemon_threads = True
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    _Handler.secret_hits = 0
+    yield srv.server_address[1]
     srv.shutdown()
+    srv.server_close()
+
+
+def media_host(**kw) -> RemotePolicy:
+    """The policy a test needs to reach its own server: 'media.test' is a trusted host that resolves to
+    127.0.0.1. Every other host goes through the real resolver and the real address check."""
+    real = RemotePolicy().resolve
+    return RemotePolicy(trusted_hosts=frozenset({"media.test"}),
+                        resolve=lambda host, port: ["127.0.0.1"] if host == "media.test" else real(host, port), **kw)
 
 
 def test_url_fetch_and_errors(http_server):
-    assert load_image(f"{http_server}/ok.png").size == (12, 34)
-    with pytest.raises(MediaError, match="HTTP 404"):
-        load_image(f"{http_server}/missing.png")
+    base = f"http://media.test:{http_server}"
+    assert load_image(f"{base}/ok.png", remote=media_host()).size == (12, 34)
+    with pytest.raises(MediaError, match="HTTP 404 Not Found"):
+        load_image(f"{base}/missing.png", remote=media_host())
     with pytest.raises(MediaError, match="disabled"):
-        load_image(f"{http_server}/ok.png", allow_remote=False)
+        load_image(f"{base}/ok.png", allow_remote=False)
+    assert load_image(f"{base}/hops/3", remote=media_host()).size == (12, 34)  # three redirects are fine
+    with pytest.raises(MediaError, match="more than 3 redirects"):
+        load_image(f"{base}/hops/4", remote=media_host())
 
 
 def test_unreachable_url():
-    # Port 9 on loopback: nothing listens, the connection is refused at once.
-    with pytest.raises(MediaError, match="cannot fetch image 'http://127.0.0.1:9/x.png'"):
-        load_image("http://127.0.0.1:9/x.png")
+    # Port 9 on the test host (loopback): nothing listens, the connection is refused at once.
+    with pytest.raises(MediaError, match="cannot fetch image 'http://media.test:9/x.png'.*refused"):
+        load_image("http://media.test:9/x.png", remote=media_host())
+    with pytest.raises(MediaError, match="cannot resolve 'no-such-host.invalid'"):
+        load_image("http://no-such-host.invalid/x.png")
+
+
+# Each of these reaches this machine or its network; the default policy must refuse them before connecting.
+INWARD_HOSTS = [
+    "127.0.0.1", "localhost", "0x7f000001", "2130706433", "0177.0.0.1", "127.1", "0.0.0.0", "0",
+    "[::1]", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "[::]", "[64:ff9b::7f00:1]", "[2002:7f00:1::]",
+    "169.254.169.254", "[fe80::1]", "10.0.0.1", "172.16.5.4", "192.168.1.1", "100.64.0.1", "[fc00::1]",
+    "224.0.0.1", "[ff02::1]", "240.0.0.1", "255.255.255.255", "198.18.0.1",
+    "user:pw@127.0.0.1", "evil.example\\@127.0.0.1", "[::ffff:169.254.169.254]", "LOCALHOST",
+]
+
+
+@pytest.mark.parametrize("host", INWARD_HOSTS)
+def test_inward_addresses_are_refused_before_connecting(http_server, host):
+    url = f"http://{host}:{http_server}/secret"
+    with pytest.raises(MediaError) as e:
+        load_image(url)
+    msg = str(e.value)
+    assert "refused" in msg and "public" in msg and "root:x" not in msg, msg
+    assert _Handler.secret_hits == 0
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "[2001:4860:4860::8888]"[1:-1]])
+def test_public_addresses_pass_the_check(address):
+    assert address_refusal(address) is None
+
+
+@pytest.mark.parametrize("target", [
+    "http://127.0.0.1:PORT/secret", "http://0x7f000001:PORT/secret", "http://2130706433:PORT/secret",
+    "http://[::ffff:127.0.0.1]:PORT/secret", "http://localhost:PORT/secret", "http://169.254.169.254/latest/meta-data/",
+    "file:///etc/passwd", "gopher://127.0.0.1:PORT/_x",
+])
+def test_redirect_into_the_local_network_is_refused_at_the_redirect(http_server, target):
+    """An allowed host answers with a redirect inward: the redirect is checked like the first URL."""
+    url = f"http://media.test:{http_server}/to/" + urllib.parse.quote(target, safe="")
+    with pytest.raises(MediaError) as e:
+        load_image(url, remote=media_host())
+    msg = str(e.value)
+    assert "redirect" in msg and ("refused" in msg or "only http and https" in msg), msg
+    assert "root:x" not in msg and _Handler.secret_hits == 0
+
+
+def test_fetched_bytes_are_never_echoed(http_server):
+    with pytest.raises(MediaError) as e:
+        load_image(f"http://media.test:{http_server}/passwd.png", remote=media_host())
+    assert "root:x" not in str(e.value) and "not a PNG" in str(e.value) and f"{len(PASSWD)} bytes" in str(e.value)
+
+
+def test_symlink_to_a_system_file_is_not_echoed(tmp_path):
+    secret = tmp_path / "passwd"
+    secret.write_bytes(PASSWD)
+    link = tmp_path / "x.png"
+    link.symlink_to(secret)
+    with pytest.raises(MediaError) as e:
+        load_image(link)
+    assert "root:x" not in str(e.value) and "x.png" in str(e.value) and "not a PNG" in str(e.value)
+    raw = tmp_path / "raw.png"
+    raw.write_bytes(b"\x01\x02secret\xff" * 4)
+    with pytest.raises(MediaError) as e:
+        load_image(raw)
+    assert "secret" not in str(e.value) and "01 02" not in str(e.value) and "36 bytes" in str(e.value)
+
+
+def test_size_and_time_limits(http_server):
+    base = f"http://media.test:{http_server}"
+    small = media_host(max_bytes=100_000)
+    with pytest.raises(MediaError, match="larger than the 100,000 bytes download limit"):
+        load_image(f"{base}/huge-header", remote=small)
+    t0 = time.perf_counter()
+    with pytest.raises(MediaError, match="download limit"):
+        load_image(f"{base}/endless", remote=small)
+    with pytest.raises(MediaError, match="within 1 s"):
+        load_image(f"{base}/stall", remote=media_host(timeout_s=1.0))
+    assert time.perf_counter() - t0 < 3.0
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x.png", "gopher://127.0.0.1:70/", "dict://127.0.0.1:11211/"])
+def test_other_url_schemes_are_refused(url):
+    with pytest.raises(MediaError, match="unsupported URL scheme"):
+        load_image(url)
+
+
+@pytest.fixture
+def https_server(tmp_path):
+    """An HTTPS media host with a self-signed certificate for 'media.test' (made by the openssl CLI)."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=media.test",
+                    "-addext", "subjectAltName=DNS:media.test", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads = True
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield srv.server_address[1], cert
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_https_is_verified_for_the_host_name_while_connecting_to_the_checked_address(https_server):
+    import ssl
+
+    port, cert = https_server
+    trusting = ssl.create_default_context(cafile=str(cert))
+    # The certificate names media.test; the connection goes to the address checked for it (127.0.0.1).
+    assert load_image(f"https://media.test:{port}/ok.png", remote=media_host(ssl_context=trusting)).size == (12, 34)
+    with pytest.raises(MediaError, match="TLS failed.*certificate"):  # self-signed: not trusted by default
+        load_image(f"https://media.test:{port}/ok.png", remote=media_host())
+    other = RemotePolicy(trusted_hosts=frozenset({"other.test"}), resolve=lambda host, p: ["127.0.0.1"], ssl_context=trusting)
+    with pytest.raises(MediaError, match="TLS failed.*(hostname|match)"):  # right address, wrong name
+        load_image(f"https://other.test:{port}/ok.png", remote=other)
+
+
+def test_server_with_remote_media_allowed_still_refuses_inward_urls(http_server):
+    """glmv serve --allow-remote-media: images and videos from inward addresses get a 400, nothing is fetched."""
+    import httpx
+
+    from glmv.server.app import ServerConfig
+    from glmv.testing.scripted import ScriptedBackend
+    from test_server import serve_in_thread
+
+    parts = [{"type": "image_url", "image_url": {"url": f"http://{host}:{http_server}/secret"}}
+             for host in ("127.0.0.1", "0x7f000001", "[::ffff:127.0.0.1]", "localhost")]
+    parts += [{"type": "video_url", "video_url": {"url": f"http://2130706433:{http_server}/secret"}},
+              {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data/"}}]
+    with serve_in_thread(ScriptedBackend("never"), ServerConfig(model_name="s", allow_remote_media=True)) as url:
+        for part in parts:
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                           json={"messages": [{"role": "user", "content": [part, {"type": "text", "text": "x"}]}]})
+            err = r.json()["error"]
+            assert r.status_code == 400 and "messages[0].content[0]" in err["message"] and "refused" in err["message"]
+            assert "root:x" not in err["message"]
+    assert _Handler.secret_hits == 0

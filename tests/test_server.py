@@ -57,12 +57,15 @@ def wait_healthy(url: str, proc=None, timeout=120):
 
 
 @contextlib.contextmanager
-def serve_process(*extra, tiny_path=None):
+def serve_process(*extra, tiny_path=None, info=None):
+    """``glmv serve --model tiny`` in a subprocess; ``info`` (a dict) receives its ``proc`` and ``log`` file."""
     port = free_port()
     log = open(Path(os.environ["GLMV_CACHE"]) / f"serve-{port}.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "glmv.cli", "serve", "--model", "tiny", "--port", str(port), *extra],
                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    if info is not None:
+        info.update(proc=proc, log=log)
     try:
         wait_healthy(url, proc)
         yield url
@@ -231,10 +234,12 @@ def test_full_queue_429_and_disconnect_frees_the_slot(tiny_path):
         assert time.time() - t0 < 10  # promptly: the abandoned generation was cancelled
 
 
-def test_64_concurrent_streams_all_complete(server):
+def concurrent_streams(url: str, n: int, max_tokens: int = 12) -> list:
+    """``n`` streamed requests at once through the async openai client: (text, finish_reason, usage) each."""
+
     async def one(client, i):
         stream = await client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": f"request {i}"}], max_tokens=12, stream=True,
+            model="tiny", messages=[{"role": "user", "content": f"request {i}"}], max_tokens=max_tokens, stream=True,
             stream_options={"include_usage": True}, temperature=0)
         text, finish, usage = "", None, None
         async for ev in stream:
@@ -246,10 +251,14 @@ def test_64_concurrent_streams_all_complete(server):
         return text, finish, usage
 
     async def main():
-        client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
-        return await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(64))), 240)
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        return await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(n))), 240)
 
-    results = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_64_concurrent_streams_all_complete(server):
+    results = concurrent_streams(server, 64)
     assert len(results) == 64
     for text, finish, usage in results:
         assert finish == "length" and usage.completion_tokens == 12 and text

@@ -443,3 +443,29 @@ def test_processed_images_are_reused_and_identical_to_the_processor(fast):
     assert sorted(got) == sorted(ref) == sorted(again)
     assert all(torch.equal(got[k], ref[k]) and got[k].dtype == ref[k].dtype and torch.equal(again[k], ref[k]) for k in ref)
     assert ref["image_grid_thw"].shape[0] == 3  # the first image twice, the second between
+
+
+def test_chunked_prefill_matches_the_model_forward_for_an_image_and_a_video(fast, tmp_path):
+    """The engine's own multi-token forward (vision features placed by token type, multimodal rope, chunks
+    attending to earlier chunks) against the model's own forward, on a prompt holding an image and a video."""
+    import torch
+
+    from glmv.documents import load_video
+    from test_documents import make_video
+
+    clip = load_video(make_video(tmp_path / "clip.mp4", seconds=1.0), max_pixels=20_000)
+    for media in ([image((200, 40, 40), (112, 84)), clip], [clip, image((200, 40, 40), (112, 84))]):
+        inputs, _ = fast.prepare(GenerationRequest([user_message("what changes?", media)]))
+        eng = fast.engine
+        whole = eng.prefill_whole(0, inputs)
+        k_whole = eng.k_cache[:, 0, :, : inputs["input_ids"].shape[1]].clone()
+        pos3, _ = eng.prompt_positions(inputs)
+        chunk = eng.config.prefill_chunk
+        eng.config.prefill_chunk = 4  # passes of 4 * ALONE_CHUNKS = 16 tokens
+        try:
+            chunked = eng.prefill(1, inputs, 0, pos3)
+        finally:
+            eng.config.prefill_chunk = chunk
+        k_chunked = eng.k_cache[:, 1, :, : inputs["input_ids"].shape[1]]
+        assert inputs["input_ids"].shape[1] > 3 * 16
+        assert torch.allclose(whole, chunked, atol=1e-4) and torch.allclose(k_whole, k_chunked, atol=1e-4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -61,7 +62,7 @@ def test_thinking_switch_reaches_the_request(tmp_path, image):
 
 def test_ocr_offers_markdown_and_text_downloads(tmp_path, image):
     app, _ = make_app(tmp_path, "# Title\n\n| a | b |\n|---|---|\n| 1 | 2 |")
-    thinking, rendered, raw, stats, files = last(app.ocr(image, None, True, 256, "s1"))
+    thinking, rendered, raw, stats, files = last(app.ocr(image, "read it", True, 256, "s1"))
     assert rendered == raw and "| 1 | 2 |" in raw
     assert sorted(Path(f).suffix for f in files) == [".md", ".txt"]
     assert all(Path(f).read_text().strip() == raw for f in files)
@@ -76,7 +77,7 @@ def test_html_versions_edits_and_sandboxed_preview(tmp_path, image):
         return f"<think>layout</think>Here:\n```html\n{PAGE}\n```"
 
     app, _ = make_app(tmp_path, script)
-    think, code, stats, path, preview, versions, choices, chosen = last(app.html(image, None, True, 512, "desktop", [], "s1"))
+    think, code, stats, path, preview, versions, choices, chosen = last(app.html(image, "make a page", True, 512, "desktop", [], "s1"))
     assert code.strip() == PAGE and Path(path).read_text().strip() == PAGE
     assert Path(path).parent == tmp_path / "html" and Path(path).name.startswith("generated_")
     assert 'sandbox="allow-scripts"' in preview and "allow-same-origin" not in preview
@@ -85,7 +86,7 @@ def test_html_versions_edits_and_sandboxed_preview(tmp_path, image):
     code2, versions2 = out[1], out[5]
     assert "navy" in code2 and len(versions2) == 2 and len(list((tmp_path / "html").glob("*.html"))) == 2
     assert "width:390px" in out[4]  # phone preview
-    old_code, old_path, old_preview, _ = app.pick_version(versions2[0]["label"], versions2, "desktop")
+    old_code, old_path, old_preview, _, _ = app.pick_version(versions2[0]["label"], versions2, "desktop")
     assert old_code.strip() == PAGE and "navy" not in old_code
 
 
@@ -93,8 +94,8 @@ def test_html_edit_needs_a_page_and_an_instruction(tmp_path, image):
     app, _ = make_app(tmp_path, PAGE)
     with pytest.raises(GlmvError, match="generate a page first"):
         last(app.html_edit(image, "x", True, 64, "desktop", [], None, "s1"))
-    versions = last(app.html(image, None, True, 64, "desktop", [], "s1"))[5]
-    with pytest.raises(GlmvError, match="describe the change"):
+    versions = last(app.html(image, "make a page", True, 64, "desktop", [], "s1"))[5]
+    with pytest.raises(GlmvError, match="Change the page: the prompt is empty"):
         last(app.html_edit(image, "  ", True, 64, "desktop", versions, None, "s1"))
 
 
@@ -138,7 +139,7 @@ def test_errors_become_messages(tmp_path, image):
     bad.write_text("not an image")
     with pytest.raises(GlmvError, match="not a PNG"):
         last(app.describe(str(bad), "x", True, 64, "s1"))
-    with pytest.raises(GlmvError, match="type a message"):
+    with pytest.raises(GlmvError, match="Chat: the prompt is empty"):
         last(app.chat({"text": " ", "files": []}, [], [], True, False, True, 64, "s1"))
 
 
@@ -202,9 +203,211 @@ def test_chat_with_tools_shows_steps_and_images(tmp_path, image):
 def test_html_refine_adds_scored_versions(tmp_path, image):
     replies = iter([f"```html\n{PAGE}\n```", f"```html\n{PAGE.replace('Skyline', 'Skyline Travel')}\n```"])
     app, _ = make_app(tmp_path, lambda r: next(replies))
-    versions = last(app.html(image, None, True, 64, "desktop", [], "s1"))[5]
+    versions = last(app.html(image, "make a page", True, 64, "desktop", [], "s1"))[5]
     updates = list(app.html_refine(image, 1, True, 64, "desktop", versions, versions[0]["label"], "s1"))
-    code, status, path, preview, versions2, choices, chosen, gallery = updates[-1]
+    code, status, path, preview, versions2, choices, chosen, gallery, table = updates[-1]
     assert "visual score" in status and len(versions2) in (1, 2)
     assert all("score" in v for v in versions2)
-    assert gallery[0][1] == "target" and gallery[1][1].startswith("render · score")
+    assert gallery[0] == image and Path(gallery[1]).name.startswith("render-v")
+
+
+# -- grounding -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("answer, expected", [
+    ("<|begin_of_box|>[[100,200,500,800]]<|end_of_box|>", [("the car", (100, 200, 500, 800))]),
+    ("1. red car: [[10, 20, 30, 40]]\n2. **blue car**: [[50,60,70,80]]",
+     [("red car", (10, 20, 30, 40)), ("blue car", (50, 60, 70, 80))]),
+    ("The cat is at [120,80,400,600] and the dog at [500,100,900,700].",
+     [("the car", (120, 80, 400, 600)), ("the car", (500, 100, 900, 700))]),  # sentences are not labels
+    ("left eye [[1.5,2,30.5,40]]", [("left eye", (1.5, 2, 30.5, 40))]),
+    ("nothing here [1,2,3] or [5,5,5,9] or [0,0,2000,10]", []),  # three numbers, zero width, off the scale
+])
+def test_find_boxes_labels_them(answer, expected):
+    from glmv.grounding import find_boxes
+
+    got = [(b.label, (b.x1, b.y1, b.x2, b.y2)) for b in find_boxes(answer, "the car")]
+    assert got == [(label, tuple(float(v) for v in box)) for label, box in expected]
+
+
+def test_draw_boxes_at_the_right_pixels():
+    from PIL import Image
+
+    from glmv.grounding import PALETTE, Box, boxes_json, draw_boxes
+
+    img = Image.new("RGB", (200, 100), "white")
+    out = draw_boxes(img, [Box("it", 100, 200, 500, 800), Box("swapped", 900, 900, 600, 600)])
+    assert out.getpixel((20, 50)) == PALETTE[0] and out.getpixel((99, 50)) == PALETTE[0]  # x 20..100
+    assert out.getpixel((60, 79)) == PALETTE[0] and out.getpixel((60, 50)) == (255, 255, 255)
+    assert out.getpixel((120, 75)) == PALETTE[1]  # (600,600)-(900,900): x 120..180, y 60..90
+    data = json.loads(boxes_json([Box("it", 100, 200, 500, 800)], 200, 100))
+    assert data["boxes"][0]["box_px"] == [20, 20, 100, 80] and img.getpixel((20, 50)) == (255, 255, 255)
+
+
+def test_find_mode_draws_and_offers_png_and_json(tmp_path, image):
+    app, backend = make_app(tmp_path, "<think>there</think>the square: [[0,0,500,500]]")
+    thinking, answer, stats, png, files = last(app.find(image, "the square", True, 64, "s1"))
+    assert "1 box drawn" in stats and backend.requests[-1].messages[-1].text.startswith("Find the square")
+    assert sorted(Path(f).suffix for f in files) == [".json", ".png"]
+    with pytest.raises(GlmvError, match="Find: the prompt is empty"):
+        last(app.find(image, "  ", True, 64, "s1"))
+
+
+def test_glmv_ground_writes_the_png_and_prints_json(tmp_path, image, monkeypatch):
+    import io
+
+    from PIL import Image
+
+    from glmv.cli import main
+
+    backend = ScriptedBackend("<think>ok</think>the thing: [[250,250,750,750]]")
+    backend.default_sampling = Settings().sampling
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.chdir(tmp_path)
+    assert main(["ground", image, "-p", "the thing"], backend_factory=lambda s: backend, stdout=out, stderr=err) == 0
+    report = json.loads(out.getvalue())
+    assert report["boxes"][0]["box_px"] == [30, 20, 90, 60] and report["image"] == "shot_boxes.png"
+    drawn = Image.open(tmp_path / "shot_boxes.png").convert("RGB")
+    assert drawn.getpixel((30, 40)) != drawn.getpixel((60, 40))
+    err2 = io.StringIO()
+    assert main(["ground", image, "-p", " "], backend_factory=lambda s: backend, stdout=out, stderr=err2) == 2
+    assert err2.getvalue().startswith("error: the prompt is empty")
+    assert main(["ground", image, "-p", "x", "-o", "a.jpg"], backend_factory=lambda s: backend, stdout=out, stderr=err2) == 2
+
+
+# -- the line in front of the model ------------------------------------------------------------------------
+def test_slots_admit_in_order_and_let_waiting_users_leave():
+    from glmv.ui.slots import Slots
+
+    slots = Slots(1)
+    a, b, c = slots.enter(), slots.enter(), slots.enter()
+    assert slots.wait(a, 0) and not slots.wait(b, 0.01)
+    assert slots.position(b) == (1, 2) and slots.position(c) == (2, 2)
+    slots.leave(c)  # gave up waiting
+    slots.leave(a)
+    assert slots.wait(b, 0.1) and slots.busy() == 1
+    slots.capacity = 2
+    d = slots.enter()
+    assert slots.wait(d, 0.1)
+
+
+def test_a_queued_job_stopped_never_reaches_the_model(tmp_path, image):
+    app, backend = make_app(tmp_path, ["tok "] * 100, delay=0.01)
+    out = {}
+    a = threading.Thread(target=lambda: out.setdefault("A", last(app.describe(image, "x", True, 4096, "A"))))
+    a.start()
+    time.sleep(0.2)
+    waits = []
+    b = threading.Thread(target=lambda: out.setdefault("B", [u for u in app.describe(image, "x", True, 4096, "B")]))
+    b.start()
+    time.sleep(0.3)
+    app.stop("B")
+    a.join(10), b.join(10)
+    waits = [u[2] for u in out["B"]]
+    assert waits[0].startswith("⏳ waiting for the model: 1st in line") and waits[-1].startswith("■ stopped while waiting")
+    assert len(backend.requests) == 1 and out["A"][2].startswith("✓")
+
+
+# -- the model panel -------------------------------------------------------------------------------------
+def test_model_choices_are_checked_before_anything_unloads(tmp_path):
+    from glmv.ui.manager import check_choice, in_ui_terms
+
+    assert check_choice("/no/such/folder", "none") == "no such folder: /no/such/folder"
+    assert "no such folder" in estimate("/no/such/folder", "none", free_gb=80.0).markdown()
+    assert "needs a CUDA GPU" in check_choice("tiny", "w4", has_cuda=False)
+    assert check_choice("tiny", "w4", has_cuda=True) is None and check_choice("zai-org/GLM-4.6V-Flash", "none") is None
+    assert "needs a CUDA GPU" in estimate("zai-org/GLM-4.6V-Flash", "w4", free_gb=None).markdown()
+    message = "cannot load model 'x': ... copy DIR here and pass --model DIR; or run `--model tiny` for an offline smoke test"
+    assert "--model" not in in_ui_terms(message) and "Model panel" in in_ui_terms(message)
+    app, backend = make_app(tmp_path, "ok")
+    status, msg = app.load("local folder…", "/no/such/folder", "bf16")
+    assert msg == "✕ cannot load /no/such/folder: no such folder: /no/such/folder"
+    assert app.manager.require() is backend and not backend.closed
+
+
+def test_a_failed_load_keeps_or_restores_the_working_model():
+    from glmv.ui.manager import ModelManager
+
+    good = ScriptedBackend("ok")
+
+    def factory(settings, log):
+        if settings.model == "broken":
+            raise GlmvError("cannot load model 'broken': out of memory")
+        return good
+
+    def precheck(settings, log):
+        if settings.model == "offline/model":
+            raise GlmvError("cannot load model 'offline/model': the hub is unreachable. Pass --model DIR")
+
+    m = ModelManager(Settings(model="good"), factory, precheck)
+    m.load_async(), m.wait(5)
+    m.load_async(model="offline/model"), m.wait(5)  # fails before unloading: the model stays
+    assert m.require() is good and not good.closed and m.failures == 1 and "could not load offline/model" in m.message
+    m.load_async(model="broken"), m.wait(5)  # fails after unloading: the previous model comes back
+    assert m.require() is good and m.settings.model == "good" and "ready again" in m.message and m.failures == 2
+
+
+# -- persistence -----------------------------------------------------------------------------------------
+def test_store_keeps_chats_per_browser_and_copies_uploads(tmp_path, image):
+    from glmv.ui.app import messages_from_view
+    from glmv.ui.store import Store
+
+    store = Store(tmp_path / "state")
+    kept = store.keep(image)
+    assert Path(kept).parent == store.media and Path(kept).read_bytes() == Path(image).read_bytes()
+    view = [{"role": "user", "content": {"path": kept}}, {"role": "user", "content": "what is it?"},
+            {"role": "assistant", "content": "hmm", "metadata": {"title": "Thinking"}},
+            {"role": "assistant", "content": "A red square."}]
+    store.save_chat("browser-a", "c1", "what is it?", view)
+    store.save_chat("browser-b", "c1", "hijack", [])  # same chat id from another browser: refused
+    again = Store(tmp_path / "state")  # a server restart
+    assert again.chat("browser-a", "c1") == view and again.chat("browser-b", "c1") is None
+    assert [c[1] for c in again.chats("browser-a")] == ["what is it?"] and again.chats("browser-b") == []
+    history = messages_from_view(view, 4_000_000)
+    assert [m.role for m in history] == ["user", "assistant"] and len(history[0].images) == 1
+    assert history[1].text == "A red square."
+    again.delete_chat("browser-a", "c1")
+    assert again.chats("browser-a") == []
+
+
+def test_chat_find_draws_on_the_latest_image(tmp_path, image):
+    app, backend = make_app(tmp_path, "the square: [[0,0,500,500]]")
+    with pytest.raises(GlmvError, match="Find needs an image"):
+        last(app.chat({"text": "the square", "files": []}, [], [], True, False, True, 64, "s1", find=True))
+    view, history, stats, _ = last(app.chat({"text": "the square", "files": [image]}, [], [], True, False, True, 64,
+                                            "s1", find=True))
+    assert "1 box drawn" in stats and view[-1]["content"]["path"].endswith("found.png")
+    assert backend.requests[-1].messages[-1].text.startswith("Find the square")
+
+
+def test_a_chat_turn_stopped_while_waiting_leaves_the_chat_as_it_was(tmp_path, image):
+    app, backend = make_app(tmp_path, ["tok "] * 100, delay=0.01)
+    busy = threading.Thread(target=lambda: last(app.describe(image, "x", True, 4096, "A")))
+    busy.start()
+    time.sleep(0.2)
+    out = {}
+    message = {"text": "still there?", "files": []}
+    t = threading.Thread(target=lambda: out.setdefault("chat", last(app.chat(message, [], [], True, False, True, 64, "B"))))
+    t.start()
+    time.sleep(0.3)
+    app.stop("B")
+    t.join(10), busy.join(10)
+    view, history, stats, box = out["chat"]
+    assert view == [] and history == [] and stats.startswith("■ stopped while waiting") and box == message
+
+
+def test_a_chat_as_gradio_hands_it_back_rebuilds_the_history(image):
+    from glmv.ui.app import messages_from_view, plain_view
+
+    from_gradio = [  # what gr.Chatbot passes to a handler: content as typed parts
+        {"role": "user", "metadata": None, "content": [{"type": "file", "alt_text": None,
+                                                        "file": {"path": image, "url": "http://x/f", "meta": {}}}]},
+        {"role": "user", "metadata": None, "content": [{"type": "text", "text": "first"}]},
+        {"role": "assistant", "metadata": {"title": "Thinking", "status": "done", "id": None},
+         "content": [{"type": "text", "text": "hmm"}]},
+        {"role": "assistant", "metadata": None, "content": [{"type": "text", "text": "A red square."}]},
+    ]
+    assert plain_view(from_gradio) == [
+        {"role": "user", "content": {"path": image}}, {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "hmm", "metadata": {"title": "Thinking", "status": "done"}},
+        {"role": "assistant", "content": "A red square."}]
+    history = messages_from_view(from_gradio, 4_000_000)
+    assert [(m.role, len(m.images), m.text) for m in history] == [("user", 1, "first"), ("assistant", 0, "A red square.")]

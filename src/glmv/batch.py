@@ -33,8 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
 from .backends.base import Backend, GenerationRequest, Result, collect
-from .documents import (IMAGE_EXTS, OFFICE_EXTS, PDF_EXTS, VIDEO_EXTS, kind_of, load_video, office_to_pdf, parse_pages,
-                        pdf_page_count, render_pdf)
+from .documents import kind_of, load_video, office_to_pdf, parse_pages, pdf_page_count, render_pdf
 from .errors import GlmvError, MediaError
 from .media import load_image
 from .outputs import ensure_writable_dir, text_as_page, write_atomic
@@ -46,11 +45,11 @@ try:
 except ImportError:  # pragma: no cover - Windows: no advisory locks, the folder is not locked
     fcntl = None  # type: ignore[assignment]
 
-SUPPORTED = IMAGE_EXTS | PDF_EXTS | OFFICE_EXTS | VIDEO_EXTS
 MANIFEST = "manifest.jsonl"
 LOCK_FILE = ".glmv-batch.lock"
 WORK_DIR = ".glmv-work"  # decks converted to PDF live here while the batch runs (hidden: never an input)
 DEFAULT_MAX_DOC_PAGES = 2000
+COMPACT_SLACK = 1000  # superseded manifest lines tolerated before the manifest is rewritten at the next start
 NAME_MAX = 255  # bytes in one path component on common filesystems
 # A write error with one of these concerns one item's name; any other stops the batch (the folder is full,
 # over quota, read-only, gone...), because no later item could be written either.
@@ -66,7 +65,6 @@ class Item:
     size: int = 0
     mtime_ns: int = 0
     page: int | None = None  # 1-based
-    pages_total: int | None = None
     path: Path | None = None  # what to read when it is not the source: a deck's converted PDF
 
     def key(self) -> dict[str, Any]:
@@ -138,8 +136,9 @@ def expand(inputs: list[str], pages: str | None = None, out: Path | None = None,
     plan = Plan()
     out_abs = out.resolve() if out is not None else None
     for root, label in _roots(inputs):
-        is_dir = root.is_dir()
-        files = _walk(root, out_abs) if is_dir else [(root, root.name, False)]
+        # only an output folder inside this root can hold files of ours: look for them only then
+        holds_out = out_abs is not None and root.is_dir() and _inside(out_abs, root.resolve())
+        files = _walk(root, out_abs if holds_out else None) if root.is_dir() else [(root, root.name, False)]
         for f, rel, in_out in files:
             kind = kind_of(f)
             if in_out and (kind == "unknown" or out_abs != root.resolve()):
@@ -150,6 +149,8 @@ def expand(inputs: list[str], pages: str | None = None, out: Path | None = None,
             rel = f"{label}/{rel}" if label else rel
             try:
                 st = f.stat()
+                if not f.is_file():  # a FIFO or device given by name would block or never end
+                    raise OSError(errno.EINVAL, "not a regular file")
             except OSError as exc:
                 plan.failed.append((Item(rel, rel, f.absolute(), "document"), f"cannot read '{f}': {exc.strerror}"))
                 continue
@@ -180,7 +181,7 @@ def _expand_document(plan: Plan, doc: Item, kind: str, pages: str | None, max_do
         return
     for i in selected:
         plan.items.append(Item(f"{doc.rel}#page={i + 1}", doc.rel, doc.source, "page", doc.size, doc.mtime_ns,
-                               i + 1, n, Path(source)))
+                               i + 1, Path(source)))
 
 
 def expected_outputs(item: Item, opts: Options) -> list[str]:
@@ -207,7 +208,8 @@ def refuse_long_names(plan: Plan, opts: Options) -> None:
             keep.append(item)
         elif item.rel not in refused:
             refused.add(item.rel)
-            doc = Item(item.rel, item.rel, item.source, "document" if item.page else item.kind, item.size, item.mtime_ns)
+            kind = "document" if item.page else item.kind
+            doc = Item(item.rel, item.rel, item.source, kind, item.size, item.mtime_ns)
             plan.failed.append((doc, f"cannot write results for '{item.source}': the output name '{long[:40]}...' "
                                      f"would be longer than {NAME_MAX} bytes; rename the file"))
     plan.items = keep
@@ -290,7 +292,8 @@ class Manifest:
         self.repaired = False
         data = path.read_bytes() if path.exists() else b""
         end = data.rfind(b"\n") + 1
-        lines = data[:end].decode("utf-8", "replace").splitlines()
+        # split on "\n" only: names may hold U+2028 or \x1c, which splitlines() would cut records at
+        lines = data[:end].decode("utf-8", "replace").split("\n")
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if end < len(data):  # cut by a kill or a full disk: complete it if it is whole, else drop it
             tail = data[end:].decode("utf-8", "replace")
@@ -305,6 +308,18 @@ class Manifest:
             if rec is not None:
                 self.latest[rec["id"]] = rec
         self._lock = threading.Lock()
+        if len(lines) > 2 * len(self.latest) + COMPACT_SLACK:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the file with only the latest record per item (atomically: a kill leaves old or new)."""
+        text = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in self.latest.values())
+        try:
+            write_atomic(self.path, text)
+        except OSError:
+            return  # no room to rewrite it: the long file works just as well
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
 
     @staticmethod
     def _parse(line: str) -> dict[str, Any] | None:
@@ -370,7 +385,8 @@ class FolderFull(Exception):
     """The output folder takes no more writes; the batch stops and can be resumed."""
 
 
-def run_batch(inputs: list[str], opts: Options, backend_factory: Callable[[], Backend], stderr: TextIO = sys.stderr) -> int:
+def run_batch(inputs: list[str], opts: Options, backend_factory: Callable[[], Backend],
+              stderr: TextIO = sys.stderr) -> int:
     """Run the batch; 0 if every current input is done, 1 if some failed. Raises GlmvError if it cannot run."""
     out = ensure_writable_dir(opts.out)
     lock = FolderLock(out)  # first: a second run must not clean away this run's temporary files
@@ -400,6 +416,9 @@ class _Run:
         self.out, self.opts, self.plan, self.manifest, self.stderr = out, opts, plan, manifest, stderr
         self.stop = threading.Event()  # set when the folder is full or the user interrupts: no new items start
         self.stop_reason: str | None = None
+        # One cancel event per running item: a backend may set the event it was given (when its stream ends
+        # early), so sharing one would let a single failing item cancel all the others.
+        self._cancels: set[threading.Event] = set()
         self.stats = {"done": 0, "failed": 0, "tokens": 0}
         self.backend: Backend | None = None
         self.sampling = SamplingParams()
@@ -430,10 +449,13 @@ class _Run:
             why, fix = f"cannot write to '{self.out}': {exc.strerror or exc}", "fix that"
         return f"{why} (writing {path}); the batch stopped: {fix} and rerun the same command to resume"
 
-    def _stopped(self, reason: str) -> None:
+    def _stopped(self, reason: str | None) -> None:
+        """Start no new item and cancel the running ones."""
         with self._lock:
             self.stop_reason = self.stop_reason or reason
-        self.stop.set()
+            self.stop.set()
+            for cancel in self._cancels:
+                cancel.set()
 
     def run(self, backend_factory: Callable[[], Backend], stale: int) -> int:
         plan, opts, out = self.plan, self.opts, self.out
@@ -475,7 +497,8 @@ class _Run:
                 self.backend.close()
         failures = self._failures()
         left = len(todo) - self.stats["done"] - self.stats["failed"]
-        self.stderr.write(f"glmv: done {self.stats['done']} now ({already} earlier), failed {self.stats['failed']} "
+        failed_now = self.stats["failed"] + len(plan.failed)  # documents that could not be opened count too
+        self.stderr.write(f"glmv: done {self.stats['done']} now ({already} earlier), failed {failed_now} "
                           f"now, {len(failures)} failing in all, {left} not done, {self.stats['tokens']} tokens, "
                           f"{time.perf_counter() - t0:.1f} s; {joined} joined document(s); manifest {out / MANIFEST}\n")
         for item_id, error in failures[:20]:
@@ -501,7 +524,7 @@ class _Run:
                 bar.set_postfix_str(f"{self.stats['failed']} failed, {self.stats['tokens']} tokens")
             return False
         except KeyboardInterrupt:
-            self.stop.set()  # running generations see it and end; queued items do not start
+            self._stopped(None)
             return True
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -523,7 +546,8 @@ class _Run:
                 else:
                     tokens = result.usage.completion_tokens
                     self._record(item, "a result", status="done", outputs=outputs, completion_tokens=tokens,
-                                 prompt_tokens=result.usage.prompt_tokens, seconds=round(time.perf_counter() - start, 3))
+                                 prompt_tokens=result.usage.prompt_tokens,
+                                 seconds=round(time.perf_counter() - start, 3))
                     with self._lock:
                         self.stats["done"] += 1
                         self.stats["tokens"] += tokens
@@ -543,14 +567,25 @@ class _Run:
             media = _load(item, self.opts)
             request = GenerationRequest([user_message(self.opts.prompt, media)], sampling=self.sampling,
                                         thinking=self.opts.thinking)
-            result = collect(self.backend.generate(request, self.stop))
+            cancel = threading.Event()
+            with self._lock:
+                if self.stop.is_set():
+                    return None, None
+                self._cancels.add(cancel)
+            try:
+                result = collect(self.backend.generate(request, cancel))
+            finally:
+                with self._lock:
+                    self._cancels.discard(cancel)
         except GlmvError as exc:
             return None, str(exc)
         except OSError as exc:
             return None, f"cannot read '{item.source}': {exc.strerror or exc}"
         except Exception as exc:  # a bug in a decoder or backend fails this item, not the whole batch
             return None, f"unexpected {type(exc).__name__} on '{item.id}': {exc}"
-        return (None, None) if result.finish_reason == "cancelled" else (result, None)
+        if result.finish_reason == "cancelled":
+            return None, None if self.stop.is_set() else "the backend cancelled the generation; rerun to retry"
+        return result, None
 
     def _failures(self) -> list[tuple[str, str]]:
         """(id, error) of the current inputs that are failing now; old records of other files do not count."""
@@ -620,5 +655,5 @@ def default_prompt(task: str, prompt: str | None) -> str:
     return TASKS[task].prompt
 
 
-__all__ = ["run_batch", "expand", "expected_outputs", "refuse_long_names", "check_collisions", "Options", "Manifest", "FolderLock",
-           "default_prompt"]
+__all__ = ["run_batch", "expand", "expected_outputs", "refuse_long_names", "check_collisions", "Options", "Manifest",
+           "FolderLock", "default_prompt"]

@@ -6,10 +6,12 @@ weights built directly on the GPU (``--model full-random``), fed real processor 
 tokens. ``--model tiny --device cpu`` runs the same code in seconds (the test suite does). Also runs as
 a script: ``python -m glmv.bench``.
 
-Per configuration: time to first token with and without the processor, decode tokens/s at batch 1,
-aggregate tokens/s at larger batches, peak GPU memory, and warm-up time; plus the measured copy
-bandwidth, the batch-1 limit it implies (bandwidth / bytes of text weights), and each figure's ratio to
-it. Prints a table last and writes JSON.
+Per configuration: time to first token with the processor and its parts (processor, vision tower, the
+rest of prefill, and the next decode step), decode tokens/s at batch 1, aggregate tokens/s at larger
+batches, peak GPU memory, warm-up time, and a fresh process's first request after its warm-up; plus the
+measured copy bandwidth, the batch-1 limit it implies (bandwidth / bytes of text weights; for the 4-bit
+mode, bandwidth / the bytes one of its steps reads), and each figure's ratio to it. Prints a table last
+and writes JSON.
 """
 
 from __future__ import annotations
@@ -93,15 +95,19 @@ def text_weight_bytes(model: Any) -> int:
     return total + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
 
 
-def make_inputs(processor: Any, image_path: Path, batch: int) -> tuple[dict[str, Any], float]:
-    """Processor output for ``batch`` copies of the screenshot prompt, and the processor's seconds (batch 1)."""
+def make_inputs(processor: Any, image_path: Path | Any, batch: int, device: str | None = None) -> tuple[dict[str, Any], float]:
+    """Processor output for ``batch`` copies of the screenshot prompt, and the processor's seconds (batch 1).
+    With a CUDA ``device`` the image is resized and normalised on the GPU, as glmv does."""
     from PIL import Image
 
-    image = Image.open(image_path).convert("RGB")
+    image = image_path if isinstance(image_path, Image.Image) else Image.open(image_path).convert("RGB")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe this image"}]}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    kw = {"device": "cuda"} if device and device.startswith("cuda") else {}
     t0 = time.perf_counter()
-    inputs = processor(text=[text] * batch, images=[image] * batch, return_tensors="pt", padding=True)
+    inputs = processor(text=[text] * batch, images=[image] * batch, return_tensors="pt", padding=True, **kw)
+    if kw:
+        _sync(device)
     dt = time.perf_counter() - t0
     inputs = dict(inputs)
     inputs.pop("token_type_ids", None)
@@ -170,47 +176,105 @@ def time_engine(engine: Any, inputs: dict[str, Any], n_tokens: int, device: str)
     _sync(device)
     total = time.perf_counter() - t0
     ttft = stamps[0] - t0
-    return {"prefill_s": ttft, "total_s": total, "tokens": steps,
+    return {"prefill_s": ttft, "total_s": total, "tokens": steps, "first_at": stamps[0],
+            "first_step_s": stamps[1] - stamps[0] if len(stamps) > 1 else None,
             "decode_tok_s": b * (steps - 1) / max(stamps[-1] - stamps[0], 1e-9)}
 
 
-def ttft(engine: Any, processor: Any, image: Path, device: str, runs: int = 5) -> dict[str, float]:
-    """Median time to first token for the screenshot: processor + prefill + first token (and prefill alone)."""
-    with_proc, prefill = [], []
+def ttft(engine: Any, processor: Any, image: Path, device: str, runs: int | None = None) -> dict[str, float]:
+    """Median time to first token for the screenshot, processor included, and its parts: the processor,
+    the vision tower (timed alone), the rest of prefill (the prompt through the decoder, sampling the first
+    token) and the first decode step after it."""
+    runs = runs or (5 if device.startswith("cuda") else 2)  # the CPU run is a smoke test: keep it short
+    with_proc, prefill, proc, step = [], [], [], []
     for _ in range(runs):
         _sync(device)
         t0 = time.perf_counter()
-        inp, _ = make_inputs(processor, image, 1)
-        r = time_engine(engine, inp, 1, device)
-        with_proc.append(time.perf_counter() - t0)
+        inp, dt = make_inputs(processor, image, 1, device)
+        r = time_engine(engine, inp, 2, device)
+        with_proc.append(r["first_at"] - t0)
         prefill.append(r["prefill_s"])
-    return {"ttft_with_processor_s": statistics.median(with_proc), "prefill_s": statistics.median(prefill)}
+        proc.append(dt)
+        step.append(r["first_step_s"])
+    out = {"ttft_with_processor_s": statistics.median(with_proc), "prefill_s": statistics.median(prefill),
+           "processor_s": statistics.median(proc), "first_step_s": statistics.median(step)}
+    vision = vision_seconds(engine.model, inp, device)
+    if vision is not None:
+        out["vision_s"] = vision
+        out["prompt_prefill_s"] = out["prefill_s"] - vision
+    return out
+
+
+def vision_seconds(model: Any, inputs: dict[str, Any], device: str, runs: int = 3) -> float | None:
+    """Median seconds of the vision tower alone on these inputs (None where the model has no such call)."""
+    get = getattr(getattr(model, "model", None), "get_image_features", None)
+    if get is None or "pixel_values" not in inputs:
+        return None
+    pv = inputs["pixel_values"].to(device, model.dtype)
+    grid = inputs["image_grid_thw"].to(device)
+    times = []
+    with torch.inference_mode():
+        for _ in range(runs):
+            _sync(device)
+            t0 = time.perf_counter()
+            get(pv, grid)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def step_bytes(model: Any) -> int:
+    """Bytes one batch-1 decode step reads: the text decoder's weights (int4 buffers included) and the
+    lm_head, without the embedding table (one row of it is read)."""
+    lm = model.model.language_model
+    embed = lm.embed_tokens.weight
+    total = sum(t.numel() * t.element_size() for t in list(lm.parameters()) + list(lm.buffers())
+                if t.data_ptr() != embed.data_ptr())
+    return total + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
 
 
 def peak_gb(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None
 
 
-def warmup_child(args: argparse.Namespace) -> float:
-    """Build the engine in a fresh process (to time a start with warm on-disk caches)."""
+def warmup_child(args: argparse.Namespace, w4: bool = False) -> dict[str, float]:
+    """A fresh process (warm on-disk caches): build the engine, then answer the screenshot once (its first
+    request) and three more times (warm). Returns warmup_second_s, first_request_ttft_s, warm_ttft_s."""
     cmd = [sys.executable, "-m", "glmv.bench", "--model", args.model, "--device", args.device, "--warmup-only",
-           "--max-batch", str(args.max_batch)]
+           "--max-batch", str(1 if w4 else args.max_batch), "--max-seq-len", str(8192 if w4 else args.max_seq_len),
+           "--image", args.image] + (["--w4"] if w4 else [])
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    out = {}
     for line in p.stdout.splitlines():
-        if line.startswith("WARMUP_S="):
-            return float(line.split("=", 1)[1])
-    raise RuntimeError(f"warm-up child failed: {p.stderr[-2000:]}")
+        for key, name in (("WARMUP_S=", "warmup_second_s"), ("FIRST_TTFT_S=", "first_request_ttft_s"),
+                          ("WARM_TTFT_S=", "warm_ttft_s"), ("MEM_GB=", "fresh_model_plus_cache_GB"),
+                          ("PEAK_GB=", "fresh_peak_GB")):
+            if line.startswith(key):
+                out[name] = float(line.split("=", 1)[1])
+    if "warmup_second_s" not in out:
+        raise RuntimeError(f"warm-up child failed: {p.stderr[-2000:]}")
+    return out
 
 
-def engine_warmup(model: Any, args: argparse.Namespace, processor: Any) -> tuple[Any, float]:
+def engine_warmup(model: Any, args: argparse.Namespace, processor: Any, max_batch: int | None = None,
+                  max_seq_len: int | None = None) -> tuple[Any, float]:
+    """Build the engine, tune and capture, and run what glmv's own warm-up runs: a short text answer and
+    one for a screenshot-sized image (so the first real request pays no first-call costs)."""
+    from PIL import Image
+
     from .engine.fast import EngineConfig, FastEngine
 
     t0 = time.perf_counter()
-    engine = FastEngine(model, EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len))
+    engine = FastEngine(model, EngineConfig(max_batch=max_batch or args.max_batch,
+                                            max_seq_len=max_seq_len or args.max_seq_len))
     engine.capture()
     inputs = dict(processor(text=["[gMASK]<sop><|user|>\nhi<|assistant|>"], return_tensors="pt"))
     inputs.pop("token_type_ids", None)
     engine.generate([inputs], {"max_new_tokens": 4, "do_sample": False}, lambda ids: False)
+    gray = Image.new("RGB", (1288, 728), (128, 128, 128))
+    img_inputs, _ = make_inputs(processor, gray, 1, args.device)
+    if engine.fits([img_inputs], 4):
+        engine.generate([img_inputs], {"max_new_tokens": 4, "do_sample": False}, lambda ids: False)
     _sync(args.device)
     return engine, time.perf_counter() - t0
 
@@ -224,14 +288,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="full-random", help="full-random (default), tiny, or a checkpoint folder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--image", default=str(Path(__file__).resolve().parents[2] / "input" / "image_3.png"))
-    p.add_argument("--tokens", type=int, default=128, help="forced output length")
-    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--tokens", type=int, default=None, help="forced output length (default 128; 8 on the CPU)")
+    p.add_argument("--batches", default=None, help="batch sizes (default 1,8,32; 1,2 on the CPU)")
     p.add_argument("--configs", default=",".join(CONFIGS))
-    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=None, help="(default: the largest batch)")
     p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--json", dest="json_path", default=None, help="write results here (default: stdout only)")
+    p.add_argument("--json", dest="json_path", nargs="?", const="-", default=None, metavar="FILE",
+                   help="print the results as one JSON object instead of the table (or, as before, write them to FILE)")
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON object to FILE")
     p.add_argument("--warmup-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--w4", action="store_true", help=argparse.SUPPRESS)  # with --warmup-only: the 4-bit mode
     args = p.parse_args(argv)
+    # On the CPU (the tiny model's smoke run) small defaults finish in well under a minute on 2 cores.
+    on_cpu = not args.device.startswith("cuda")
+    args.tokens = args.tokens or (8 if on_cpu else 128)
+    args.batches = args.batches or ("1,2" if on_cpu else "1,8,32")
+    args.max_batch = args.max_batch or max(int(b) for b in args.batches.split(",") if b)
 
     from transformers import AutoProcessor
 
@@ -241,8 +313,23 @@ def main(argv: list[str] | None = None) -> int:
     processor = AutoProcessor.from_pretrained(ensure_tiny_checkpoint())
     model = build_model(args.model, args.device, dtype, processor)
     if args.warmup_only:
-        _, w = engine_warmup(model, args, processor)
-        print(f"WARMUP_S={w}")
+        t0 = time.perf_counter()
+        if args.w4:
+            import gc
+
+            from .engine.w4 import quantize_text_decoder
+
+            quantize_text_decoder(model, args.device)
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()  # from here on: what a card running the 4-bit mode holds
+        engine, _ = engine_warmup(model, args, processor)
+        print(f"WARMUP_S={time.perf_counter() - t0}", flush=True)
+        runs = [ttft(engine, processor, Path(args.image), args.device, runs=1)["ttft_with_processor_s"] for _ in range(4)]
+        print(f"FIRST_TTFT_S={runs[0]}")
+        print(f"WARM_TTFT_S={statistics.median(runs[1:])}")
+        print(f"MEM_GB={torch.cuda.memory_allocated() / 1e9}")
+        print(f"PEAK_GB={torch.cuda.max_memory_allocated() / 1e9}")
         return 0
 
     image = Path(args.image)
@@ -261,7 +348,12 @@ def main(argv: list[str] | None = None) -> int:
         "configs": {},
     }
     inputs1, proc_s = make_inputs(processor, image, 1)
-    report["processor_s"] = round(proc_s, 4)
+    report["processor_cpu_s"] = round(proc_s, 4)
+    if on_gpu:
+        make_inputs(processor, image, 1, args.device)  # first call on the GPU pays one-time costs
+        report["processor_gpu_s"] = round(statistics.median(make_inputs(processor, image, 1, args.device)[1]
+                                                            for _ in range(5)), 4)
+    report["processor_s"] = report.get("processor_gpu_s", report["processor_cpu_s"])
     report["prompt_tokens"] = int(inputs1["input_ids"].shape[1])
 
     def ratio(x: float | None) -> float | None:
@@ -284,17 +376,20 @@ def main(argv: list[str] | None = None) -> int:
                 entry["warmup_first_s"] = first
                 if on_gpu:
                     try:
-                        entry["warmup_second_s"] = warmup_child(args)
+                        entry.update(warmup_child(args))
                     except Exception as exc:  # report, keep going
                         entry["warmup_second_error"] = str(exc)[-300:]
                 time_engine(engine, inputs1, 4, args.device)
                 entry.update(ttft(engine, processor, image, args.device))
+                entry["step_GB"] = step_bytes(model) / 1e9
+                if bw:
+                    entry["own_limit_tok_s"] = bw / step_bytes(model)
                 r1 = time_engine(engine, inputs1, args.tokens, args.device)
                 entry["decode_tok_s_b1"] = r1["decode_tok_s"]
                 for b in batches[1:]:
                     if b > args.max_batch:
                         continue
-                    inp_b = make_inputs(processor, image, b)[0]
+                    inp_b = make_inputs(processor, image, b, args.device)[0]
                     time_engine(engine, inp_b, 2, args.device)  # first use of this batch size captures its graph
                     rb = time_engine(engine, inp_b, args.tokens, args.device)
                     entry[f"aggregate_tok_s_b{b}"] = rb["decode_tok_s"]
@@ -313,9 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         if on_gpu:
             torch.cuda.empty_cache()
 
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
-    print(format_table(report))
+    for path in (args.json_out, None if args.json_path == "-" else args.json_path):
+        if path:
+            Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report) if args.json_path == "-" else format_table(report))
     return 0
 
 
@@ -333,18 +429,29 @@ def _w4(model: Any, args: argparse.Namespace, processor: Any, image: Path, batch
     quantize_text_decoder(model, args.device)
     gc.collect()
     out: dict[str, Any] = {"quantize_s": time.perf_counter() - t0}
+    nbytes = step_bytes(model)
+    bw = copy_bandwidth(args.device)  # before the peak is reset: its 4 GiB of buffers are not the model's
+    out["step_GB"] = nbytes / 1e9
+    if bw:
+        out["own_limit_tok_s"] = bw / nbytes
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    w0 = time.perf_counter()
-    engine = FastEngine(model, EngineConfig(max_batch=1, max_seq_len=8192))
-    engine.capture()
-    out["warmup_first_s"] = time.perf_counter() - w0
-    inputs1, _ = make_inputs(processor, image, 1)
+    engine, out["warmup_first_s"] = engine_warmup(model, args, processor, max_batch=1, max_seq_len=8192)
+    if args.device.startswith("cuda"):
+        try:
+            out.update(warmup_child(args, w4=True))
+        except Exception as exc:  # report, keep going
+            out["warmup_second_error"] = str(exc)[-300:]
+    inputs1, _ = make_inputs(processor, image, 1, args.device)
     time_engine(engine, inputs1, 4, args.device)
     out.update(ttft(engine, processor, image, args.device))
     r1 = time_engine(engine, inputs1, args.tokens, args.device)
     out["decode_tok_s_b1"] = r1["decode_tok_s"]
+    if out.get("own_limit_tok_s"):
+        out["ratio_own"] = out["decode_tok_s_b1"] / out["own_limit_tok_s"]
+    if engine.tuner is not None:
+        out["tuned"] = {k: v for k, v in engine.tuner.choice.items() if "w4" in k}
     if args.device.startswith("cuda"):
         out["model_plus_8k_cache_GB"] = torch.cuda.memory_allocated() / 1e9
         out["peak_b1_8k_GB"] = torch.cuda.max_memory_allocated() / 1e9
@@ -354,9 +461,12 @@ def _w4(model: Any, args: argparse.Namespace, processor: Any, image: Path, batch
         for b in batches[1:]:
             if b > args.max_batch:
                 continue
-            inp_b = make_inputs(processor, image, b)[0]
-            time_engine(engine, inp_b, 2, args.device)
+            inp_b = make_inputs(processor, image, b, args.device)[0]
+            time_engine(engine, inp_b, 2, args.device)  # first use of this batch size: tuned and captured
             out[f"aggregate_tok_s_b{b}"] = time_engine(engine, inp_b, args.tokens, args.device)["decode_tok_s"]
+        if engine.tuner is not None:
+            out["tuned"] = {k: v for k, v in engine.tuner.choice.items() if "w4" in k}
+            out["tuner_ms"] = engine.tuner.timings
         del engine
     return out
 
@@ -391,14 +501,18 @@ def format_table(report: dict[str, Any]) -> str:
     def f(x: Any, nd: int = 1) -> str:
         return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
+    def ms(x: Any) -> str:
+        return "-" if x is None else f"{1e3 * x:.1f}"
+
+    aggs_head = "".join(f"agg b{b} | " for b in report["batches"][1:])
     lines = [
         f"GPU: {report['gpu']}  torch {report['torch']}  transformers {report['transformers']}  {report['date']}",
         f"copy bandwidth {f(report['copy_bandwidth_GBps'])} GB/s, text weights {report['text_weight_GB']} GB -> "
         f"batch-1 limit {f(report['batch1_limit_tok_s'])} tok/s; prompt {report['prompt_tokens']} tokens; "
-        f"processor {f(report['processor_s'], 3)} s",
-        "| config | TTFT incl. processor (s) | prefill (s) | decode tok/s b1 | % of limit | "
-        + "".join(f"agg b{b} | " for b in report["batches"][1:]) + "peak GB | warm-up 1st / 2nd (s) |",
-        "|---|---|---|---|---|" + "---|" * len(report["batches"][1:]) + "---|---|",
+        f"processor {f(report['processor_s'], 3)} s (CPU {f(report.get('processor_cpu_s'), 3)} s)",
+        "| config | TTFT incl. processor (ms) | processor / vision / prompt / first step (ms) | decode tok/s b1 | "
+        "limit tok/s | % of limit | " + aggs_head + "peak GB | warm-up 1st / 2nd (s) | fresh process: 1st / warm TTFT (ms) |",
+        "|---|---|---|---|---|---|" + "---|" * len(report["batches"][1:]) + "---|---|---|",
     ]
     for name, e in report["configs"].items():
         if "error" in e or "skipped" in e:
@@ -407,13 +521,19 @@ def format_table(report: dict[str, Any]) -> str:
         ttft = e.get("ttft_with_processor_s")
         if ttft is None and e.get("prefill_s") is not None:
             ttft = e["prefill_s"] + report["processor_s"]
-        pct = None if e.get("ratio_b1") is None else 100 * e["ratio_b1"]
+        own = e.get("ratio_own")  # the 4-bit mode against its own bytes per token
+        limit = e.get("own_limit_tok_s") if own is not None else report["batch1_limit_tok_s"]
+        ratio = own if own is not None else e.get("ratio_b1")
+        pct = None if ratio is None else 100 * ratio
+        split = " / ".join(ms(e.get(k)) for k in ("processor_s", "vision_s", "prompt_prefill_s", "first_step_s"))
         warm = f"{f(e.get('warmup_first_s'))} / {f(e.get('warmup_second_s'))}" if "warmup_first_s" in e else "-"
+        fresh = f"{ms(e.get('first_request_ttft_s'))} / {ms(e.get('warm_ttft_s'))}"
         aggs = "".join(f"{f(e.get(f'aggregate_tok_s_b{b}'))} | " for b in report["batches"][1:])
-        lines.append(f"| {name} | {f(ttft, 3)} | {f(e.get('prefill_s'), 3)} | {f(e.get('decode_tok_s_b1'))} | {f(pct)} | "
-                     f"{aggs}{f(e.get('peak_gpu_GB'))} | {warm} |")
+        lines.append(f"| {name} | {ms(ttft)} | {split if 'processor_s' in e else '-'} | {f(e.get('decode_tok_s_b1'))} | "
+                     f"{f(limit)} | {f(pct)} | {aggs}{f(e.get('peak_gpu_GB'))} | {warm} | {fresh} |")
     for name, e in report["configs"].items():
-        extra = {k: v for k, v in e.items() if k in ("weights_GB", "model_plus_8k_cache_GB", "peak_b1_8k_GB", "quantize_s")}
+        extra = {k: v for k, v in e.items() if k in ("weights_GB", "step_GB", "model_plus_8k_cache_GB", "peak_b1_8k_GB",
+                                                     "fresh_model_plus_cache_GB", "fresh_peak_GB", "quantize_s")}
         if extra:
             lines.append(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in extra.items()))
     return "\n".join(lines)

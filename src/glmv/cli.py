@@ -1,37 +1,128 @@
-"""The ``glmv`` command line: ``ask``, ``ocr`` and ``html`` (and the front ends of later issues).
+"""The ``glmv`` command line: ``ask``, ``ocr``, ``html``, ``chat``, ``logs``, ``start``/``stop``/``ps``, and the
+front ends (``ui``, ``serve``, ``batch``, ``bench``).
 
 Flags map explicitly onto :class:`~glmv.settings.Settings` and
 :class:`~glmv.settings.SamplingParams`; everything is validated (flags, images, prompt) before the
-model is loaded. Errors print ``error: ...`` and exit 2 without a traceback (``--debug`` shows one).
-The tutorial's flags (``--model_path``, ``--input``, ``--prompt``, ``--int4``, ``--stream``) keep
-working, and ``glmv`` with no arguments does what the tutorial did: describe ``input/image_1.png``.
+model is loaded. Errors, argument errors included, print one line ``error: ...`` and exit 2 without a
+traceback (``--debug`` shows one); a mistyped flag gets a suggestion. Flags a command would ignore are
+refused. When ``glmv start`` keeps a matching model loaded, tasks run on it (see :mod:`glmv.resident`);
+answers are logged to the history (:mod:`glmv.history`). Only what a command needs is imported: help,
+argument errors, the resident path and remote backends never import torch. The tutorial's flags
+(``--model_path``, ``--input``, ``--prompt``, ``--int4``, ``--stream``) keep working, and ``glmv`` with
+no command does what the tutorial did: describe ``input/image_1.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import re
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 from . import __version__
 from .backends.base import Backend, GenerationRequest, Result, collect
 from .errors import GlmvError
+from .limits import Budget, add_limit_arguments, limits_from_args
 from .outputs import save_html, text_as_page
 from .prompts import TASKS, Message, user_message
-from .settings import DEFAULT_MAX_NEW_TOKENS, SamplingParams, Settings
+from .settings import DEFAULT_MAX_NEW_TOKENS, TINY_MODEL, SamplingParams, Settings
 
 DEFAULT_IMAGE = "input/image_1.png"
 SUBCOMMANDS = ("ask", "ocr", "html")
+MODEL_FLAGS = ("model", "quant", "engine", "dtype", "device")  # what a remote server decides for itself
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 BackendFactory = Callable[[Settings], Backend]
 
 
 # -- argument parsing ---------------------------------------------------------------------------
+class UsageError(GlmvError):
+    """A command line argparse could not take, said in one line."""
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one :class:`UsageError` line instead of a usage dump."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise UsageError(_friendly_usage_error(message, self))
+
+
+def _friendly_usage_error(message: str, parser: argparse.ArgumentParser) -> str:
+    help_hint = f"({parser.prog} --help lists the options)"
+    m = re.match(r"argument (\S+?)(?:/\S+)?: invalid (float|int) value: '(.*)'$", message)
+    if m:
+        kind = "a number" if m.group(2) == "float" else "a whole number"
+        return f"{m.group(1)} needs {kind}, not '{m.group(3)}'"
+    m = re.match(r"argument (\S+?)(?:/\S+)?: invalid choice: '(.*?)' \(choose from (.*)\)$", message)
+    if m:
+        flag, value, choices = m.group(1), m.group(2), [c.strip(" '") for c in m.group(3).split(",")]
+        close = difflib.get_close_matches(value, choices, n=1)
+        if flag == "COMMAND":
+            if os.path.exists(value):
+                return f"unknown command '{value}' (did you mean glmv ask {value}?)"
+            hint = f"did you mean {close[0]}? " if close else ""
+            return f"unknown command '{value}' ({hint}commands: {', '.join(choices)})"
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"{flag} '{value}' is not one of {', '.join(choices)}{hint}"
+    m = re.match(r"argument (\S+?)(?:/\S+)?: expected one argument$", message)
+    if m:
+        return f"{m.group(1)} needs a value {help_hint}"
+    m = re.match(r"the following arguments are required: (.*)$", message)
+    if m:
+        return f"{parser.prog} needs {m.group(1)} {help_hint}"
+    return f"{message} {help_hint}"
+
+
+def _unknown_arguments_error(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    """``unknown option --max-tokens for glmv ask (did you mean --max-new-tokens?)``."""
+    flag = next((e for e in extras if e.startswith("-") and e != "-"), None)
+    if flag is None:
+        return f"unexpected argument '{extras[0]}' for {parser.prog} ({parser.prog} --help lists what it takes)"
+    name = flag.split("=", 1)[0]
+    options = [o for o in parser._option_string_actions if o.startswith("--")]
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    if not close:  # a flag's words in another order or partly: --tokens-max, --new-tokens
+        words = set(name.strip("-").split("-"))
+        close = [o for o in options if words and words <= set(o.strip("-").split("-"))][:1]
+    hint = f"did you mean {close[0]}?" if close else f"{parser.prog} --help lists the options"
+    return f"unknown option {name} for {parser.prog} ({hint})"
+
+
+def _given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The ``dest`` of every option written on the command line (to refuse flags a command would ignore)."""
+    actions = parser._option_string_actions
+    found: set[str] = set()
+    for token in argv:
+        if token == "--":
+            break
+        if not token.startswith("-") or token == "-":
+            continue
+        name = token.split("=", 1)[0]
+        action = actions.get(name)
+        if action is None and name.startswith("--"):  # argparse takes unambiguous prefixes
+            hits = {id(a): a for opt, a in actions.items() if opt.startswith(name)}
+            action = next(iter(hits.values())) if len(hits) == 1 else None
+        if action is not None:
+            found.add(action.dest)
+    return found
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse, refusing unknown options with a suggestion; records which options were given in ``args.given``."""
+    args, extras = parser.parse_known_args(argv)
+    sub = getattr(parser, "commands", {}).get(getattr(args, "command", None), parser)
+    if extras:
+        raise UsageError(_unknown_arguments_error(extras, sub))
+    args.given = _given_options(sub, argv)
+    return args
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", "--model_path", dest="model", metavar="ID_OR_PATH",
@@ -89,12 +180,27 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _add_session_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("resident model and history")
+    g.add_argument("--no-server", action="store_true",
+                   help="load the model in this process even when `glmv start` keeps a matching one loaded")
+    g.add_argument("--no-log", action="store_true", help="leave this out of the history (glmv logs)")
+    g.add_argument("--json-out", default=None, metavar="FILE", help="write the --json object to FILE too (with or without --json)")
+
+
+def _add_conversation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--continue", dest="cont", action="store_true", help="continue the last conversation")
+    p.add_argument("--cid", default=None, metavar="ID", help="continue conversation ID (see glmv logs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgParser(
         prog="glmv",
         description="Run the GLM-4.6V vision-language models: describe images, read text, turn screenshots into HTML.",
         epilog="Also: glmv bench (speed against the GPU's bandwidth limit; glmv bench --help). "
-               "With no command, glmv describes input/image_1.png like the original tutorial.",
+               "With no command, glmv describes input/image_1.png like the original tutorial "
+               "(glmv --input IMAGE --prompt TEXT picks another). "
+               "glmv start keeps a model loaded, so later commands answer in about a second.",
     )
     parser.add_argument("--version", action="version", version=f"glmv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -102,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask = sub.add_parser("ask", help="answer a prompt about zero or more images")
     ask.add_argument("images", nargs="*", metavar="IMAGE", help="path, http(s) URL, data: URI or - for stdin")
     ask.add_argument("-p", "--prompt", default=None, help="what to ask (default: 'describe this image')")
+    _add_conversation_args(ask)
 
     ocr = sub.add_parser("ocr", help=TASKS["ocr"].help)
     ocr.add_argument("images", nargs="*", metavar="IMAGE")
@@ -120,11 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("page", help="the HTML file")
     score.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    for p in (ask, ocr, html):
+    chat = sub.add_parser("chat", help="talk about images, turn by turn (/image PATH, /thinking on|off, /save, /help)")
+    chat.add_argument("images", nargs="*", metavar="IMAGE", help="images for the first question")
+    _add_conversation_args(chat)
+
+    for p in (ask, ocr, html, chat):
         p.add_argument("--input", action="append", default=[], metavar="IMAGE", help="an image (tutorial flag; repeatable)")
         _add_model_args(p)
         _add_backend_args(p)
         _add_generation_args(p)
+        add_limit_arguments(p)
+        _add_session_args(p)
 
     batch = sub.add_parser("batch", help="run a task over files, folders, PDFs and decks; resumable")
     batch.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders (recursive)")
@@ -139,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(batch)
     _add_backend_args(batch)
     _add_generation_args(batch)
+    _add_session_args(batch)
 
     ui = sub.add_parser("ui", help="the web app (Gradio) on http://127.0.0.1:7860")
     _add_model_args(ui)
@@ -148,7 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--port", type=int, default=7860)
     g.add_argument("--out", default="html_code", help="folder for generated pages (default: html_code)")
     g.add_argument("--max-pixels", type=int, default=None, metavar="N", help="scale images down to at most N pixels")
+    g.add_argument("--concurrency", type=int, default=None, metavar="N",
+                   help="requests sent to the model at once; others wait in line (default: 1 local, 8 --backend openai)")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    _add_ground_parser(sub)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions)")
     _add_model_args(serve)
@@ -163,8 +281,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-batch", type=int, default=8, help="requests batched into one generation (default 8)")
     g.add_argument("--max-pixels", type=int, default=None, metavar="N", help="scale images down to at most N pixels")
     g.add_argument("--max-body-mb", type=int, default=64, help="largest request body accepted; more gets 413 (default 64)")
+    g.add_argument("--idle-timeout", default=None, metavar="DURATION", help="stop after this long without requests (90s, 30m, 2h)")
+    g.add_argument("--state-file", default=None, help=argparse.SUPPRESS)  # glmv start: where to record this server
     g.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_limit_arguments(serve)
+
+    start = sub.add_parser("start", help="keep a model loaded in the background; ask/ocr/html/chat/batch then use it")
+    _add_model_args(start)
+    g = start.add_argument_group("resident server")
+    g.add_argument("--idle-timeout", default="30m", metavar="DURATION",
+                   help="stop after this long without requests: 90s, 30m, 2h, or 0 for never (default 30m)")
+    g.add_argument("--max-pixels", type=int, default=None, metavar="N", help="scale images down to at most N pixels")
+    g.add_argument("--json", action="store_true", help="print the server's record as one JSON object")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
+    stop = sub.add_parser("stop", help="stop the background model(s) started by glmv start")
+    stop.add_argument("--model", default=None, metavar="ID_OR_PATH", help="stop only this model (default: all)")
+    stop.add_argument("--json", action="store_true", help="print what was stopped as one JSON object")
+    stop.add_argument("--debug", action="store_true", help="show tracebacks")
+    ps = sub.add_parser("ps", help="list the background models")
+    ps.add_argument("--json", action="store_true", help="one JSON object")
+    ps.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    logs = sub.add_parser("logs", help="the history of prompts and answers (SQLite); glmv logs off|on|status|path")
+    logs.add_argument("action", nargs="?", choices=["list", "on", "off", "status", "path"], default="list",
+                      help="list (default); off / on: stop / resume logging; status; path of the database")
+    logs.add_argument("-n", type=int, default=3, metavar="N", help="the N latest answers (default 3; 0 = all)")
+    logs.add_argument("-q", "--query", default=None, metavar="TEXT", help="only answers whose prompt or answer contains TEXT")
+    logs.add_argument("--cid", default=None, metavar="ID", help="only conversation ID")
+    logs.add_argument("--json", action="store_true", help="one JSON object: {\"entries\": [...]}")
+    logs.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.commands = sub.choices  # type: ignore[attr-defined]
     return parser
+
+
+def _is_tutorial_form(argv: list[str]) -> bool:
+    """``glmv`` alone or ``glmv --prompt X ...`` without a command: the tutorial's script."""
+    return not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"))
 
 
 def _normalize_argv(argv: list[str]) -> list[str]:
@@ -243,13 +395,29 @@ def _sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def _settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
+                             engine=args.engine, max_pixels=args.max_pixels, thinking=getattr(args, "thinking", None))
+
+
 def _default_backend(settings: Settings) -> Backend:
     from .backends.local import LocalBackend
 
     return LocalBackend(settings).load()
 
 
-def _remote_backend(args: argparse.Namespace) -> BackendFactory:
+def _local_backend(stderr: TextIO) -> BackendFactory:
+    """The model in this process; says so at once, since torch and transformers take seconds to import."""
+
+    def factory(settings: Settings) -> Backend:
+        stderr.write(f"glmv: loading {settings.model}… (glmv start --model {settings.model} keeps it loaded between commands)\n")
+        stderr.flush()
+        return _default_backend(settings)
+
+    return factory
+
+
+def _remote_backend(args: argparse.Namespace, stderr: TextIO | None = None) -> BackendFactory:
     if not args.base_url:
         raise GlmvError("--backend openai needs --base-url (for example http://localhost:8000/v1)")
 
@@ -257,15 +425,159 @@ def _remote_backend(args: argparse.Namespace) -> BackendFactory:
         from .backends.remote import RemoteBackend
 
         key = args.api_key or os.environ.get("OPENAI_API_KEY")
-        return RemoteBackend(args.base_url, model=args.remote_model, api_key=key).load()
+        backend = RemoteBackend(args.base_url, model=args.remote_model, api_key=key).load()
+        if stderr is not None:
+            stderr.write(f"glmv: using {backend.model} at {args.base_url}\n")
+        return backend
 
     return factory
+
+
+def _resident_backend(resident: Any) -> Backend:
+    """A resident ``glmv serve``, through the standard-library client (no openai, pydantic or torch imports)."""
+    from .backends import lite
+    from .backends.remote import RemoteBackend
+
+    sampling = SamplingParams().merged(**resident.sampling) if resident.sampling else None
+    return RemoteBackend(resident.base_url, model=resident.model, api_key=resident.api_key, sampling=sampling,
+                         client_module=lite)
+
+
+def _choose_backend(args: argparse.Namespace, settings: Settings, injected: BackendFactory | None,
+                    stderr: TextIO) -> tuple[BackendFactory, str]:
+    """Where the model runs: "openai" (--backend openai), "resident" (a matching `glmv start`) or "local"."""
+    if args.backend == "openai":
+        return _remote_backend(args, stderr), "openai"
+    if injected is not None:
+        return injected, "local"
+    if not args.no_server and os.environ.get("GLMV_NO_SERVER", "").strip().lower() in ("", "0", "false", "no"):
+        from .resident import MATCH_FIELDS, find_resident
+
+        explicit = {f: getattr(args, f, None) for f in MATCH_FIELDS if getattr(args, f, None) is not None}
+        found, why = find_resident(settings.model, explicit)
+        if found is not None:
+            stderr.write(f"glmv: using the resident {found.model} (pid {found.pid}, port {found.port}; "
+                         f"--no-server loads it in this process instead)\n")
+            return (lambda s: _resident_backend(found)), "resident"
+        if why:
+            stderr.write(f"glmv: {why}\n")
+    return _local_backend(stderr), "local"
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _refuse_ignored(args: argparse.Namespace) -> None:
+    """Flags that would silently do nothing here are errors (and --base-url alone means --backend openai)."""
+    given: set[str] = getattr(args, "given", set())
+    if "base_url" in given and "backend" not in given:
+        args.backend = "openai"
+    if args.backend == "openai":
+        for dest in MODEL_FLAGS:
+            if dest in given:
+                extra = "; --remote-model NAME picks one of its models" if dest == "model" else ""
+                raise UsageError(f"{_flag(dest)} has no effect with --backend openai: the server runs the model as it "
+                                 f"was started{extra}")
+        if "no_server" in given:
+            raise UsageError("--no-server has no effect with --backend openai")
+    else:
+        for dest in ("base_url", "api_key", "remote_model"):
+            if dest in given:
+                raise UsageError(f"{_flag(dest)} needs --backend openai --base-url URL")
+    if "max_steps" in given and not args.tools:
+        raise UsageError("--max-steps has no effect without --tools")
+    if "show_thinking" in given and not args.thinking:
+        raise UsageError("--show-thinking shows nothing with --no-thinking: drop one of them")
+    if args.json and args.stream:
+        raise UsageError("--stream and --json do not mix: --json prints one object when the answer is complete")
+    _check_json_out(args)
+    unused = {"batch": ("stream", "show_thinking", "system", "tools", "max_steps"), "chat": ("json", "json_out", "stream", "tools", "max_steps")}
+    for dest in unused.get(args.command, ()):
+        if dest in given:
+            raise UsageError(f"glmv {args.command} does not use {_flag(dest)}")
+
+
+def _may_be_document(source: str) -> bool:
+    """Could ``source`` be a PDF or deck? (unknown sources, like stdin or URLs, could)"""
+    from .documents import kind_of, sniff_kind
+
+    if source == "-" or source.startswith(("data:", "http://", "https://")):
+        return True
+    path = Path(source).expanduser()
+    kind = kind_of(path)
+    if kind == "unknown" and path.is_file():
+        with open(path, "rb") as f:
+            kind = sniff_kind(f.read(16)) or "image"
+    return kind in ("pdf", "office")
+
+
+def _check_document_flags(args: argparse.Namespace, sources: list[str]) -> None:
+    given = [d for d in ("pages", "pdf_long_side", "dpi") if d in getattr(args, "given", set())]
+    if given and not any(_may_be_document(s) for s in sources):
+        what = f"'{sources[0]}' is not a PDF or slide deck" if sources else "there is no document"
+        raise UsageError(f"{_flag(given[0])} applies to PDFs and slide decks, and {what}")
+
+
+def _default_image() -> str:
+    if not Path(DEFAULT_IMAGE).is_file():
+        raise UsageError(f"no image given, and the tutorial's default image {DEFAULT_IMAGE} is not in this folder: "
+                         f"pass one (glmv ask photo.jpg -p 'describe this image'), or run glmv in the glmv checkout")
+    return DEFAULT_IMAGE
+
+
+def _logging(args: argparse.Namespace) -> bool:
+    from . import history
+
+    return not getattr(args, "no_log", False) and history.enabled()
+
+
+def _conversation(args: argparse.Namespace, stderr: TextIO) -> tuple[str | None, list[Message]]:
+    """-c / --cid: the conversation's id and its earlier turns (inputs loaded again from their paths)."""
+    if not (args.cont or args.cid):
+        return None, []
+    from . import history
+    from .documents import load_inputs
+
+    if args.cont and args.cid:
+        raise UsageError("-c continues the last conversation and --cid a given one: use one of them")
+    if not history.enabled():
+        raise UsageError("continuing needs the history, which is off (glmv logs on turns it back on)")
+    with history.History() as h:
+        cid = args.cid or h.last_conversation_id()
+        entries = h.conversation(cid) if cid else []
+    if not entries:
+        raise UsageError(f"no conversation {cid} in the history (glmv logs lists them)" if args.cid
+                         else "there is no earlier conversation to continue: ask without -c first")
+
+    def load(source: str, pages: str | None) -> list[Any]:
+        return load_inputs(source, pages=pages, max_pixels=args.max_pixels or Settings().max_pixels)
+
+    def warn(line: str) -> None:
+        stderr.write(f"glmv: warning: {line}\n")
+
+    return cid, history.replay(entries, load, warn)
+
+
+def _log_answer(args: argparse.Namespace, conversation_id: str | None, model: str, where: str, prompt: str,
+                sources: list[str], payload: dict[str, Any], sampling: SamplingParams) -> str | None:
+    """Add the answer to the history; returns its conversation id (None when logging is off)."""
+    if not _logging(args):
+        return None
+    from . import history
+
+    cid = conversation_id or history.new_conversation_id()
+    settings = {"sampling": {k: v for k, v in sampling.__dict__.items() if k != "stop"}, "thinking": args.thinking,
+                "pages": getattr(args, "pages", None), "max_pixels": args.max_pixels, "tools": getattr(args, "tools", False)}
+    history.record(conversation_id=cid, command=args.command, model=model, backend=where, prompt=prompt,
+                   system=args.system, sources=sources, payload=payload, settings=settings)
+    return cid
 
 
 # -- commands ------------------------------------------------------------------------------------
 def run_task(
     args: argparse.Namespace,
-    backend_factory: BackendFactory,
+    backend_factory: BackendFactory | None,
     stdout: TextIO,
     stderr: TextIO,
 ) -> int:
@@ -280,11 +592,16 @@ def run_task(
         max_pixels=args.max_pixels,
         thinking=args.thinking,
     )
+    _refuse_ignored(args)
     sources = [*args.images, *args.input]
     prompt = args.prompt
+    continuing = task == "ask" and (args.cont or args.cid)
+    if continuing and prompt is None:
+        raise UsageError("continuing a conversation needs a prompt: glmv ask -c -p 'and then?'")
     if task == "ask":
-        if not sources and prompt is None:
-            sources = [DEFAULT_IMAGE]
+        # glmv alone, or the tutorial's `glmv --prompt X`, describes the tutorial's image; `glmv ask -p X` is text only
+        if not sources and not continuing and (prompt is None or getattr(args, "tutorial", False)):
+            sources = [_default_image()]
         if prompt is None:
             prompt = TASKS["describe"].prompt
     else:
@@ -298,11 +615,15 @@ def run_task(
         raise GlmvError("the prompt is empty: say what you want to know (for example -p 'describe this image')")
     if sources.count("-") > 1:
         raise GlmvError("standard input ('-') can be read only once")
-    from .documents import load_inputs
+    _check_document_flags(args, sources)
+    conversation_id, prior = _conversation(args, stderr) if task == "ask" else (None, [])
+    from .documents import RenderOptions, load_all
 
-    media = [m for src in sources for m in load_inputs(src, pages=args.pages, long_side=args.pdf_long_side, dpi=args.dpi,
-                                                        max_pixels=settings.max_pixels,
-                                                        allow_remote=settings.allow_remote_media)]
+    # Everything is measured (headers, page counts) and checked against the limits before anything is decoded.
+    budget = Budget(limits_from_args(args), separate_prompts=task == "ocr")
+    budget.add_text(len(prompt) + len(args.system or ""))
+    render = RenderOptions(args.pages, args.pdf_long_side, args.dpi, settings.max_pixels)
+    media = load_all(sources, render, budget=budget, allow_remote=settings.allow_remote_media)
     if task == "html":
         from .outputs import ensure_writable_dir
 
@@ -310,9 +631,9 @@ def run_task(
     # OCR reads one page (or image) per prompt; other tasks put everything in one prompt.
     groups = [[m] for m in media] if task == "ocr" and len(media) > 1 else [media]
 
-    if getattr(args, "backend", "local") == "openai":
-        backend_factory = _remote_backend(args)
+    backend_factory, where = _choose_backend(args, settings, backend_factory, stderr)
     backend = backend_factory(settings)
+    model_name = backend.model if where == "openai" else settings.model  # the name the server reports
     defaults = getattr(backend, "default_sampling", None) or SamplingParams()
     sampling = defaults.merged(**sampling_overrides)
     stream = args.stream if args.stream is not None else (stdout.isatty() and not args.json)
@@ -321,9 +642,9 @@ def run_task(
 
     results: list[tuple[Any, Result]] = []
     for group in groups:
-        messages: list[Message] = []
+        messages: list[Message] = [m for m in prior if not (args.system and m.role == "system")]
         if args.system:
-            messages.append(Message("system", [args.system]))
+            messages.insert(0, Message("system", [args.system]))
         messages.append(user_message(prompt, group))
         if len(groups) > 1 and not args.json:
             stdout.write(f"\n<!-- {group[0].source} -->\n\n" if results else f"<!-- {group[0].source} -->\n\n")
@@ -373,22 +694,48 @@ def run_task(
         if not args.json:
             stdout.write(f"{html_path}\n")
 
-    if args.json:
-        if len(results) == 1:
-            payload = {"model": settings.model, "task": task, **result.to_dict()}
-        else:
-            pages = [{"source": g[0].source, **r.to_dict()} for g, r in results]
-            payload = {"model": settings.model, "task": task, "pages": pages,
-                       "answer": "\n\n".join(p["answer"] for p in pages),
-                       "usage": {k: sum(p["usage"][k] for p in pages) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
-        if task == "html":
-            payload["html_path"] = str(html_path)
-            payload["html_found"] = result.output.html is not None
-            if refine_versions:
-                payload["versions"] = [{k: v[k] for k in ("version", "path", "score")} for v in refine_versions]
-        stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+    if len(results) == 1:
+        payload = {"model": model_name, "task": task, **result.to_dict()}
+    else:
+        pages = [{"source": g[0].source, **r.to_dict()} for g, r in results]
+        payload = {"model": model_name, "task": task, "pages": pages,
+                   "answer": "\n\n".join(p["answer"] for p in pages),
+                   "thinking": "\n\n".join(p["thinking"] for p in pages if p["thinking"]),
+                   "finish_reason": result.finish_reason, "timings": {"total_s": round(sum(p["timings"]["total_s"] for p in pages), 4)},
+                   "usage": {k: sum(p["usage"][k] for p in pages) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+    conversation_id = _log_answer(args, conversation_id, model_name, where, prompt, sources, payload, sampling)
+    if conversation_id:
+        payload["conversation_id"] = conversation_id
+    if task == "html":
+        payload["html_path"] = str(html_path)
+        payload["html_found"] = result.output.html is not None
+        if refine_versions:
+            payload["versions"] = [{k: v[k] for k in ("version", "path", "score")} for v in refine_versions]
+    _emit_json(args, payload, stdout)
     stdout.flush()
     return 0
+
+
+def _emit_json(args: argparse.Namespace, payload: dict[str, Any], stdout: TextIO) -> None:
+    """--json: the object on stdout; --json-out FILE: the same object in FILE (written atomically)."""
+    text = json.dumps(payload, ensure_ascii=False)
+    if args.json:
+        stdout.write(text + "\n")
+    if getattr(args, "json_out", None):
+        from .outputs import write_atomic
+
+        write_atomic(Path(args.json_out), text + "\n")
+
+
+def _check_json_out(args: argparse.Namespace) -> None:
+    """A --json-out file that cannot be written is refused before any work."""
+    if getattr(args, "json_out", None):
+        from .outputs import ensure_writable_dir
+
+        target = Path(args.json_out)
+        if target.is_dir():
+            raise UsageError(f"--json-out '{args.json_out}' is a folder; give a file name")
+        ensure_writable_dir(target.parent if str(target.parent) else Path("."))
 
 
 def _generate_with_tools(backend: Backend, messages: list[Message], media: list[Any], sampling: SamplingParams,
@@ -449,6 +796,68 @@ def _generate(backend: Backend, request: GenerationRequest, stream: bool, show_t
         return None
 
 
+# -- glmv ground: find things in an image, draw the model's boxes, print them ------------------------------
+def _add_ground_parser(sub: Any) -> None:
+    g = sub.add_parser("ground", help="find things in an image: draw the model's boxes on it, print them as JSON")
+    g.add_argument("image", metavar="IMAGE", help="path, http(s) URL, data: URI or - for stdin")
+    g.add_argument("-p", "--prompt", required=True, metavar="WHAT", help="what to find, e.g. \"the red car\"")
+    g.add_argument("-o", "--out", default=None, metavar="PNG",
+                   help="where to write the image with the boxes (default: IMAGE's name + _boxes.png, here)")
+    g.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the model reason before answering (--no-thinking is faster)")
+    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="answer length cap")
+    g.add_argument("--max-pixels", type=int, default=None, metavar="N", help="scale the image down to at most N pixels")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_model_args(g)
+    _add_backend_args(g)
+
+
+def run_ground(args: argparse.Namespace, backend_factory: BackendFactory, stdout: TextIO, stderr: TextIO) -> int:
+    import io
+    import urllib.parse
+
+    from .grounding import boxes_json, draw_boxes, find_boxes, find_prompt
+    from .media import load_image
+    from .outputs import ensure_writable_dir, write_atomic
+
+    what = args.prompt.strip()
+    if not what:
+        raise GlmvError('the prompt is empty: say what to find, for example -p "the red car"')
+    settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
+                                 engine=args.engine, max_pixels=args.max_pixels)
+    sampling = SamplingParams().merged(max_new_tokens=args.max_new_tokens)
+    image = load_image(args.image, max_pixels=settings.max_pixels)
+    src = args.image
+    stem = "" if src == "-" or src.startswith("data:") else Path(urllib.parse.urlsplit(src).path).stem
+    out = Path(args.out) if args.out else Path(f"{stem or 'image'}_boxes.png")
+    if out.suffix.lower() != ".png":
+        raise GlmvError(f"--out '{out}': the annotated image is a PNG; give a name ending in .png")
+    ensure_writable_dir(out.parent if str(out.parent) else Path("."))
+    if getattr(args, "backend", "local") == "openai":
+        backend_factory = _remote_backend(args)
+    backend = backend_factory(settings)
+    defaults = getattr(backend, "default_sampling", None) or SamplingParams()
+    request = GenerationRequest([user_message(find_prompt(what), [image])],
+                                sampling=defaults.merged(max_new_tokens=sampling.max_new_tokens), thinking=args.thinking)
+    try:
+        result = collect(backend.generate(request))
+    finally:
+        backend.close()
+    boxes = find_boxes(result.output.answer, what)
+    report = json.loads(boxes_json(boxes, *image.image.size))
+    report["answer"] = result.output.answer
+    if boxes:
+        buf = io.BytesIO()
+        draw_boxes(image.image, boxes).save(buf, format="PNG")
+        write_atomic(out, buf.getvalue())
+        report["image"] = str(out)
+        stderr.write(f"glmv: {len(boxes)} box{'es' if len(boxes) > 1 else ''} drawn -> {out}\n")
+    else:
+        stderr.write("glmv: the answer has no boxes; no image written\n")
+    stdout.write(json.dumps(report, ensure_ascii=False, indent=1) + "\n")
+    return 0
+
+
 def run_score(args: argparse.Namespace, stdout: TextIO) -> int:
     from .score import score_page
 
@@ -473,9 +882,11 @@ def refine_html(backend: Backend, target_image: Any, first_html: str, first_path
     return versions
 
 
-def run_batch_command(args: argparse.Namespace, backend_factory: BackendFactory, stderr: TextIO) -> int:
+def run_batch_command(args: argparse.Namespace, backend_factory: BackendFactory | None, stdout: TextIO,
+                      stderr: TextIO) -> int:
     from .batch import Options, default_prompt, run_batch
 
+    _refuse_ignored(args)
     overrides = _sampling_from_args(args)
     settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
                                  engine=args.engine, speculate=args.speculate, prefix_cache_gb=args.prefix_cache_gb,
@@ -486,32 +897,59 @@ def run_batch_command(args: argparse.Namespace, backend_factory: BackendFactory,
                    batch_size=args.batch_size, retry_failed=args.retry_failed, pages=args.pages,
                    long_side=args.pdf_long_side, dpi=args.dpi, max_pixels=settings.max_pixels, thinking=args.thinking,
                    sampling_overrides=overrides, max_doc_pages=args.max_doc_pages)
-    if args.backend == "openai":
-        backend_factory = _remote_backend(args)
+    chosen, _ = _choose_backend(args, settings, backend_factory, stderr)
 
     def factory() -> Backend:
-        backend = backend_factory(settings)
+        backend = chosen(settings)
         if hasattr(backend, "max_batch"):
             backend.max_batch = max(backend.max_batch, args.batch_size)
         return backend
 
-    return run_batch(args.inputs, opts, factory, stderr)
+    code = run_batch(args.inputs, opts, factory, stderr)
+    if args.json or args.json_out:
+        _emit_json(args, _batch_summary(Path(args.out)), stdout)
+    return code
+
+
+def _batch_summary(out: Path) -> dict[str, Any]:
+    """--json for batch: every item's latest status, read back from the manifest the run just wrote."""
+    latest: dict[str, dict[str, Any]] = {}
+    manifest = out / "manifest.jsonl"
+    if manifest.exists():
+        for line in manifest.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a kill: the run that wrote it was redone
+            if isinstance(row, dict) and "id" in row:
+                latest[row["id"]] = row
+    counts = {s: sum(1 for r in latest.values() if r.get("status") == s) for s in ("done", "failed")}
+    return {"out": str(out), "manifest": str(manifest), "items": len(latest), **counts,
+            "completion_tokens": sum(int(r.get("completion_tokens") or 0) for r in latest.values()),
+            "failures": [{"id": r["id"], "error": r.get("error")} for r in latest.values() if r.get("status") == "failed"]}
 
 
 def run_ui(args: argparse.Namespace, stderr: TextIO) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the app talks to nobody but its users
     try:
-        from .ui.app import CSS, WebApp, build_ui
+        from .ui.app import WebApp
         from .ui.manager import ModelManager
+        from .ui.page import build_ui, serve_ui
+        from .ui.store import Store
     except ImportError:
         raise GlmvError("glmv ui needs gradio: pip install 'glmv[ui]'") from None
     settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
                                  engine=args.engine, speculate=args.speculate, prefix_cache_gb=args.prefix_cache_gb,
                                  max_pixels=args.max_pixels)
     from .outputs import ensure_writable_dir
+    from .settings import cache_root
 
     out = ensure_writable_dir(Path(args.out))
     remote = _remote_backend(args) if args.backend == "openai" else None
+    if args.concurrency is not None and args.concurrency < 1:
+        raise GlmvError("--concurrency must be at least 1")
+    # A local model answers one request at a time here; a remote server batches, so send it several.
+    concurrency = args.concurrency or (8 if remote is not None else 1)
 
     def factory(s: Settings, log: Callable[[str], None]) -> Backend:
         if remote is not None:
@@ -524,9 +962,16 @@ def run_ui(args: argparse.Namespace, stderr: TextIO) -> int:
 
         return LocalBackend(s, log=both).load()
 
-    manager = ModelManager(settings, factory)
+    def precheck(s: Settings, log: Callable[[str], None]) -> None:
+        if remote is None:  # find (or download) the checkpoint before the working model is unloaded
+            from .loading import resolve_model
+
+            resolve_model(s.model, log)
+
+    manager = ModelManager(settings, factory, precheck)
     manager.load_async()
-    app = WebApp(manager, out, max_pixels=settings.max_pixels)
+    app = WebApp(manager, out, max_pixels=settings.max_pixels, concurrency=concurrency,
+                 store=Store(cache_root() / "ui"), examples=Path("input"))
     demo = build_ui(app)
     stderr.write(f"glmv: web app on http://{args.host}:{args.port} (the model loads in the background)\n")
     stderr.flush()
@@ -539,8 +984,7 @@ def run_ui(args: argparse.Namespace, stderr: TextIO) -> int:
 
     threading.Thread(target=report, daemon=True).start()
     try:
-        demo.launch(server_name=args.host, server_port=args.port, show_error=True, quiet=True,
-                    allowed_paths=[str(out.resolve())], css=CSS)
+        serve_ui(app, demo, args.host, args.port)
     finally:
         manager.close()
     return 0
@@ -562,25 +1006,165 @@ def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr:
         media_dir = Path(args.allowed_media_dir).expanduser()
         if not media_dir.is_dir():
             raise GlmvError(f"--allowed-media-dir '{args.allowed_media_dir}' is not a folder")
-    if args.max_queue < 1 or args.max_batch < 1:
-        raise GlmvError("--max-queue and --max-batch must be at least 1")
+    if args.max_queue < 1 or args.max_batch < 1 or args.max_body_mb < 1:
+        raise GlmvError("--max-queue, --max-batch and --max-body-mb must be at least 1")
     if args.host not in LOOPBACK and not api_key:
         stderr.write(f"glmv: warning: listening on {args.host} without --api-key: anyone who can reach this "
                      f"address can use the model\n")
+    from . import resident
+
+    idle_s = resident.parse_duration(args.idle_timeout) if args.idle_timeout else None
+    state_file = Path(args.state_file) if args.state_file else None
+    if state_file is not None and args.host not in LOOPBACK:
+        raise GlmvError("a resident server (glmv start) listens on 127.0.0.1 only")
     backend = backend_factory(settings)
     if hasattr(backend, "max_batch"):
         backend.max_batch = args.max_batch
     config = ServerConfig(model_name=args.served_model_name or settings.model, api_key=api_key,
                           allowed_media_dir=media_dir, allow_remote_media=args.allow_remote_media,
                           max_queue=args.max_queue, max_pixels=settings.max_pixels,
-                          max_body_bytes=args.max_body_mb * 2**20)
-    app = build_app(backend, config)
-    stderr.write(f"glmv: serving {config.model_name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)\n")
-    stderr.flush()
+                          max_body_bytes=args.max_body_mb * 2**20, limits=limits_from_args(args))
+    tracker = resident.ActivityTracker(build_app(backend, config))
+    server = uvicorn.Server(uvicorn.Config(tracker, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+
+    def on_ready(port: int) -> None:
+        stderr.write(f"glmv: serving {config.model_name} on http://{args.host}:{port}/v1 (Ctrl-C stops)\n")
+        stderr.flush()
+        if state_file is not None:
+            placement = getattr(backend, "placement", None)
+            resolved = {"device": placement.device, "dtype": str(placement.dtype).replace("torch.", "")} if placement else {}
+            defaults = getattr(backend, "default_sampling", None)
+            sampling = {k: v for k, v in defaults.__dict__.items() if k != "stop"} if defaults else {}
+            record = resident.Resident(
+                pid=os.getpid(), port=port, model=resident.normalize_model(settings.model), api_key=api_key or "",
+                settings={f: getattr(settings, f) for f in resident.MATCH_FIELDS}, started=time.time(),
+                log=str(state_file.with_suffix(".log")), idle_timeout_s=idle_s, resolved=resolved, sampling=sampling)
+            resident.write_state(state_file, record)
+
+    def on_idle() -> None:
+        stderr.write(f"glmv: no requests for {idle_s:.0f} s: stopping\n")
+        stderr.flush()
+
+    threading.Thread(target=resident.watch_server, args=(server, tracker, idle_s, on_ready, on_idle), daemon=True).start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+        server.run()
     finally:
+        if state_file is not None:
+            resident.remove_state(state_file, os.getpid())
         backend.close()
+    return 0
+
+
+def run_start(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    from . import resident
+
+    settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
+                                 engine=args.engine, max_pixels=args.max_pixels)
+    idle_s = resident.parse_duration(args.idle_timeout)
+    model = resident.normalize_model(settings.model)
+    explicit = {f: getattr(args, f) for f in resident.MATCH_FIELDS if getattr(args, f, None) is not None}
+    found, _ = resident.find_resident(model, explicit)
+    if found is None:
+        from .loading import _is_hub_id, resolve_model
+
+        if model != TINY_MODEL and (Path(model).expanduser().exists() or not _is_hub_id(model)):
+            resolve_model(model)  # a local folder's mistakes are found here at once, not after a background start
+        serve_args = [a for f in ("device", "dtype", "quant", "engine", "max_pixels") if getattr(args, f) is not None
+                      for a in (_flag(f), str(getattr(args, f)))]
+        # local only, so no need for the public server's 64 MB cap: a long PDF's pages travel as data URIs
+        serve_args += ["--idle-timeout", str(idle_s or 0), "--max-body-mb", "2048"]
+        stderr.write(f"glmv: starting {model} in the background…\n")
+        stderr.flush()
+        found = resident.start(serve_args, model, stderr)
+        idle = f"stops after {_duration(idle_s)} without requests" if idle_s else "no idle timeout"
+        stderr.write(f"glmv: {model} is loaded in the background (pid {found.pid}, port {found.port}, {idle}); "
+                     f"glmv ask/ocr/html/chat/batch use it; glmv stop stops it; log: {found.log}\n")
+    else:
+        stderr.write(f"glmv: {model} is already loaded in the background (pid {found.pid}, port {found.port})\n")
+    if args.json:
+        stdout.write(json.dumps(found.public()) + "\n")
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"
+
+
+def run_stop(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    from . import resident
+
+    running = resident.list_residents()
+    if args.model:
+        running = [r for r in running if r.model == resident.normalize_model(args.model)]
+    for r in running:
+        resident.stop(r)
+        stderr.write(f"glmv: stopped {r.model} (pid {r.pid}, port {r.port})\n")
+    if not running:
+        stderr.write(f"glmv: no background model{' ' + args.model if args.model else ''} is running\n")
+    if args.json:
+        stdout.write(json.dumps({"stopped": [r.public() for r in running]}) + "\n")
+    return 0
+
+
+def run_ps(args: argparse.Namespace, stdout: TextIO) -> int:
+    from . import resident
+
+    running = resident.list_residents()
+    if args.json:
+        stdout.write(json.dumps({"servers": [r.public() for r in running]}) + "\n")
+        return 0
+    if not running:
+        stdout.write("no background model (glmv start --model MODEL loads one)\n")
+        return 0
+    rows = [("MODEL", "PID", "PORT", "UP", "IDLE TIMEOUT", "LOG")]
+    for r in running:
+        up = _duration(round(time.time() - r.started))
+        rows.append((r.model, str(r.pid), str(r.port), up, _duration(r.idle_timeout_s) if r.idle_timeout_s else "none", r.log))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] + "\n")
+    return 0
+
+
+def run_logs(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    from . import history
+
+    if args.action in ("on", "off"):
+        history.set_enabled(args.action == "on")
+        stderr.write(f"glmv: history logging is {args.action}\n")
+        return 0
+    if args.action == "path":
+        stdout.write(f"{history.db_path()}\n")
+        return 0
+    with history.History() as h:
+        if args.action == "status":
+            state = "on" if history.enabled() else "off"
+            info = {"logging": state, "path": str(h.path), "entries": h.count()}
+            stdout.write(json.dumps(info) + "\n" if args.json else
+                         f"history logging is {state}; {info['entries']} answer(s) in {h.path}\n")
+            return 0
+        if args.n < 0:
+            raise UsageError("-n must be 0 (all) or more")
+        entries = h.search(args.n or None, args.query, args.cid)
+    if args.json:
+        stdout.write(json.dumps({"entries": [e.to_dict() for e in entries]}, ensure_ascii=False) + "\n")
+        return 0
+    if not entries:
+        stdout.write("no answers logged yet\n" if not (args.query or args.cid) else "nothing matches\n")
+    for e in entries:
+        d = e.to_dict()
+        tokens = e.usage.get("completion_tokens")
+        stdout.write(f"## {d['created']}  glmv {e.command}  {e.model}  conversation {e.conversation_id}"
+                     f"{f'  {tokens} tokens' if tokens is not None else ''}\n")
+        for item in e.inputs:
+            digest = f" (sha256 {item['sha256'][:12]}…)" if item.get("sha256") else ""
+            stdout.write(f"input: {item['source']}{digest}\n")
+        stdout.write(f"> {e.prompt}\n\n{e.answer}\n\n")
     return 0
 
 
@@ -590,6 +1174,7 @@ def main(
     backend_factory: BackendFactory | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
+    stdin: TextIO | None = None,
 ) -> int:
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
@@ -598,21 +1183,41 @@ def main(
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    tutorial = _is_tutorial_form(argv)
     argv = _normalize_argv(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse_args(parser, argv)
+    except UsageError as exc:
+        stderr.write(f"error: {exc}\n")
+        return 2
+    args.tutorial = tutorial
     debug = getattr(args, "debug", False) or bool(os.environ.get("GLMV_DEBUG"))
     try:
         if args.command in SUBCOMMANDS:
-            return run_task(args, backend_factory or _default_backend, stdout, stderr)
+            return run_task(args, backend_factory, stdout, stderr)
+        if args.command == "chat":
+            from .chat import run_chat
+
+            return run_chat(args, backend_factory, stdin or sys.stdin, stdout, stderr)
+        if args.command == "start":
+            return run_start(args, stdout, stderr)
+        if args.command == "stop":
+            return run_stop(args, stdout, stderr)
+        if args.command == "ps":
+            return run_ps(args, stdout)
+        if args.command == "logs":
+            return run_logs(args, stdout, stderr)
         if args.command == "serve":
             return run_serve(args, backend_factory or _default_backend, stderr)
         if args.command == "ui":
             return run_ui(args, stderr)
+        if args.command == "ground":
+            return run_ground(args, backend_factory or _default_backend, stdout, stderr)
         if args.command == "score":
             return run_score(args, stdout)
         if args.command == "batch":
-            return run_batch_command(args, backend_factory or _default_backend, stderr)
+            return run_batch_command(args, backend_factory, stdout, stderr)
         parser.print_help(stdout)
         return 0
     except GlmvError as exc:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MediaError
-from .media import LoadedImage, describe_source, fit_to_pixels, read_source_bytes
+from .limits import Budget
+from .media import LoadedImage, RemotePolicy, describe_source, fit_to_pixels, read_source_bytes
 from .settings import DEFAULT_MAX_PIXELS, MAX_DECODE_PIXELS
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -35,6 +36,7 @@ DEFAULT_LONG_SIDE = 1600  # pixels for a rendered page's longer side: small prin
 VIDEO_FPS = 2.0
 VIDEO_MAX_SECONDS = 300.0
 VIDEO_MAX_FRAMES = 600
+VIDEO_FRAME_PIXELS = 700_000  # per sampled frame; the processor shrinks further to fit its per-video budget
 
 
 @dataclass
@@ -184,10 +186,11 @@ def _real_page_count(doc: Any) -> int:
     return lo
 
 
-def inspect_pdf(source: Any, pages: str | None = None, *, allow_remote: bool = True) -> PdfInfo:
+def inspect_pdf(source: Any, pages: str | None = None, *, allow_remote: bool = True,
+                remote: RemotePolicy | None = None, name: str | None = None) -> PdfInfo:
     """Read a PDF's real page count and the selected pages' sizes, rendering nothing."""
-    name = describe_source(source)
-    data = read_source_bytes(source, allow_remote=allow_remote)
+    name = name or describe_source(source)
+    data = read_source_bytes(source, allow_remote=allow_remote, remote=remote, what="PDF")
     with PDFIUM_LOCK:
         doc = _open_pdf(data, name)
         try:
@@ -295,28 +298,69 @@ def office_to_pdf(path: Path, workdir: Path | None = None) -> Path:
 
 
 # -- video -------------------------------------------------------------------------------------------
-def load_video(source: Any, fps: float = VIDEO_FPS, max_seconds: float = VIDEO_MAX_SECONDS,
-               max_frames: int = VIDEO_MAX_FRAMES, max_pixels: int = 700_000, allow_remote: bool = True) -> LoadedVideo:
-    """Decode and sample a video at ``fps`` (frames in pairs, as the processor groups them in time)."""
+# PyAV needs no lock: each call opens its own container and codec context and nothing is shared between
+# threads (FFmpeg is thread-safe across separate contexts; what crashes is one context on two threads).
+def video_frame_size(width: int, height: int, max_pixels: int = VIDEO_FRAME_PIXELS) -> tuple[int, int]:
+    """The size sampled frames are scaled to: within ``max_pixels``, each side at least one 28-pixel patch."""
+    w, h = fit_to_pixels(width, height, max_pixels)
+    return max(28, w), max(28, h)
+
+
+def _open_video(data: bytes, name: str) -> tuple[Any, Any]:
+    """Open a container and its first video stream (the caller closes the container)."""
     try:
         import av
-        import numpy as np
-        from transformers.video_utils import VideoMetadata
     except ImportError:
         raise MediaError("reading video needs PyAV: pip install av") from None
-    name = describe_source(source)
-    data = read_source_bytes(source, allow_remote=allow_remote)
     if not data:
         raise MediaError(f"cannot read video '{name}': the file is empty (0 bytes)")
     try:
         container = av.open(io.BytesIO(data))
     except Exception as exc:
         raise MediaError(f"cannot read video '{name}': not a video file PyAV can decode ({exc})") from None
+    if not container.streams.video:
+        container.close()
+        raise MediaError(f"cannot read video '{name}': it has no video stream")
+    return container, container.streams.video[0]
+
+
+def probe_video(data: bytes, name: str, fps: float = VIDEO_FPS, max_seconds: float = VIDEO_MAX_SECONDS,
+                max_frames: int = VIDEO_MAX_FRAMES, max_pixels: int = VIDEO_FRAME_PIXELS) -> tuple[int, tuple[int, int]]:
+    """How many frames :func:`load_video` will sample and their size, from the container header alone."""
+    import av
+
+    container, stream = _open_video(data, name)
+    try:
+        width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+        if width < 1 or height < 1:
+            raise MediaError(f"cannot read video '{name}': its header gives no frame size (corrupt?)")
+        if width * height > MAX_DECODE_PIXELS:
+            raise MediaError(f"cannot read video '{name}': {width}x{height} frames are over the "
+                             f"{MAX_DECODE_PIXELS // 10**6} Mpx safety cap")
+        if stream.duration and stream.time_base:
+            seconds: float | None = float(stream.duration * stream.time_base)
+        elif container.duration:
+            seconds = container.duration / av.time_base
+        else:
+            seconds = None  # unknown: assume the most we would sample
+    finally:
+        container.close()
+    frames = max_frames if seconds is None else min(max_frames, int(min(seconds, max_seconds) * fps) + 1)
+    return frames + frames % 2, video_frame_size(width, height, max_pixels)
+
+
+def load_video(source: Any, fps: float = VIDEO_FPS, max_seconds: float = VIDEO_MAX_SECONDS,
+               max_frames: int = VIDEO_MAX_FRAMES, max_pixels: int = VIDEO_FRAME_PIXELS, allow_remote: bool = True,
+               remote: RemotePolicy | None = None, name: str | None = None) -> LoadedVideo:
+    """Decode and sample a video at ``fps`` (frames in pairs, as the processor groups them in time)."""
+    import numpy as np
+    from transformers.video_utils import VideoMetadata
+
+    name = name or describe_source(source)
+    data = read_source_bytes(source, allow_remote=allow_remote, remote=remote, what="video")
+    container, stream = _open_video(data, name)
     frames, indices = [], []
     try:
-        if not container.streams.video:
-            raise MediaError(f"cannot read video '{name}': it has no video stream")
-        stream = container.streams.video[0]
         src_fps = float(stream.average_rate or stream.guessed_rate or 25.0)
         step = 1.0 / fps
         next_t = 0.0
@@ -330,8 +374,7 @@ def load_video(source: Any, fps: float = VIDEO_FPS, max_seconds: float = VIDEO_M
             if t + 1e-6 >= next_t:
                 img = frame.to_image()
                 if width is None:
-                    width, height = fit_to_pixels(img.width, img.height, max_pixels)
-                    width, height = max(28, width), max(28, height)
+                    width, height = video_frame_size(img.width, img.height, max_pixels)
                 frames.append(np.asarray(img.convert("RGB").resize((width, height))))
                 indices.append(int(round(t * src_fps)))
                 next_t += step
@@ -352,27 +395,111 @@ def load_video(source: Any, fps: float = VIDEO_FPS, max_seconds: float = VIDEO_M
 
 
 # -- one entry point for the front ends ------------------------------------------------------------------
-def load_inputs(source: Any, *, pages: str | None = None, long_side: int | None = DEFAULT_LONG_SIDE,
-                dpi: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, allow_remote: bool = True) -> list[Any]:
-    """Images, PDF pages (as images) or a video from one source (path, URL, data URI, bytes, ``-``)."""
-    from .media import load_image
+@dataclass
+class PlannedInput:
+    """A source read and measured but not decoded: its bytes, its kind and what decoding it will cost."""
 
-    if isinstance(source, (str, Path)) and not str(source).startswith(("data:", "http://", "https://")) and str(source) != "-":
-        path = Path(source).expanduser()
-        kind = kind_of(path)
+    kind: str  # image | pdf | video
+    name: str
+    data: bytes = field(repr=False)
+    size: tuple[int, int] = (0, 0)  # image: from its header; video: each sampled frame's size
+    frames: int = 0  # video: frames that will be sampled
+    pdf: PdfInfo | None = None
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How documents become images: the page range, the render resolution and the pixel cap."""
+
+    pages: str | None = None
+    long_side: int | None = DEFAULT_LONG_SIDE
+    dpi: float | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def _is_local_path(source: Any) -> bool:
+    return isinstance(source, (str, Path)) and str(source) != "-" and not str(source).startswith(("data:", "http://", "https://"))
+
+
+def plan_input(source: Any, opts: RenderOptions = RenderOptions(), *, kind: str | None = None,
+               allow_remote: bool = True, remote: RemotePolicy | None = None, stdin: Any = None) -> PlannedInput:
+    """Read one source and measure it (image header, PDF page count and sizes, video header); decode nothing.
+
+    ``kind`` forces image, pdf or video (a request part says which it is); otherwise a local file's
+    extension decides, then the bytes' signature.
+    """
+    from .media import image_size
+
+    name = "<stdin>" if str(source) == "-" else describe_source(source)
+    if kind is None and _is_local_path(source):
+        kind = kind_of(Path(source).expanduser())
         if kind == "office":
-            return render_pdf(office_to_pdf(path), pages, long_side, dpi, max_pixels)
-        if kind == "pdf" and path.exists() and not path.is_dir():
-            return render_pdf(path, pages, long_side, dpi, max_pixels)
-        if kind == "video" and path.exists() and not path.is_dir():
-            return [load_video(path)]
-        return [load_image(path, max_pixels=max_pixels)]
-    data = read_source_bytes(source, allow_remote=allow_remote)
-    kind = sniff_kind(data)
+            source, kind = office_to_pdf(Path(source).expanduser()), "pdf"
+        elif kind not in ("pdf", "video"):
+            kind = "image"
+    what = {"pdf": "PDF", "video": "video"}.get(kind or "", "image")
+    data = read_source_bytes(source, allow_remote=allow_remote, remote=remote, stdin=stdin, what=what)
+    if kind is None:
+        kind = sniff_kind(data) or "image"
     if kind == "pdf":
-        return render_pdf(data, pages, long_side, dpi, max_pixels)
+        return PlannedInput("pdf", name, data, pdf=inspect_pdf(data, opts.pages, name=name))
     if kind == "video":
-        return [load_video(data)]
+        frames, size = probe_video(data, name)
+        return PlannedInput("video", name, data, size=size, frames=frames)
+    return PlannedInput("image", name, data, size=image_size(data, name))
+
+
+MAX_ASPECT = 200  # the processor refuses images whose long side is over 200 times the short one
+
+
+def _check_aspect(name: str, size: tuple[int, int]) -> None:
+    w, h = size
+    if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
+        raise MediaError(f"cannot use '{name}': it is {w}x{h} pixels, more than {MAX_ASPECT} times as long as it is "
+                         f"wide, which the model cannot take; crop it into parts")
+
+
+def charge(planned: PlannedInput, budget: Budget, opts: RenderOptions = RenderOptions()) -> None:
+    """Count a planned input against the budget (raises when a limit is passed or the model cannot take it)."""
+    if planned.kind == "image":
+        _check_aspect(planned.name, planned.size)
+        budget.add_image(planned.name, planned.size, fit_to_pixels(*planned.size, opts.max_pixels))
+    elif planned.kind == "pdf":
+        assert planned.pdf is not None
+        rendered = [page_render_size(size, opts.long_side, opts.dpi) for size in planned.pdf.sizes_pt]
+        for i, size in zip(planned.pdf.indices, rendered):
+            _check_aspect(f"{planned.name}#page={i + 1}", size)
+        budget.add_pages(planned.name, rendered, [fit_to_pixels(w, h, opts.max_pixels) for w, h in rendered])
+    else:
+        _check_aspect(planned.name, planned.size)
+        budget.add_video(planned.name, planned.frames, planned.size)
+
+
+def decode_planned(planned: PlannedInput, opts: RenderOptions = RenderOptions()) -> list[Any]:
+    """Decode or render a planned input: images, PDF pages as images, or one video."""
     from .media import decode_image
 
-    return [decode_image(data, "<stdin>" if source == "-" else describe_source(source), max_pixels=max_pixels)]
+    if planned.kind == "pdf":
+        return render_pdf(planned.data, opts.pages, opts.long_side, opts.dpi, opts.max_pixels, info=planned.pdf)
+    if planned.kind == "video":
+        # No more frames than the budget was charged for, even if the header understated the duration.
+        return [load_video(planned.data, name=planned.name, max_frames=planned.frames)]
+    return [decode_image(planned.data, planned.name, max_pixels=opts.max_pixels)]
+
+
+def load_all(sources: list[Any], opts: RenderOptions = RenderOptions(), *, budget: Budget | None = None,
+             allow_remote: bool = True, remote: RemotePolicy | None = None) -> list[Any]:
+    """Plan every source, check the whole budget, then decode: nothing is decoded when anything is over."""
+    plans = [plan_input(src, opts, allow_remote=allow_remote, remote=remote) for src in sources]
+    if budget is not None:
+        for planned in plans:
+            charge(planned, budget, opts)
+    return [m for planned in plans for m in decode_planned(planned, opts)]
+
+
+def load_inputs(source: Any, *, pages: str | None = None, long_side: int | None = DEFAULT_LONG_SIDE,
+                dpi: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, allow_remote: bool = True,
+                budget: Budget | None = None) -> list[Any]:
+    """Images, PDF pages (as images) or a video from one source (path, URL, data URI, bytes, ``-``)."""
+    opts = RenderOptions(pages, long_side, dpi, max_pixels)
+    return load_all([source], opts, budget=budget, allow_remote=allow_remote)

@@ -31,6 +31,22 @@ class ModelLoadError(GlmvError):
 class ContextLengthError(RequestError):
     """The prompt (text plus visual tokens) does not fit the model's context."""
 
+    code = "context_length_exceeded"
+
+
+class LimitError(RequestError):
+    """A request over one of the work limits (:mod:`glmv.limits`), refused before the work starts.
+
+    ``limit`` names the limit (``max_images``, ...); the server answers 413 with code ``limit_exceeded``.
+    """
+
+    status = 413
+    code = "limit_exceeded"
+
+    def __init__(self, message: str, limit: str = "") -> None:
+        super().__init__(message)
+        self.limit = limit
+
 
 class GenerationError(GlmvError):
     """Generation failed on the device (out of memory, ...)."""

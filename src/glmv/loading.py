@@ -46,7 +46,7 @@ def _hub_reachable(endpoint: str) -> str | None:
 
 def _offline_help(name: str) -> str:
     return (
-        f"Download it where the hub is reachable (huggingface-cli download {name} --local-dir DIR), copy DIR "
+        f"Download it where the hub is reachable (`hf download {name} --local-dir DIR`; the hf command comes with huggingface-hub), copy DIR "
         f"here and pass --model DIR; or run `--model tiny` for an offline smoke test with a tiny random model."
     )
 
@@ -105,7 +105,7 @@ def _from_hub(repo_id: str, log: Log) -> Path:
             f"zai-org/GLM-4.6V-Flash or {LARGE_MODEL})"
         ) from None
     except GatedRepoError:
-        raise ModelLoadError(f"cannot load model '{repo_id}': the model is gated; accept its licence and log in (huggingface-cli login)") from None
+        raise ModelLoadError(f"cannot load model '{repo_id}': the model is gated; accept its licence and log in (hf auth login)") from None
     except Exception as exc:  # network trouble after the probe
         raise ModelLoadError(f"cannot load model '{repo_id}': the hub did not answer ({exc}). " + _offline_help(repo_id)) from None
     log(f"downloading {repo_id} from the hub (once; it is cached afterwards) ...")

@@ -23,6 +23,7 @@ from ..parsing import StreamParser
 from ..prompts import template_videos, to_template_messages, validate_messages
 from ..settings import SamplingParams, Settings
 from .base import Chunk, GenerationRequest, Timings, Usage, delta_chunk
+from .mixed_media import separate_image_and_video_tokens
 from .scheduler import BatchStreamer, CancelCriteria, Job, Scheduler, collate
 
 
@@ -117,6 +118,7 @@ class LocalBackend:
     def _attach(self, processor: Any, model: Any, placement: Any, path: Any) -> None:
         self.processor, self.model = processor, model
         self.model_path, self.placement = path, placement
+        separate_image_and_video_tokens(model)  # an image and a video in one prompt
         self.default_sampling = self._checkpoint_sampling(self.settings.sampling)
         self._start_engine()
         self.scheduler.start(self)
@@ -192,12 +194,17 @@ class LocalBackend:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe this image"}]}]
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         image = Image.new("RGB", (1288, 728), (128, 128, 128))  # screenshot-sized: the common first request
-        inputs = dict(self.processor(text=[text], images=[image], return_tensors="pt"))
+        inputs = dict(self.processor(text=[text], images=[image], return_tensors="pt", **self._image_device()))
         inputs.pop("token_type_ids", None)
         if not self.engine.fits([inputs], 4):  # a tiny cache (tests): warm up on text alone
             inputs = dict(self.processor(text=["[gMASK]<sop><|user|>\nhi<|assistant|>"], return_tensors="pt"))
             inputs.pop("token_type_ids", None)
         self.engine.generate([inputs], {"max_new_tokens": 4, "do_sample": False}, lambda ids: False)
+
+    def _image_device(self) -> dict[str, str]:
+        """Resize and normalise images on the GPU when the model is on one (~2 ms instead of ~14 ms on the
+        CPU for a 1288x728 screenshot, same pixels; transformers' torchvision image processors take it)."""
+        return {"device": "cuda"} if str(getattr(self.placement, "device", "")).startswith("cuda") else {}
 
     def _checkpoint_sampling(self, base: SamplingParams) -> SamplingParams:
         """Model-card defaults, replaced by what the checkpoint's generation_config sets."""
@@ -275,8 +282,10 @@ class LocalBackend:
         if videos:
             kwargs = {"videos": [v.frames for v in videos], "video_metadata": [v.metadata for v in videos],
                       "do_sample_frames": False}
+        if images:
+            kwargs.update(self._image_device())
         try:
-            if images and not videos:
+            if images and not videos and not self._image_device():  # on a GPU the processor takes ~2 ms anyway
                 inputs = self._process_with_cached_images(prompt, images)
             else:
                 inputs = self.processor(text=[prompt], images=images or None, return_tensors="pt", **kwargs)
@@ -296,9 +305,9 @@ class LocalBackend:
 
     def _process_with_cached_images(self, prompt: str, images: list[Any]) -> dict[str, Any]:
         """The processor's output for a prompt with images, each image's pixels processed once and kept (the
-        last ``IMAGE_CACHE_SIZE``): every turn of a chat about a screenshot sends it again, and resizing and
-        normalising it costs more than the whole cached prefill of a follow-up. Same tensors as one
-        processor call: the text gets each image's placeholder repeated once per visual token, as the
+        last ``IMAGE_CACHE_SIZE``): every turn of a chat about a screenshot sends it again, and on the CPU
+        resizing and normalising it costs more than the whole cached prefill of a follow-up. Same tensors as
+        one processor call: the text gets each image's placeholder repeated once per visual token, as the
         processor itself expands it."""
         import torch
 
@@ -393,8 +402,6 @@ class LocalBackend:
         job = Job(inputs=inputs, gen_kwargs=gen_kwargs, cancel=cancel, seed=sampling.seed,
                    speculate=self._speculate(request))
         ahead = self.scheduler.submit(job)
-        if ahead:
-            yield Chunk("status", text=f"waiting: {ahead} request(s) ahead")
 
         decoder = IncrementalDecoder(self.processor.tokenizer)
         parser = StreamParser(thinking_open=prompt.rstrip().endswith("<think>"), tools=request.tools,
@@ -419,6 +426,8 @@ class LocalBackend:
 
         emitted_calls = [0]
         try:
+            if ahead:
+                yield Chunk("status", text=f"waiting: {ahead} request(s) ahead")
             while True:
                 try:
                     kind, payload = job.out.get(timeout=WITHDRAW_POLL_S)

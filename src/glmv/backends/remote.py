@@ -60,11 +60,15 @@ class RemoteBackend:
     name = "openai"
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 sampling: SamplingParams | None = None, timeout_s: float = 600.0) -> None:
-        try:
-            import openai
-        except ImportError:
-            raise ModelLoadError("--backend openai needs the openai package: pip install 'glmv[server]'") from None
+                 sampling: SamplingParams | None = None, timeout_s: float = 600.0, client_module: Any = None) -> None:
+        # client_module: something shaped like the openai package (glmv.backends.lite on the fast local path)
+        if client_module is not None:
+            openai = client_module
+        else:
+            try:
+                import openai
+            except ImportError:
+                raise ModelLoadError("--backend openai needs the openai package: pip install 'glmv[server]'") from None
         self._openai = openai
         self.base_url = base_url
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "not-needed", timeout=timeout_s, max_retries=0)
@@ -139,12 +143,15 @@ class RemoteBackend:
         calls: dict[int, dict[str, str]] = {}
         finish = None
         emitted = 0
+        deltas = 0  # servers send usage only at the end: until then each streamed delta counts as a token
+        reported = False
         try:
             for event in stream:
                 if cancel.is_set():
                     finish = "cancelled"
                     break
                 if event.usage is not None:
+                    reported = True
                     usage.prompt_tokens = event.usage.prompt_tokens or 0
                     usage.completion_tokens = event.usage.completion_tokens or 0
                     details = getattr(event.usage, "prompt_tokens_details", None)
@@ -165,6 +172,9 @@ class RemoteBackend:
                             slot["name"] += tc.function.name
                         if tc.function and tc.function.arguments:
                             slot["arguments"] += tc.function.arguments
+                    if (reasoning or delta.content) and not reported:
+                        deltas += 1
+                        usage.completion_tokens = deltas
                     for piece in pieces:
                         if timings.ttft_s is None:
                             timings.ttft_s = time.perf_counter() - t0

@@ -36,8 +36,14 @@ class Job:
     queued_at: float = field(default_factory=time.perf_counter)
 
 
+def _media_kind(inputs: dict[str, Any]) -> str:
+    has_video, has_image = "pixel_values_videos" in inputs, "pixel_values" in inputs
+    return "mixed" if has_video and has_image else "video" if has_video else "image"  # text-only joins images
+
+
 def _batch_key(job: Job) -> tuple:
-    return tuple(sorted((k, repr(v)) for k, v in job.gen_kwargs.items()))
+    # Video is never batched with images: one generate call takes one kind of visual input.
+    return (_media_kind(job.inputs), *sorted((k, repr(v)) for k, v in job.gen_kwargs.items()))
 
 
 def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:

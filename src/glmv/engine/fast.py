@@ -1,8 +1,8 @@
-"""The fast generation path: prefill through transformers, decode through our own step.
+"""The fast generation path: the vision tower through transformers, the text decoder through our own steps.
 
-Prefill (vision tower, multimodal rope, the whole prompt) runs through the model's own forward, one
-prompt at a time, and its keys/values are copied into a static KV cache that this engine owns. Each
-decode step then runs the text decoder from the same weights with cuBLAS matrix products and the fused
+The vision tower runs through the model's own modules; the prompt (multimodal rope included) runs through
+this engine's multi-token forward, which writes its keys/values into a static KV cache that the engine
+owns. Each decode step runs the text decoder from the same weights with cuBLAS matrix products and the fused
 Triton kernels of :mod:`glmv.engine.kernels`; sampling (repetition penalty, temperature, top-k, top-p)
 happens inside the step, on the GPU. On CUDA the step is captured once per batch size as a CUDA graph,
 so decoding a token is one graph replay and one 8-byte copy to the host.
@@ -14,8 +14,9 @@ batching, driven by :mod:`glmv.engine.scheduler`). Prompts and drafted tokens go
 any offset: it runs prefill in chunks (after a prefix-cache hit, only the uncached tail) and verifies
 speculative drafts in one pass.
 
-Works for the dense GLM-4.6V-Flash text decoder (``glm4v``) on one GPU in bf16/fp16. Anything else
-(quantized weights, the MoE model, several GPUs) uses transformers' ``generate``.
+Works for the dense GLM-4.6V-Flash text decoder (``glm4v``) on one GPU in bf16/fp16, or with its
+linear layers in glmv's int4 format (:mod:`glmv.engine.w4`). Anything else (bitsandbytes weights, the MoE
+model, several GPUs) uses transformers' ``generate``.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from .gemv import GemvTuner, tuner_cache_file
-from .kernels import Kernels
+from .kernels import Kernels, install_fused_norms
 from .w4 import W4Linear, dequantize_w4, w4_linear
 
 W4_KERNEL_ROWS = 32  # the int4 kernels serve up to this many rows (decode, drafts); longer inputs dequantize
-TOPK_CAP = 256
-ALONE_CHUNKS = 4  # with no other request decoding, prefill runs in passes this many chunks long  # candidates kept for top-k/top-p sampling (top_k=0 means "all": approximated by these)
+TOPK_CAP = 256  # candidates kept for top-k/top-p sampling (top_k=0 means "all": approximated by these)
+ALONE_CHUNKS = 4  # with no other request decoding, prefill runs in passes this many chunks long
 
 
 @dataclass
@@ -115,6 +116,8 @@ class FastEngine:
         self.is_cuda = self.device.type == "cuda"
         self.kernels = Kernels(use_triton=self.config.use_triton and self.is_cuda)
         self.use_graphs = self.config.use_graphs and self.is_cuda
+        if self.kernels.use_triton:
+            install_fused_norms(model)  # prefill runs the model's own forward: fuse its ~200 RMSNorms
         self.layers = [self._fuse(layer) for layer in lm.layers]
         self.tuner = GemvTuner(tuner_cache_file(self.device)) if (self.kernels.use_triton and self.config.tune) else None
         self.final_norm = lm.norm.weight
@@ -227,28 +230,28 @@ class FastEngine:
 
     def _mlp(self, y: torch.Tensor, lw: _Layer) -> torch.Tensor:
         gu = self._linear(y, lw.w_gate_up)
-        if isinstance(lw.w_down, _W4) and gu.shape[0] > W4_KERNEL_ROWS:
-            return self._linear(self.kernels.silu_mul(gu), lw.w_down)
         if isinstance(lw.w_down, _W4):
-            if self.tuner is not None:
-                return self.tuner.w4_linear(gu, lw.w_down, silu=True)
-            return w4_linear(gu, lw.w_down.packed, lw.w_down.scale, lw.w_down.mn, silu=True)
+            return self._linear(self.kernels.silu_mul(gu), lw.w_down)
         if self.tuner is not None and gu.shape[0] == 1:
             return self.tuner.linear(gu, lw.w_down, silu=True)
         return F.linear(self.kernels.silu_mul(gu), lw.w_down)
 
-    def tune(self) -> float:
-        """Pick the fastest batch-1 product for each weight shape (timed once per GPU, then cached)."""
+    def tune(self, rows: int = 1) -> float:
+        """Pick the fastest product for each weight shape at this batch size (timed once per GPU, then
+        cached): for bf16 weights at batch 1 cuBLAS or a Triton GEMV, for int4 weights the block sizes."""
         t0 = time.perf_counter()
         if self.tuner is None:
             return 0.0
         lw = self.layers[0]
         if isinstance(lw.wqkv, _W4):
-            self.tuner.tune_w4(lw.wqkv, lw.bqkv)
-            self.tuner.tune_w4(lw.wo)
-            self.tuner.tune_w4(lw.w_gate_up)
-            self.tuner.tune_w4(lw.w_down, silu=True)
-        else:
+            self.tuner.tune_w4(lw.wqkv, lw.bqkv, rows)
+            self.tuner.tune_w4(lw.wo, rows=rows)
+            self.tuner.tune_w4(lw.w_gate_up, rows=rows)
+            self.tuner.tune_w4(lw.w_down, rows=rows)
+        if rows > 1:
+            self.tuner.save()
+            return time.perf_counter() - t0
+        if not isinstance(lw.wqkv, _W4):
             self.tuner.tune(lw.wqkv, lw.bqkv)
             self.tuner.tune(lw.wo)
             self.tuner.tune(lw.w_gate_up)
@@ -337,6 +340,8 @@ class FastEngine:
     def _capture_now(self, b: int, greedy: bool) -> None:
         if (b, greedy) in self._graphs:
             return
+        if b > 1:
+            self.tune(b)  # int4 block sizes for this batch size (cached on disk after the first time)
         state = (self._positions, self._write_idx, self._seq_lens, self._tokens, self._seen, self._greedy, self._active)
         saved = [t.clone() for t in state]
         # the dummy steps write slots 0..2 of rows < b, which may hold a live request's cache: keep them
@@ -386,25 +391,30 @@ class FastEngine:
         return pos[:, 0].to(self.device), int(delta.reshape(-1)[0])
 
     def prompt_embeds(self, inputs: dict[str, Any], start: int = 0) -> torch.Tensor:
-        """Input embeddings of prompt tokens ``start:`` [n - start, hidden]; the vision tower runs only when an
-        image or video token lies in that range (a prefix-cache hit that covers the image skips it)."""
+        """Input embeddings of prompt tokens ``start:`` [n - start, hidden]; the vision tower runs only for the
+        images or videos whose tokens lie in that range (a prefix-cache hit that covers them skips it)."""
         ids = inputs["input_ids"][0].to(self.device)
         emb = F.embedding(ids[start:], self.embed)
-        where = (ids == self.image_token_id).nonzero().squeeze(1)
-        if not bool((where >= start).any()):
+        placeholder = ids == self.image_token_id
+        if not bool(placeholder[start:].any()):
             return emb
-        mm = self.model.model
-        if inputs.get("pixel_values") is None and inputs.get("pixel_values_videos") is None:
+        kinds = [(k, g, t) for k, g, t in (("pixel_values", "image_grid_thw", 1), ("pixel_values_videos", "video_grid_thw", 2))
+                 if inputs.get(k) is not None]
+        if not kinds:
             raise ValueError("the prompt has image placeholder tokens but no image or video inputs")
-        if inputs.get("pixel_values") is not None:
-            out = mm.get_image_features(inputs["pixel_values"].to(self.device, self.dtype),
-                                        inputs["image_grid_thw"].to(self.device), return_dict=True)
-        else:
-            out = mm.get_video_features(inputs["pixel_values_videos"].to(self.device, self.dtype),
-                                        inputs["video_grid_thw"].to(self.device), return_dict=True)
-        feats = torch.cat(list(out.pooler_output)).to(self.dtype)
-        keep = where >= start
-        emb[where[keep] - start] = feats[keep]
+        types = inputs.get("mm_token_type_ids")
+        mm = self.model.model
+        for pix, grid, type_id in kinds:
+            # images and videos share the placeholder token; with both, the processor's token types tell them apart
+            mask = placeholder & (types[0].to(self.device) == type_id) if (types is not None and len(kinds) > 1) else placeholder
+            where = mask.nonzero().squeeze(1)
+            keep = where >= start
+            if not bool(keep.any()):
+                continue
+            get = mm.get_image_features if type_id == 1 else mm.get_video_features
+            out = get(inputs[pix].to(self.device, self.dtype), inputs[grid].to(self.device), return_dict=True)
+            feats = torch.cat(list(out.pooler_output)).to(self.dtype)
+            emb[where[keep] - start] = feats[keep]
         return emb
 
     # -- multi-token forward: prefill chunks and draft verification --------------------------------
@@ -486,6 +496,7 @@ class FastEngine:
         if not self.use_graphs:
             return self._step(t, row)[: len(tokens)].float()
         if row not in self._verify_graphs:
+            self.tune(t)  # int4 block sizes for this many rows (cached on disk)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -583,7 +594,7 @@ class FastEngine:
                     raise ValueError(f"prompt of {n} tokens exceeds the engine's {self.config.max_seq_len}-token cache")
                 self.start_row(r, params, inputs["input_ids"][0])
                 pos3, delta = self.prompt_positions(inputs)
-                logits = self.prefill(r, inputs, 0, pos3)
+                logits = self.prefill_whole(r, inputs)
                 first.append(logits)
                 kv.append(n)
                 pos.append(n + delta)
@@ -601,6 +612,24 @@ class FastEngine:
                 if on_tokens(ids):
                     break
             return steps
+
+    @torch.inference_mode()
+    def prefill_whole(self, row: int, inputs: dict[str, Any]) -> torch.Tensor:
+        """Run a whole prompt through the model's own forward (vision tower, multimodal rope, cuDNN attention
+        and the fused norms: the fastest way for one prompt with nothing cached and nobody waiting) and copy
+        its keys/values into cache row ``row``; returns the last position's logits [1, vocab]."""
+        model = self.model
+        inputs = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in inputs.items()}
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in inputs:
+                inputs[key] = inputs[key].to(self.dtype)
+        n = int(inputs["input_ids"].shape[1])
+        model.model.rope_deltas = None  # never reuse the previous prompt's multimodal rope offsets
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        for i, (k, v) in enumerate(_cache_layers(out.past_key_values)):
+            self.k_cache[i, row, :, :n].copy_(k[0])
+            self.v_cache[i, row, :, :n].copy_(v[0])
+        return out.logits[:, -1].float()
 
     def prefill(self, row: int, inputs: dict[str, Any], start: int, pos3: torch.Tensor) -> torch.Tensor:
         """Prefill prompt tokens ``start:`` of one row in chunks; returns the last position's logits [1, vocab]."""
@@ -621,3 +650,17 @@ class FastEngine:
 def _mark_seen(seen: torch.Tensor, tok: torch.Tensor, active: torch.Tensor) -> None:
     """Add each active row's new token to its repetition-penalty history (inactive rows unchanged)."""
     seen.scatter_(1, tok[:, None], seen.gather(1, tok[:, None]) | active)
+
+
+def _cache_layers(cache: Any):
+    """(keys, values) per layer from a transformers cache object, across versions."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        for layer in layers:
+            yield layer.keys, layer.values
+        return
+    if hasattr(cache, "key_cache"):
+        yield from zip(cache.key_cache, cache.value_cache)
+        return
+    for k, v in cache:  # legacy tuples
+        yield k, v

@@ -120,34 +120,39 @@ class GemvTuner:
         self.choice[key] = "cublas" if best == "cublas" else json.loads(best)
         self.tuned_now += 1
 
+    @staticmethod
+    def w4_key(n: int, k: int, rows: int) -> str:
+        return f"{n}x{k}-w4v2-r{rows}"
+
     def w4_linear(self, x, w, bias=None, silu=False):
+        """int4 product with the block sizes tuned for this shape and batch size (untuned: defaults)."""
         from .w4 import w4_linear
 
-        cfg = None
-        if x.shape[0] == 1:
-            cfg = self.choice.get(self.key(w.packed.shape[0], w.packed.shape[1] * 2, silu, bias is not None) + "-w4")
+        cfg = self.choice.get(self.w4_key(w.packed.shape[0], w.packed.shape[1] * 2, x.shape[0]))
         return w4_linear(x, w.packed, w.scale, w.mn, bias, silu=silu, config=tuple(cfg) if cfg else None)
 
-    def tune_w4(self, w, bias=None, silu=False) -> None:
-        from .w4 import GEMV_CONFIGS, dequantize_w4, w4_linear
+    def tune_w4(self, w, bias=None, rows: int = 1) -> None:
+        """Time the int4 kernel's block sizes for this shape at ``rows`` rows of input (once; saved)."""
+        from .w4 import GEMM_CONFIGS, GEMV_CONFIGS, dequantize_w4, w4_linear
 
         n, k = w.packed.shape[0], w.packed.shape[1] * 2
-        key = self.key(n, k, silu, bias is not None) + "-w4"
+        key = self.w4_key(n, k, rows)
         if key in self.choice or not HAVE_TRITON or not w.packed.is_cuda:
             return
-        x = torch.randn(1, 2 * k if silu else k, device=w.packed.device, dtype=torch.bfloat16)
-        ref = F.linear(_silu_mul(x) if silu else x, dequantize_w4(w.packed, w.scale, w.mn), bias)
+        x = torch.randn(rows, k, device=w.packed.device, dtype=torch.bfloat16)
+        ref = F.linear(x, dequantize_w4(w.packed, w.scale, w.mn), bias)
+        configs = GEMV_CONFIGS if rows == 1 else [c for c in GEMM_CONFIGS if c[0] <= max(16, rows)]
         best, best_t = None, float("inf")
         self.timings[key] = {}
-        for cfg in GEMV_CONFIGS:
+        for cfg in configs:
             try:
-                out = w4_linear(x, w.packed, w.scale, w.mn, bias, silu=silu, config=cfg)
-            except Exception:
+                out = w4_linear(x, w.packed, w.scale, w.mn, bias, config=cfg)
+            except Exception:  # a tile that does not compile here: skip it
                 continue
             err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-6)).item()
             if err > 2e-2:
                 continue
-            t = _time(lambda c=cfg: w4_linear(x, w.packed, w.scale, w.mn, bias, silu=silu, config=c))
+            t = _time(lambda c=cfg: w4_linear(x, w.packed, w.scale, w.mn, bias, config=c))
             self.timings[key][str(cfg)] = round(t, 4)
             if t < best_t:
                 best, best_t = list(cfg), t
@@ -156,6 +161,7 @@ class GemvTuner:
             self.tuned_now += 1
 
     def save(self) -> None:
+        release_flush()
         if not self.cache_file or not self.tuned_now:
             return
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -167,21 +173,28 @@ class GemvTuner:
 _FLUSH: dict[Any, torch.Tensor] = {}
 
 
-def _time(fn, reps: int = 10) -> float:
-    """Median time of ``fn`` with a cold L2 (a decode step reads each weight once, from HBM)."""
+def release_flush() -> None:
+    """Free the L2-flush buffer the timings use (256 MB: it matters on a 10 GB card)."""
+    _FLUSH.clear()
+
+
+def _time(fn, reps: int = 20) -> float:
+    """Median time of ``fn`` with a cold L2 (a decode step reads each weight once, from HBM). All
+    repetitions are queued before one synchronisation, so the GPU stays busy (clocks up, launches hidden)
+    as in a graph-replayed step."""
     flush = _FLUSH.setdefault(torch.cuda.current_device(), torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda"))
-    for _ in range(3):
+    for _ in range(5):
         fn()
-    times = []
+    events = []
     for _ in range(reps):
         flush.zero_()
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
         fn()
         e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    times.sort()
+        events.append((s, e))
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in events)
     return times[len(times) // 2]
 
 

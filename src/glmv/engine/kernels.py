@@ -276,4 +276,35 @@ class Kernels:
         return out
 
 
-__all__ = ["Kernels", "HAVE_TRITON"]
+def install_fused_norms(model: torch.nn.Module) -> int:
+    """Route the model's own RMSNorm modules (vision tower and text decoder) through the fused Triton
+    kernel for bf16/fp16 CUDA inputs: one launch instead of the ~7 that transformers' float32 version
+    runs, about 200 times per prefill. Other inputs keep the original code. Returns the modules changed."""
+    if not HAVE_TRITON:
+        return 0
+    kernels = Kernels(use_triton=True)
+    count = 0
+    for mod in model.modules():
+        if not type(mod).__name__.endswith("RMSNorm") or getattr(mod, "_glmv_fused", False):
+            continue
+        eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
+        weight = getattr(mod, "weight", None)
+        if eps is None or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+            continue
+        original = mod.forward
+
+        def forward(hidden_states, _mod=mod, _orig=original, _eps=float(eps)):
+            w = _mod.weight
+            if (hidden_states.is_cuda and hidden_states.dtype in (torch.bfloat16, torch.float16)
+                    and w.dtype == hidden_states.dtype and hidden_states.shape[-1] == w.shape[0]):
+                shape = hidden_states.shape
+                return kernels.rmsnorm(hidden_states.reshape(-1, shape[-1]).contiguous(), w, _eps).view(shape)
+            return _orig(hidden_states)
+
+        mod.forward = forward
+        mod._glmv_fused = True
+        count += 1
+    return count
+
+
+__all__ = ["Kernels", "HAVE_TRITON", "install_fused_norms"]

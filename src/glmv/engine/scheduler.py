@@ -169,18 +169,23 @@ class Batcher:
 
     def _prefill_chunk(self, seq: Sequence) -> None:
         eng = self.engine
+        chunk = eng.config.prefill_chunk * (1 if self.running else ALONE_CHUNKS)
         if seq.pos3 is None:  # first chunk: prefix-cache lookup, positions, embeddings
             seq.pos3, seq.delta = eng.prompt_positions(seq.inputs)
             start = self._reuse_prefix(seq)
-            seq.embeds = eng.prompt_embeds(seq.inputs, start)
             seq.filled = start
-        # short chunks only while others decode (they wait for each); alone, longer passes
-        chunk = eng.config.prefill_chunk * (1 if self.running else ALONE_CHUNKS)
-        end = min(seq.n_prompt, seq.filled + chunk)
-        base = seq.n_prompt - seq.embeds.shape[0]
-        seg = Segment(seq.row, seq.embeds[seq.filled - base : end - base], seq.pos3[:, seq.filled : end], seq.filled,
-                      "last" if end == seq.n_prompt else None)
-        logits = eng.extend([seg])[0]
+            if start == 0 and not self.running and seq.n_prompt <= chunk:
+                # nothing cached, nobody decoding: the model's own forward in one pass is the fastest
+                logits, end = eng.prefill_whole(seq.row, seq.inputs), seq.n_prompt
+            else:
+                seq.embeds = eng.prompt_embeds(seq.inputs, start)
+        if seq.embeds is not None:
+            # short chunks only while others decode (they wait for each); alone, longer passes
+            end = min(seq.n_prompt, seq.filled + chunk)
+            base = seq.n_prompt - seq.embeds.shape[0]
+            seg = Segment(seq.row, seq.embeds[seq.filled - base : end - base], seq.pos3[:, seq.filled : end],
+                          seq.filled, "last" if end == seq.n_prompt else None)
+            logits = eng.extend([seg])[0]
         seq.filled = end
         if end < seq.n_prompt:
             return

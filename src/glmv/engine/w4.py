@@ -1,16 +1,21 @@
 """glmv's fast 4-bit mode: int4 weights (groups of 128, scale and minimum per group) with Triton kernels.
 
-Layout: for each output row and each group of 128 input columns, byte ``j`` (0..63) holds the 4-bit
-codes of columns ``j`` (low nibble) and ``j + 64`` (high nibble), so a kernel reads one contiguous
-64-byte run per group and multiplies the low and high halves with two contiguous slices of the input.
-Dequantisation is ``w = q * scale + min`` (asymmetric round-to-nearest, computed from each group's
-range). Decoding reads about 0.53 bytes per weight instead of 2.
+Layout: each output row is stored as 32-bit words, 16 per group of 128 input columns. Nibble ``j`` (bits
+4j..4j+3) of word ``t`` holds the 4-bit code of column ``16 * j + t``, so that for each nibble position a
+kernel multiplies a contiguous run of 16 inputs; a row's words are contiguous, so a thread reads 16
+bytes (32 weights) with one load. Dequantisation is ``w = q * scale + min`` (asymmetric round-to-nearest
+from each group's range; fp16 scale and minimum). Decoding reads about 0.53 bytes per weight instead of 2.
 
-Kernels: a GEMV for one row of input (batch-1 decode; the sum is rearranged to
-``scale * sum(q * x) + min * sum(x)``, so there is no per-weight dequantisation), optionally applying
-SiLU-and-multiply to its input on the fly (the MLP's down projection); and a small-batch GEMM that
-dequantises tiles into bf16 for the tensor cores. Larger inputs (prefill) dequantise the whole weight
-and use cuBLAS.
+The kernels never convert integers to floats (a quarter-rate instruction that bounded the first version):
+a nibble moved into bits 19..22 of the float 1.0 is ``1 + q / 16``, so with ``T = sum((1 + q/16) * x)``
+over a group, ``sum(w * x) = 16 * scale * T + (min - 16 * scale) * sum(x)``. Kernels:
+
+- a GEMV for one row of input (batch-1 decode): per-thread 16-byte weight loads, one FMA per weight;
+- a GEMM for 2..32 rows: tiles dequantised to bf16 in registers and multiplied on the tensor cores,
+  optionally split over K (float32 atomics) for the shapes with few output blocks;
+- a dequantisation kernel for long inputs (prefill), which then use cuBLAS.
+
+Block sizes are chosen per shape and batch size by :class:`glmv.engine.gemv.GemvTuner`.
 """
 
 from __future__ import annotations
@@ -27,92 +32,136 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _w4_gemv_kernel(X, P, S, M, B_, Y, N, K, n_groups,
-                        HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr):
+    def _nibble(p, J: tl.constexpr):
+        """Nibble J of each int32 word as the float 1 + q / 16 (bit operations only)."""
+        if 19 - 4 * J >= 0:
+            v = p << (19 - 4 * J)
+        else:
+            v = p >> (4 * J - 19)
+        return ((v & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _group_dots(p, X, gi, gmask, BLOCK_N: tl.constexpr, NG: tl.constexpr, WIDE: tl.constexpr):
+        """For a [BLOCK_N, NG, 16] tile of words: (T, xs) with T[n, g] = sum((1 + q/16) * x) over each
+        group and xs[g] = sum(x). WIDE decodes all 8 nibbles as one [.., 8, 16] tensor, else one by one."""
+        offs_t = tl.arange(0, 16)
+        if WIDE:
+            offs_j = tl.arange(0, 8)
+            x3 = tl.load(X + gi[:, None, None] * 128 + offs_j[None, :, None] * 16 + offs_t[None, None, :],
+                         mask=gmask[:, None, None], other=0.0).to(tl.float32)
+            q = (p[:, :, None, :] >> (4 * offs_j)[None, None, :, None]) & 15
+            f = ((q << 19) | 0x3F800000).to(tl.float32, bitcast=True)
+            t = tl.sum(tl.sum(f * x3[None, :, :, :], axis=3), axis=2)
+            xs = tl.sum(tl.sum(x3, axis=2), axis=1)
+        else:
+            t3 = tl.zeros([BLOCK_N, NG, 16], tl.float32)
+            x2 = tl.zeros([NG, 16], tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(X + gi[:, None] * 128 + j * 16 + offs_t[None, :], mask=gmask[:, None], other=0.0)
+                xj = xj.to(tl.float32)
+                t3 += _nibble(p, j) * xj[None, :, :]
+                x2 += xj
+            t = tl.sum(t3, axis=2)
+            xs = tl.sum(x2, axis=1)
+        return t, xs
+
+    @triton.jit
+    def _w4_gemv_kernel(X, P, S, M, B_, Y, N, KW, n_groups,
+                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr, WIDE: tl.constexpr,
+                        PREFETCH: tl.constexpr):
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
         offs_g = tl.arange(0, NG)
-        offs_h = tl.arange(0, 64)
-        acc = tl.zeros([BLOCK_N], tl.float32)
+        offs_t = tl.arange(0, 16)
+        prow = P + offs_n[:, None, None] * KW + offs_t[None, None, :]
+        acc = tl.zeros([BLOCK_N, NG], tl.float32)
+        if PREFETCH:  # the next tile's load is in flight while this one is multiplied
+            p = tl.load(prow + offs_g[None, :, None] * 16,
+                        mask=nmask[:, None, None] & (offs_g < n_groups)[None, :, None], other=0)
         for g0 in range(0, n_groups, NG):
             gi = g0 + offs_g
             gmask = gi < n_groups
-            pmask = nmask[:, None, None] & gmask[None, :, None]
-            p = tl.load(P + offs_n[:, None, None] * (K // 2) + gi[None, :, None] * 64 + offs_h[None, None, :],
-                        mask=pmask, other=0)
-            s = tl.load(S + offs_n[:, None] * n_groups + gi[None, :], mask=nmask[:, None] & gmask[None, :], other=0.0)
-            m = tl.load(M + offs_n[:, None] * n_groups + gi[None, :], mask=nmask[:, None] & gmask[None, :], other=0.0)
-            xo = gi[:, None] * 128 + offs_h[None, :]
-            if SILU:
-                gl = tl.load(X + xo, mask=gmask[:, None], other=0.0).to(tl.float32)
-                ul = tl.load(X + K + xo, mask=gmask[:, None], other=0.0).to(tl.float32)
-                gh = tl.load(X + xo + 64, mask=gmask[:, None], other=0.0).to(tl.float32)
-                uh = tl.load(X + K + xo + 64, mask=gmask[:, None], other=0.0).to(tl.float32)
-                xl = ul * (gl / (1.0 + tl.exp(-gl)))
-                xh = uh * (gh / (1.0 + tl.exp(-gh)))
-                xl = xl.to(X.dtype.element_ty).to(tl.float32)  # the reference rounds the activation too
-                xh = xh.to(X.dtype.element_ty).to(tl.float32)
+            if PREFETCH:
+                gn = gi + NG
+                p_next = tl.load(prow + gn[None, :, None] * 16,
+                                 mask=nmask[:, None, None] & (gn < n_groups)[None, :, None], other=0)
             else:
-                xl = tl.load(X + xo, mask=gmask[:, None], other=0.0).to(tl.float32)
-                xh = tl.load(X + xo + 64, mask=gmask[:, None], other=0.0).to(tl.float32)
-            lo = (p & 15).to(tl.float32)
-            hi = (p >> 4).to(tl.float32)
-            t = tl.sum(lo * xl[None, :, :] + hi * xh[None, :, :], axis=2)  # [BLOCK_N, NG]
-            xs = tl.sum(xl + xh, axis=1)  # [NG]
-            acc += tl.sum(s.to(tl.float32) * t + m.to(tl.float32) * xs[None, :], axis=1)
+                p = tl.load(prow + gi[None, :, None] * 16, mask=nmask[:, None, None] & gmask[None, :, None], other=0)
+            sm = nmask[:, None] & gmask[None, :]
+            s = tl.load(S + offs_n[:, None] * n_groups + gi[None, :], mask=sm, other=0.0).to(tl.float32)
+            m = tl.load(M + offs_n[:, None] * n_groups + gi[None, :], mask=sm, other=0.0).to(tl.float32)
+            t, xs = _group_dots(p, X, gi, gmask, BLOCK_N, NG, WIDE)
+            a = 16.0 * s
+            acc += a * t + (m - a) * xs[None, :]
+            if PREFETCH:
+                p = p_next
+        out = tl.sum(acc, axis=1)
         if HAS_BIAS:
-            acc += tl.load(B_ + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        tl.store(Y + offs_n, acc.to(Y.dtype.element_ty), mask=nmask)
+            out += tl.load(B_ + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(Y + offs_n, out.to(Y.dtype.element_ty), mask=nmask)
 
     @triton.jit
-    def _w4_gemm_kernel(X, P, S, M, B_, Y, R, N, K, n_groups, x_stride,
-                        HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _w4_gemm_kernel(X, P, S, M, B_, Y, R, N, KW, n_groups, x_stride, groups_per_split,
+                        HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr,
+                        SPLIT: tl.constexpr):
+        """Rows 2..32: for each nibble position j the [BLOCK_N, NG * 16] weight slice (columns
+        128 g + 16 j + t) is dequantised to bf16 in registers and multiplied on the tensor cores with the
+        matching input columns. With SPLIT > 1 the groups are shared out over SPLIT programs, which add
+        their float32 partial sums into Y (zeroed by the caller)."""
         pid_n = tl.program_id(0)
         pid_b = tl.program_id(1)
+        sp = tl.program_id(2)
         offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
         bmask = offs_b < R
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
-        offs_h = tl.arange(0, 64)
+        offs_g = tl.arange(0, NG)
+        offs_t = tl.arange(0, 16)
+        offs_c = tl.arange(0, NG * 16)  # (group, t) flattened, matching the reshaped weight tile
+        g_start = sp * groups_per_split
+        g_end = tl.minimum(g_start + groups_per_split, n_groups)
         acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
-        for g in range(0, n_groups):
-            p = tl.load(P + offs_n[:, None] * (K // 2) + g * 64 + offs_h[None, :], mask=nmask[:, None], other=0)
-            s = tl.load(S + offs_n * n_groups + g, mask=nmask, other=0.0).to(tl.float32)
-            m = tl.load(M + offs_n * n_groups + g, mask=nmask, other=0.0).to(tl.float32)
-            wl = ((p & 15).to(tl.float32) * s[:, None] + m[:, None]).to(tl.bfloat16)
-            wh = ((p >> 4).to(tl.float32) * s[:, None] + m[:, None]).to(tl.bfloat16)
-            xo = offs_b[:, None] * x_stride + g * 128 + offs_h[None, :]
-            if SILU:
-                gl = tl.load(X + xo, mask=bmask[:, None], other=0.0).to(tl.float32)
-                ul = tl.load(X + K + xo, mask=bmask[:, None], other=0.0).to(tl.float32)
-                gh = tl.load(X + xo + 64, mask=bmask[:, None], other=0.0).to(tl.float32)
-                uh = tl.load(X + K + xo + 64, mask=bmask[:, None], other=0.0).to(tl.float32)
-                xl = (ul * (gl / (1.0 + tl.exp(-gl)))).to(tl.bfloat16)
-                xh = (uh * (gh / (1.0 + tl.exp(-gh)))).to(tl.bfloat16)
-            else:
-                xl = tl.load(X + xo, mask=bmask[:, None], other=0.0).to(tl.bfloat16)
-                xh = tl.load(X + xo + 64, mask=bmask[:, None], other=0.0).to(tl.bfloat16)
-            acc += tl.dot(xl, tl.trans(wl)) + tl.dot(xh, tl.trans(wh))
+        for g0 in range(g_start, g_end, NG):
+            gi = g0 + offs_g
+            gmask = gi < g_end
+            p = tl.load(P + offs_n[:, None, None] * KW + gi[None, :, None] * 16 + offs_t[None, None, :],
+                        mask=nmask[:, None, None] & gmask[None, :, None], other=0)
+            sm = nmask[:, None] & gmask[None, :]
+            s = tl.load(S + offs_n[:, None] * n_groups + gi[None, :], mask=sm, other=0.0).to(tl.float32)
+            m = tl.load(M + offs_n[:, None] * n_groups + gi[None, :], mask=sm, other=0.0).to(tl.float32)
+            a = (16.0 * s)[:, :, None]
+            c = (m[:, :, None] - a)
+            col = (g0 + offs_c // 16) * 128 + offs_c % 16
+            cmask = bmask[:, None] & ((g0 + offs_c // 16) < g_end)[None, :]
+            for j in tl.static_range(8):
+                # bf16 operands on the tensor cores (fp32 inputs, as in the CPU interpreter's tests, stay fp32)
+                w = (_nibble(p, j) * a + c).to(X.dtype.element_ty)
+                w = tl.reshape(w, (BLOCK_N, NG * 16))
+                xj = tl.load(X + offs_b[:, None] * x_stride + col[None, :] + j * 16, mask=cmask, other=0.0)
+                acc += tl.dot(xj, tl.trans(w))
         if HAS_BIAS:
-            acc += tl.load(B_ + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + offs_b[:, None] * N + offs_n[None, :], acc.to(Y.dtype.element_ty),
-                 mask=bmask[:, None] & nmask[None, :])
-
-
-if HAVE_TRITON:
+            if sp == 0:
+                acc += tl.load(B_ + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        out = Y + offs_b[:, None] * N + offs_n[None, :]
+        omask = bmask[:, None] & nmask[None, :]
+        if SPLIT > 1:
+            tl.atomic_add(out, acc, mask=omask)
+        else:
+            tl.store(out, acc.to(Y.dtype.element_ty), mask=omask)
 
     @triton.jit
-    def _w4_dequant_kernel(P, S, M, W, K, n_groups):
-        row = tl.program_id(0)
+    def _w4_dequant_kernel(P, S, M, W, K, n_groups, OUT_ROWS: tl.constexpr):
+        row0 = tl.program_id(0) * OUT_ROWS
         g = tl.program_id(1)
-        offs = tl.arange(0, 64)
-        p = tl.load(P + row * (K // 2) + g * 64 + offs)
-        s = tl.load(S + row * n_groups + g).to(tl.float32)
-        m = tl.load(M + row * n_groups + g).to(tl.float32)
-        base = W + row * K + g * 128
-        tl.store(base + offs, ((p & 15).to(tl.float32) * s + m).to(W.dtype.element_ty))
-        tl.store(base + 64 + offs, ((p >> 4).to(tl.float32) * s + m).to(W.dtype.element_ty))
+        offs_r = row0 + tl.arange(0, OUT_ROWS)
+        offs_t = tl.arange(0, 16)
+        p = tl.load(P + offs_r[:, None] * (K // 8) + g * 16 + offs_t[None, :])
+        s = tl.load(S + offs_r * n_groups + g).to(tl.float32)[:, None]
+        m = tl.load(M + offs_r * n_groups + g).to(tl.float32)[:, None]
+        base = W + offs_r[:, None] * K + g * 128 + offs_t[None, :]
+        for j in tl.static_range(8):
+            tl.store(base + j * 16, (_nibble(p, j) * (16.0 * s) + (m - 16.0 * s)).to(W.dtype.element_ty))
 
 
 def quantize_w4(w: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,8 +180,25 @@ def quantize_w4(w: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torch.Tens
     scale16 = scale.half()
     lo16 = lo.half()
     q = torch.round((g - lo16.float()[..., None]) / scale16.float()[..., None]).clamp_(0, 15).to(torch.uint8)
-    packed = (q[..., :64] | (q[..., 64:] << 4)).reshape(n, k // 2).contiguous()
-    return packed, scale16.contiguous(), lo16.contiguous()
+    return pack_codes(q.view(n, k)), scale16.contiguous(), lo16.contiguous()
+
+
+def pack_codes(q: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [N, K] (uint8, 0..15) -> the packed layout [N, K/2] uint8 (see the module docstring).
+    Byte ``b`` of word ``t`` (little-endian) holds nibbles ``2b`` (low) and ``2b + 1`` (high)."""
+    n, k = q.shape
+    q4 = q.view(n, k // GROUP, 8, 16)  # [row, group, nibble j, word t]
+    byte = q4[:, :, 0::2] | (q4[:, :, 1::2] << 4)  # [row, group, byte b, word t]
+    return byte.transpose(2, 3).reshape(n, k // 2).contiguous()
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack_codes`: [N, K/2] uint8 -> codes [N, K] uint8."""
+    n, half = packed.shape
+    k = half * 2
+    byte = packed.view(n, k // GROUP, 16, 4).transpose(2, 3)  # [row, group, byte b, word t]
+    q4 = torch.stack([byte & 15, byte >> 4], dim=3)  # [row, group, b, low/high, t]
+    return q4.reshape(n, k)
 
 
 def dequantize_w4(packed: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
@@ -140,10 +206,10 @@ def dequantize_w4(packed: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, d
     k = half * 2
     if HAVE_TRITON and packed.is_cuda:
         w = torch.empty(n, k, dtype=dtype, device=packed.device)
-        _w4_dequant_kernel[(n, k // GROUP)](packed, scale, mn, w, k, k // GROUP)
+        rows = 4 if n % 4 == 0 else 1
+        _w4_dequant_kernel[(n // rows, k // GROUP)](packed.view(torch.int32), scale, mn, w, k, k // GROUP, OUT_ROWS=rows)
         return w
-    p = packed.view(n, k // GROUP, 64)
-    q = torch.cat([p & 15, p >> 4], dim=-1).float()  # [N, G, 128]
+    q = unpack_codes(packed).float().view(n, k // GROUP, GROUP)
     w = q * scale.float()[..., None] + mn.float()[..., None]
     return w.view(n, k).to(dtype)
 
@@ -180,37 +246,61 @@ class W4Linear(torch.nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
-# (BLOCK_N, groups per step, warps, stages), timed per shape by the tuner.
-GEMV_CONFIGS = [(16, 4, 4, 2), (4, 8, 4, 3), (8, 8, 4, 3), (8, 16, 4, 3), (16, 8, 4, 3), (32, 4, 8, 3),
-                (4, 16, 4, 3), (8, 4, 2, 4), (2, 16, 2, 3)]
+# Batch 1: (BLOCK_N, groups per step, warps, stages, wide decode, prefetch); 2..32 rows: (BLOCK_B, BLOCK_N,
+# groups per step, warps, stages, split-K). The tuner times them per shape and batch size (measured on an H200: the
+# best of the first build's set was (8, 8, 4, 2) / (8, 16, 8, 2) / (4, 16, 4, 2)); the first is the default.
+GEMV_CONFIGS = [(8, 8, 4, 2, 0, 0), (4, 16, 4, 2, 0, 0), (8, 16, 8, 2, 0, 0), (8, 8, 4, 1, 0, 1),
+                (4, 16, 4, 1, 0, 1), (8, 16, 8, 1, 0, 1), (16, 8, 8, 1, 0, 1), (8, 8, 4, 2, 1, 0),
+                (4, 16, 4, 2, 1, 0), (8, 8, 4, 1, 1, 1), (16, 8, 8, 1, 1, 1), (4, 8, 2, 1, 0, 1),
+                (16, 4, 2, 1, 0, 1), (32, 4, 4, 1, 0, 1), (16, 8, 4, 1, 0, 1)]
+GEMM_CONFIGS = [(16, 32, 2, 4, 3, 1), (16, 64, 4, 4, 2, 1), (16, 32, 8, 4, 2, 1), (16, 32, 2, 4, 3, 4),
+                (16, 32, 8, 4, 2, 4), (16, 64, 4, 4, 2, 2), (16, 16, 4, 4, 3, 4), (32, 64, 4, 8, 2, 1),
+                (32, 32, 2, 4, 3, 1), (32, 32, 4, 4, 2, 4), (32, 64, 4, 8, 2, 2), (32, 64, 8, 8, 2, 1),
+                (32, 128, 4, 8, 2, 1), (32, 32, 8, 4, 2, 1), (32, 64, 2, 4, 3, 1)]
 
 
 def w4_linear(x, packed, scale, mn, bias=None, silu: bool = False, config: tuple | None = None):
     """y = x @ W^T (+ bias). With ``silu`` the input is [R, 2K] = [gate | up] and silu(gate) * up is used."""
+    if silu:
+        x = silu_mul(x)
     r = x.shape[0]
     n = packed.shape[0]
     k = packed.shape[1] * 2
     n_groups = k // GROUP
-    y = torch.empty(r, n, dtype=torch.bfloat16 if x.dtype == torch.float32 else x.dtype, device=x.device)
     if not HAVE_TRITON or not x.is_cuda and not _interpreting():
-        xin = silu_mul(x) if silu else x
-        return F.linear(xin, dequantize_w4(packed, scale, mn, x.dtype), bias)
+        return F.linear(x, dequantize_w4(packed, scale, mn, x.dtype), bias)
+    out_dtype = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
+    y = torch.empty(r, n, dtype=out_dtype, device=x.device)
     b = bias if bias is not None else y
+    p32 = packed.view(torch.int32)
     if r == 1:
-        block_n, ng, warps, stages = tuple(config or GEMV_CONFIGS[0])[:4]
-        _w4_gemv_kernel[(triton.cdiv(n, block_n),)](x, packed, scale, mn, b, y, n, k, n_groups,
-                                                    HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=block_n, NG=ng,
+        block_n, ng, warps, stages, wide, prefetch = (tuple(config or GEMV_CONFIGS[0]) + (0, 0))[:6]
+        _w4_gemv_kernel[(triton.cdiv(n, block_n),)](x, p32, scale, mn, b, y, n, k // 8, n_groups,
+                                                    HAS_BIAS=bias is not None, BLOCK_N=block_n, NG=ng,
+                                                    WIDE=bool(wide), PREFETCH=bool(prefetch),
                                                     num_warps=warps, num_stages=stages)
     else:
-        block_b = 16 if r <= 16 else 32
-        block_n = 64
-        _w4_gemm_kernel[(triton.cdiv(n, block_n), triton.cdiv(r, block_b))](
-            x, packed, scale, mn, b, y, r, n, k, n_groups, x.stride(0),
-            HAS_BIAS=bias is not None, SILU=silu, BLOCK_B=block_b, BLOCK_N=block_n)
+        block_b, block_n, ng, warps, stages, split = (tuple(config or GEMM_CONFIGS[0]) + (1,))[:6]
+        if r > block_b and block_b < 32 and config is None:
+            block_b = 32
+        per = triton.cdiv(triton.cdiv(n_groups, split), ng) * ng
+        split = triton.cdiv(n_groups, per)
+        out = y if split == 1 else torch.zeros(r, n, dtype=torch.float32, device=x.device)
+        _w4_gemm_kernel[(triton.cdiv(n, block_n), triton.cdiv(r, block_b), split)](
+            x, p32, scale, mn, b, out, r, n, k // 8, n_groups, x.stride(0), per,
+            HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, NG=ng, SPLIT=split,
+            num_warps=warps, num_stages=stages)
+        if split > 1:
+            y.copy_(out)
     return y
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for [R, 2K] = [gate | up] (the fused Triton kernel on CUDA)."""
+    if HAVE_TRITON and gu.is_cuda:
+        from .kernels import Kernels
+
+        return Kernels(use_triton=True).silu_mul(gu.contiguous())
     g, u = gu.chunk(2, dim=-1)
     return u * F.silu(g)
 

@@ -5,7 +5,10 @@ like. Requests are parsed strictly (unknown fields: 422), converted to core mess
 policy (data: URIs always; http(s) only with ``--allow-remote-media``; local files only inside
 ``--allowed-media-dir``), validated and processed before they are queued, so a bad request never
 reaches the GPU. Admission is bounded (``--max-queue``; beyond it 429 with Retry-After); the backend
-batches what waits together. A client that disconnects has its generation cancelled at once.
+batches what waits together. Bodies are limited while they arrive and the API key checked by a pure
+ASGI middleware (``guard.py``), which leaves the client's disconnect visible: a client that leaves,
+streamed or not, frees its slot at once, and its generation stops at the next token (or, still queued,
+leaves the queue).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -25,8 +28,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..backends.base import Backend, Chunk, GenerationRequest
-from ..errors import ContextLengthError, GlmvError, MediaError, RequestError
-from ..media import load_image
+from ..documents import PlannedInput, RenderOptions, charge, decode_planned, plan_input
+from ..errors import ContextLengthError, GlmvError, LimitError, MediaError, RequestError
+from ..limits import Budget, Limits
 from ..parsing import PartialCall, ToolCall
 from ..prompts import Message
 from ..settings import SamplingParams
@@ -44,7 +48,7 @@ class ServerConfig:
     max_queue: int = 64
     max_body_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 4_000_000
-    max_text_chars: int = 1_000_000  # refused before tokenizing: ~250k tokens, past any GLM-4.6V context
+    limits: Limits = field(default_factory=Limits)  # work per request, checked before decoding or tokenizing
 
 
 class APIError(Exception):
@@ -95,6 +99,8 @@ def _api_error_from(exc: GlmvError) -> APIError:
         return APIError(500, "the model failed to start this request", "server_error")
     if isinstance(exc, ContextLengthError):
         return APIError(exc.status, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, LimitError):  # 413, naming the limit (the message says which flag raises it)
+        return APIError(exc.status, str(exc), param=exc.limit, code=exc.code)
     return APIError(exc.status, str(exc))
 
 
@@ -116,10 +122,10 @@ def check_request_size(body: ChatCompletionRequest, config: ServerConfig, contex
     """Cheap checks before any decoding or tokenizing: the text's length and max_tokens against the
     model's context (the exact prompt length is checked by the backend once it is tokenized)."""
     chars = _text_chars(body)
-    if chars > config.max_text_chars:
+    if chars > config.limits.max_text_chars:
         raise APIError(400, f"the request holds {chars:,} characters of text; this server accepts at most "
-                            f"{config.max_text_chars:,}: shorten the prompt", param="messages",
-                       code="context_length_exceeded")
+                            f"{config.limits.max_text_chars:,} (max_text_chars): shorten the prompt, or start the "
+                            f"server with a higher --max-text-chars", param="messages", code="context_length_exceeded")
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     if asked is not None and context is not None and asked >= context:
@@ -128,44 +134,18 @@ def check_request_size(body: ChatCompletionRequest, config: ServerConfig, contex
 
 
 # -- request conversion ------------------------------------------------------------------------
-def _media_policy_load(url: str, config: ServerConfig, where: str) -> Any:
-    try:
-        return _load_under_policy(url, config, where)
-    except MediaError as exc:
-        msg = str(exc)
-        raise MediaError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+# Media parts are converted in two passes: first every part is read and measured (image headers, PDF
+# page counts and sizes, video headers) and charged to the request's Budget; only when the whole
+# request is within its limits is anything decoded or rendered.
+_KINDS = {ImagePart: "image", VideoPart: "video", FilePart: "pdf"}
 
 
-def _load_file_part(part: FilePart, config: ServerConfig, where: str) -> list[Any]:
-    """A PDF sent as an OpenAI ``file`` part (a data: URI): every page as an image."""
-    from ..documents import render_pdf
+@dataclass
+class _Pending:
+    """A media part measured but not decoded yet, and where it sits in the request (for messages)."""
 
-    if part.file.file_id:
-        raise APIError(422, f"{where}: file_id is not supported here; send the file as file_data (a data: URI)",
-                       param=where, code="unsupported_content")
-    data_uri = part.file.file_data or ""
-    if not data_uri.startswith("data:"):
-        raise MediaError(f"{where}: file_data must be a data: URI (data:application/pdf;base64,...)")
-    try:
-        return render_pdf(data_uri, max_pixels=config.max_pixels)
-    except MediaError as exc:
-        raise MediaError(f"{where}: {exc}") from None
-
-
-def _load_video_under_policy(url: str, config: ServerConfig, where: str) -> Any:
-    from ..documents import load_video
-
-    try:
-        if url.startswith("data:"):
-            return load_video(url, allow_remote=False)
-        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-        if scheme in ("http", "https"):
-            if not config.allow_remote_media:
-                raise MediaError("fetching remote videos is disabled on this server (start it with --allow-remote-media)")
-            return load_video(url)
-        return load_video(_allowed_path(url, config))
-    except MediaError as exc:
-        raise MediaError(f"{where}: {exc}") from None
+    where: str
+    planned: PlannedInput
 
 
 def _allowed_path(url: str, config: ServerConfig) -> Path:
@@ -180,36 +160,73 @@ def _allowed_path(url: str, config: ServerConfig) -> Path:
     return path
 
 
-def _load_under_policy(url: str, config: ServerConfig, where: str) -> Any:
+def _media_source(url: str, config: ServerConfig, what: str) -> tuple[Any, bool]:
+    """What a media URL may be read as under the server's policy: (source, whether fetching it is allowed)."""
     if url.startswith("data:"):
-        return load_image(url, max_pixels=config.max_pixels, allow_remote=False)
+        return url, False
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in ("http", "https"):
         if not config.allow_remote_media:
-            raise MediaError(f"{where}: fetching remote images is disabled on this server (start it with --allow-remote-media, or send a data: URI)")
-        return load_image(url, max_pixels=config.max_pixels, allow_remote=True)
+            raise MediaError(f"fetching remote {what}s is disabled on this server (start it with --allow-remote-media, "
+                             f"or send a data: URI)")
+        return url, True
     if scheme not in ("", "file"):
-        raise MediaError(f"{where}: unsupported image URL scheme '{scheme}': send a data: URI")
-    return load_image(_allowed_path(url, config), max_pixels=config.max_pixels)
+        raise MediaError(f"unsupported {what} URL scheme '{scheme}': send a data: URI")
+    return _allowed_path(url, config), False
 
 
-def _content(parts: str | list | None, config: ServerConfig, where: str) -> list[Any]:
+def _plan_part(part: ImagePart | VideoPart | FilePart, config: ServerConfig, where: str) -> _Pending:
+    kind = _KINDS[type(part)]
+    try:
+        if isinstance(part, FilePart):
+            if part.file.file_id:
+                raise APIError(422, f"{where}: file_id is not supported here; send the file as file_data (a data: URI)",
+                               param=where, code="unsupported_content")
+            source, remote_ok = part.file.file_data or "", False
+            if not source.startswith("data:"):
+                raise MediaError("file_data must be a data: URI (data:application/pdf;base64,...)")
+        else:
+            url = part.image_url.url if isinstance(part, ImagePart) else part.video_url.url
+            source, remote_ok = _media_source(url, config, kind)
+        opts = RenderOptions(max_pixels=config.max_pixels)
+        return _Pending(where, plan_input(source, opts, kind=kind, allow_remote=remote_ok))
+    except MediaError as exc:
+        msg = str(exc)
+        raise MediaError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+
+def _content(parts: str | list | None, config: ServerConfig, where: str, budget: Budget) -> list[Any]:
+    """Text and measured media of one message, each media part charged to ``budget`` (nothing decoded)."""
     if parts is None:
         return []
     if isinstance(parts, str):
         return [parts]
     out: list[Any] = []
     for i, part in enumerate(parts):
-        here = f"{where}.content[{i}]"
         if isinstance(part, TextPart):
             out.append(part.text)
-        elif isinstance(part, ImagePart):
-            out.append(_media_policy_load(part.image_url.url, config, here))
-        elif isinstance(part, VideoPart):
-            out.append(_load_video_under_policy(part.video_url.url, config, here))
-        elif isinstance(part, FilePart):
-            out.extend(_load_file_part(part, config, here))
+        elif type(part) in _KINDS:
+            pending = _plan_part(part, config, f"{where}.content[{i}]")
+            charge(pending.planned, budget, RenderOptions(max_pixels=config.max_pixels))
+            out.append(pending)
     return out
+
+
+def _decode(content: list[Any], config: ServerConfig) -> list[Any]:
+    out: list[Any] = []
+    for item in content:
+        if not isinstance(item, _Pending):
+            out.append(item)
+            continue
+        try:
+            out.extend(decode_planned(item.planned, RenderOptions(max_pixels=config.max_pixels)))
+        except MediaError as exc:
+            raise MediaError(f"{item.where}: {exc}") from None
+    return out
+
+
+def _count_images(body: ChatCompletionRequest) -> int:
+    return sum(isinstance(p, ImagePart) for m in body.messages if isinstance(m.content, list) for p in m.content)
 
 
 def _tool_calls_in(message: ChatMessage, where: str) -> list[ToolCall]:
@@ -222,24 +239,33 @@ def _tool_calls_in(message: ChatMessage, where: str) -> list[ToolCall]:
         if not isinstance(args, dict):
             raise RequestError(f"{where}.tool_calls[{i}].function.arguments must be a JSON object")
         if json_depth(args) > MAX_JSON_DEPTH:
-            raise RequestError(f"{where}.tool_calls[{i}].function.arguments nests more than {MAX_JSON_DEPTH} levels deep")
+            raise RequestError(f"{where}.tool_calls[{i}].function.arguments nests more than {MAX_JSON_DEPTH} "
+                               f"levels deep")
         calls.append(ToolCall(tc.function.name, args))
     return calls
 
 
-def to_generation_request(body: ChatCompletionRequest, config: ServerConfig, defaults: SamplingParams) -> GenerationRequest:
-    """Validate and convert an OpenAI request into a core request (loads images; raises GlmvError/APIError)."""
+def to_generation_request(body: ChatCompletionRequest, config: ServerConfig, defaults: SamplingParams,
+                          context: int | None = None) -> GenerationRequest:
+    """Validate and convert an OpenAI request into a core request (loads images; raises GlmvError/APIError).
+
+    Media are measured and charged to a :class:`~glmv.limits.Budget` (``context``: the model's, in tokens)
+    before any of them is decoded, so an over-limit request costs only the reading of headers.
+    """
     if body.n not in (None, 1):
         raise APIError(422, "only n=1 is supported", param="n", code="unsupported_parameter")
     if body.tool_choice == "required":
         raise APIError(422, "tool_choice 'required' is not supported: use 'auto', 'none' or a named function",
                        param="tool_choice", code="unsupported_parameter")
+    budget = Budget(config.limits, context)
+    budget.add_text(_text_chars(body))
+    budget.count_images(_count_images(body))  # before a single image is read
+    contents = [_content(m.content, config, f"messages[{i}]", budget) for i, m in enumerate(body.messages)]
     messages: list[Message] = []
-    for i, m in enumerate(body.messages):
+    for i, (m, content) in enumerate(zip(body.messages, contents)):
         where = f"messages[{i}]"
         role = "system" if m.role == "developer" else m.role
-        content = _content(m.content, config, where)
-        messages.append(Message(role, content, tool_calls=_tool_calls_in(m, where),  # type: ignore[arg-type]
+        messages.append(Message(role, _decode(content, config), tool_calls=_tool_calls_in(m, where),  # type: ignore[arg-type]
                                 reasoning=m.reasoning_content or ""))
     stop = body.stop
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -250,7 +276,7 @@ def to_generation_request(body: ChatCompletionRequest, config: ServerConfig, def
         repetition_penalty=body.repetition_penalty,
         max_new_tokens=asked,
         seed=body.seed,
-        stop=tuple([stop] if isinstance(stop, str) else stop) if stop else None,
+        stop=tuple([stop] if isinstance(stop, str) else stop) if stop is not None else None,
     )
     tools = None
     if body.tools and body.tool_choice != "none":
@@ -394,7 +420,11 @@ def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
         try:
             defaults = getattr(backend, "default_sampling", None) or SamplingParams()
             try:
-                gen_request = await asyncio.to_thread(to_generation_request, body, config, defaults)
+                gen_request = await asyncio.to_thread(to_generation_request, body, config, defaults,
+                                                      getattr(backend, "context_length", None))
+                if cancel.is_set():  # the client left while its media was read: no tokenizing, no queueing
+                    watcher.cancel()
+                    return Response(status_code=499)
                 stream = await _start(backend, gen_request, cancel)
             except GlmvError as exc:
                 raise _api_error_from(exc) from None

@@ -1,11 +1,13 @@
-"""``glmv ui``: the web app (Gradio) over the core. ``build_ui(app)`` is a factory; nothing is global.
+"""``glmv ui``'s handlers: plain Python generators over the core, tested without a browser.
 
-:class:`WebApp` holds the handlers (plain Python generators, tested without a browser) and the per-session
-stop events; :func:`build_ui` lays out the page: Describe, OCR, Image → HTML and Chat tabs, a model panel,
-the thinking switches, streaming output with live token counts, and a Stop button that cancels generation
-on the device. Generated pages are previewed only inside an iframe sandboxed without
-``allow-same-origin``.
+:class:`WebApp` turns what a user typed or uploaded into core calls and yields what the page shows:
+Describe (and Find, which draws the model's boxes on the image), OCR, Image → HTML with versions, edits and
+the render-compare-refine loop, and Chat with documents and tools. Every generation goes through
+:class:`~glmv.ui.slots.Slots`, so a waiting user sees their place in line and Stop takes them out of it.
+Per-session stop events, no global state. The page itself is laid out in :mod:`glmv.ui.page`.
 """
+
+from __future__ import annotations
 
 import html as _html
 import json
@@ -18,10 +20,12 @@ from typing import Any, Iterator
 
 from ..backends.base import Chunk, GenerationRequest
 from ..errors import GlmvError
+from ..grounding import boxes_json, draw_boxes, find_boxes, find_prompt
 from ..media import LoadedImage, load_image
 from ..outputs import save_html, text_as_page, write_atomic
-from ..prompts import TASKS, Message, user_message
+from ..prompts import Message, user_message
 from .manager import ModelManager, estimate, gpu_free_gb
+from .slots import Slots
 
 MODEL_CHOICES = {
     "GLM-4.6V-Flash (9B)": "zai-org/GLM-4.6V-Flash",
@@ -31,6 +35,8 @@ MODEL_CHOICES = {
 }
 PRECISIONS = {"bf16": "none", "4-bit fast (w4)": "w4", "4-bit nf4 (tutorial)": "nf4"}
 VIEWPORTS = {"desktop": 1280, "phone": 390}
+ZOOMS = {"fit width": None, "50%": 0.5, "100%": 1.0}
+PREVIEW_HEIGHT = 800
 EDIT_PROMPT = (
     "Here is the current HTML of the page recreated from the screenshot:\n```html\n{code}\n```\n"
     "Change it as follows: {instruction}\n"
@@ -38,9 +44,17 @@ EDIT_PROMPT = (
 )
 
 
+LEFT_QUEUE = "■ stopped while waiting: it did not run"
+
+
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, 11th, 21st ..."""
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
 @dataclass
 class Run:
-    """What a streamed generation has produced so far."""
+    """What a streamed generation has produced so far (or where it waits in line)."""
 
     thinking: str = ""
     answer: str = ""
@@ -48,8 +62,15 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
     done: Chunk | None = None
     stopped: bool = False
+    waiting: tuple[int, int] | None = None  # (place in line, people waiting) while queued
+    left_queue: bool = False  # Stop pressed while waiting: it never ran
 
     def stats(self) -> str:
+        if self.left_queue:
+            return LEFT_QUEUE
+        if self.waiting is not None:
+            place, n = self.waiting
+            return f"⏳ waiting for the model: {ordinal(place)} in line ({n} waiting) · Stop leaves the line"
         if self.done is None:
             elapsed = max(time.perf_counter() - self.started, 1e-6)
             return f"… {self.tokens} tokens · {self.tokens / elapsed:.1f} tok/s"
@@ -64,27 +85,99 @@ class Run:
         head = "■ stopped" if self.stopped else ("✓" if self.done.finish_reason != "length" else "✓ (length limit)")
         return f"{head} · " + " · ".join(parts)
 
+    @property
+    def over(self) -> bool:
+        return self.done is not None or self.left_queue
 
-def iframe(page: str | None, viewport: str = "desktop") -> str:
-    """A preview of generated HTML: sandboxed (scripts run, but no same-origin access to the app)."""
+
+def iframe(page: str | None, viewport: str = "desktop", zoom: str = "fit width") -> str:
+    """A preview of generated HTML, sandboxed (scripts run, no same-origin access to the app).
+
+    The page is laid out at the viewport's width and scaled: "fit width" scales it to the box (done by the
+    page's script, which knows the box's width), the other zooms by a fixed factor."""
     if not page:
-        return "<div style='padding:1em;color:#888'>The preview appears here.</div>"
+        return "<div class='glmv-preview-empty'>The preview appears here.</div>"
     width = VIEWPORTS.get(viewport, 1280)
+    scale = ZOOMS.get(zoom)
+    fixed = scale is not None
+    s = scale or 1.0
     return (
-        f'<div style="overflow:auto;border:1px solid #ddd;border-radius:8px;background:#fff">'
-        f'<iframe class="glmv-preview" sandbox="allow-scripts" referrerpolicy="no-referrer" '
-        f'style="width:{width}px;height:640px;border:0;display:block;margin:auto" '
-        f'srcdoc="{_html.escape(page, quote=True)}"></iframe></div>'
+        f'<div class="glmv-preview-box" data-width="{width}" data-height="{PREVIEW_HEIGHT}" '
+        f'data-zoom="{"fixed" if fixed else "fit"}" '
+        f'style="overflow:auto;border:1px solid #ddd;border-radius:8px;background:#fff;'
+        f'height:{round(PREVIEW_HEIGHT * s) if fixed else 480}px">'
+        f'<iframe class="glmv-preview" sandbox="allow-scripts" referrerpolicy="no-referrer" title="page preview" '
+        f'style="width:{width}px;height:{PREVIEW_HEIGHT}px;border:0;display:block;transform-origin:0 0;'
+        f'transform:scale({s})" srcdoc="{_html.escape(page, quote=True)}"></iframe></div>'
     )
+
+
+def _gentle(exc: GlmvError, *paths: Any) -> GlmvError:
+    """The same error naming files as the user knows them, not by the server's temporary upload paths."""
+    text = str(exc)
+    for path in paths:
+        if isinstance(path, str) and path:
+            text = text.replace(path, Path(path).name)
+    return GlmvError(text)
+
+
+def plain_view(view: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """A chat as this app writes it: one entry per text or file, ``{"role", "content": str | {"path"}}``
+    (plus ``metadata`` when titled). Gradio hands a chat back with each message's content as a list of
+    typed parts; saved chats and the history rebuilt from them need the simple form."""
+    out: list[dict[str, Any]] = []
+    for e in view or []:
+        meta = {k: v for k, v in (e.get("metadata") or {}).items() if v is not None}
+        content = e.get("content")
+        for part in content if isinstance(content, list) else [content]:
+            if isinstance(part, str):
+                value: Any = part
+            elif isinstance(part, dict) and part.get("type") == "text":
+                value = part.get("text", "")
+            elif isinstance(part, dict) and isinstance(part.get("file"), dict) and part["file"].get("path"):
+                value = {"path": part["file"]["path"]}
+            elif isinstance(part, dict) and part.get("path"):
+                value = {"path": part["path"]}
+            else:
+                continue
+            out.append({"role": e.get("role"), "content": value, **({"metadata": meta} if meta else {})})
+    return out
+
+
+def messages_from_view(view: list[dict[str, Any]], max_pixels: int) -> list[Message]:
+    """The model-side history of a chat, rebuilt from what the chat shows (for a chat reopened later).
+
+    User files then the user's text make one user turn; an assistant entry without a title is the answer.
+    Thinking and tool steps (titled entries) are not history, as in a live chat."""
+    from ..documents import load_inputs
+
+    history: list[Message] = []
+    files: list[str] = []
+    for entry in plain_view(view):
+        content, titled = entry.get("content"), bool((entry.get("metadata") or {}).get("title"))
+        if entry.get("role") == "user":
+            if isinstance(content, dict):
+                files.append(content["path"])
+            elif isinstance(content, str):
+                media = [m for p in files for m in load_inputs(p, max_pixels=max_pixels)]
+                history.append(user_message(content, media))
+                files = []
+        elif isinstance(content, str) and not titled and history and history[-1].role == "user":
+            history.append(Message("assistant", [content]))
+    return history
 
 
 class WebApp:
     """The handlers behind the page. Each browser session has its own stop event and state."""
 
-    def __init__(self, manager: ModelManager, html_dir: Path, max_pixels: int = 4_000_000) -> None:
+    def __init__(self, manager: ModelManager, html_dir: Path, max_pixels: int = 4_000_000,
+                 concurrency: int = 1, store: Any = None, examples: Path | None = None) -> None:
         self.manager = manager
         self.html_dir = Path(html_dir)
         self.max_pixels = max_pixels
+        self.slots = Slots(concurrency)
+        self.store = store
+        self.examples = sorted(Path(examples).glob("*.png")) if examples and Path(examples).is_dir() else []
         self._stops: dict[str, threading.Event] = {}
         self._downloads = Path(tempfile.mkdtemp(prefix="glmv-ui-"))
 
@@ -102,6 +195,26 @@ class WebApp:
         if event is not None:
             event.set()
 
+    def _queue(self, stop: threading.Event) -> Iterator[Run | int]:
+        """Wait for a slot, yielding a waiting :class:`Run` when the place in line changes; the last item is
+        the ticket (an int) once admitted. A Stop while waiting yields a ``left_queue`` run and ends."""
+        ticket = self.slots.enter()
+        seen = None
+        admitted = False
+        try:
+            while not self.slots.wait(ticket, 0.1):
+                if stop.is_set():
+                    break
+                place = self.slots.position(ticket)
+                if place != seen and place[0] > 0:
+                    seen = place
+                    yield Run(waiting=place)
+            admitted = not stop.is_set()
+        finally:
+            if not admitted:  # stopped, or the page went away: give the place in line back
+                self.slots.leave(ticket)
+        yield ticket if admitted else Run(left_queue=True)
+
     # -- the streaming core --------------------------------------------------------------------------
     def stream(self, messages: list[Message], thinking_on: bool, max_new_tokens: int, session: str,
                tools: list | None = None) -> Iterator[Run]:
@@ -110,6 +223,21 @@ class WebApp:
         request = GenerationRequest(messages, sampling=defaults.merged(max_new_tokens=int(max_new_tokens)),
                                     thinking=bool(thinking_on), tools=tools)
         stop = self._new_stop(session)
+        ticket = None
+        for item in self._queue(stop):
+            if isinstance(item, Run):
+                yield item
+            else:
+                ticket = item
+        if ticket is None:
+            return
+        try:
+            yield from self._generate(backend, request, stop)
+        finally:
+            self.slots.leave(ticket)
+
+    @staticmethod
+    def _generate(backend: Any, request: GenerationRequest, stop: threading.Event) -> Iterator[Run]:
         run = Run()
         chunks = backend.generate(request, stop)  # validation errors surface here, before any GPU work
         last = 0.0
@@ -138,43 +266,82 @@ class WebApp:
     def _image(self, image: Any, where: str) -> LoadedImage:
         if image is None:
             raise GlmvError(f"{where}: upload an image first")
-        return load_image(image, max_pixels=self.max_pixels)
+        try:
+            return load_image(image, max_pixels=self.max_pixels)
+        except GlmvError as exc:
+            raise _gentle(exc, image) from None
+
+    @staticmethod
+    def _prompt(prompt: Any, where: str, example: str) -> str:
+        """Every tab checks its prompt the same way: empty and blank are refused with one message."""
+        text = (prompt or "").strip()
+        if not text:
+            raise GlmvError(f"{where}: the prompt is empty; type what you want, for example: {example}")
+        return text
+
+    def _download_dir(self) -> Path:
+        return Path(tempfile.mkdtemp(dir=self._downloads))
 
     # -- tabs -----------------------------------------------------------------------------------------
     def describe(self, image, prompt, thinking_on, max_new, session) -> Iterator[tuple[str, str, str]]:
         img = self._image(image, "Describe")
-        for run in self.stream([user_message(prompt or TASKS["describe"].prompt, [img])], thinking_on, max_new, session):
+        text = self._prompt(prompt, "Describe", "describe this image")
+        for run in self.stream([user_message(text, [img])], thinking_on, max_new, session):
             yield run.thinking, run.answer, run.stats()
+
+    def find(self, image, query, thinking_on, max_new, session):
+        """Find mode: ask for boxes, draw them. Yields (thinking, answer, stats, annotated PNG, [PNG, JSON])."""
+        img = self._image(image, "Find")
+        what = self._prompt(query, "Find", "the red house")
+        for run in self.stream([user_message(find_prompt(what), [img])], thinking_on, max_new, session):
+            if run.done is None:
+                yield run.thinking, run.answer, run.stats(), None, None
+                continue
+            annotated, files, note = self._annotate(img, run.answer, what)
+            yield run.thinking, run.answer, run.stats() + note, annotated, files
+
+    def _annotate(self, img: LoadedImage, answer: str, label: str) -> tuple[str | None, list[str] | None, str]:
+        """Draw the answer's boxes on the image; (PNG path, [PNG, JSON], a note for the stats line)."""
+        boxes = find_boxes(answer, label)
+        if not boxes:
+            return None, None, " · no boxes in the answer"
+        folder = self._download_dir()
+        png = folder / "found.png"
+        draw_boxes(img.image, boxes).save(png)
+        data = write_atomic(folder / "found.json", boxes_json(boxes, *img.image.size) + "\n")
+        return str(png), [str(png), str(data)], f" · {len(boxes)} box{'es' if len(boxes) > 1 else ''} drawn"
 
     def ocr(self, image, prompt, thinking_on, max_new, session) -> Iterator[tuple[str, str, str, str, list[str] | None]]:
         img = self._image(image, "OCR")
-        for run in self.stream([user_message(prompt or TASKS["ocr"].prompt, [img])], thinking_on, max_new, session):
+        text = self._prompt(prompt, "OCR", "read all the text")
+        for run in self.stream([user_message(text, [img])], thinking_on, max_new, session):
             files = None
             if run.done is not None and run.answer:
                 stamp = time.strftime("%Y%m%d_%H%M%S")
-                folder = Path(tempfile.mkdtemp(dir=self._downloads))
+                folder = self._download_dir()
                 files = [str(write_atomic(folder / f"ocr_{stamp}.md", run.answer + "\n")),
                          str(write_atomic(folder / f"ocr_{stamp}.txt", run.answer + "\n"))]
             yield run.thinking, run.answer, run.answer, run.stats(), files
 
-    def html(self, image, prompt, thinking_on, max_new, viewport, versions, session):
+    def html(self, image, prompt, thinking_on, max_new, viewport, versions, session, zoom="fit width"):
         """Screenshot → page. Yields (thinking, code, stats, file, preview, versions, version choices, choice)."""
         img = self._image(image, "Image → HTML")
-        yield from self._html_run([user_message(prompt or TASKS["html"].prompt, [img])], thinking_on, max_new,
-                                  viewport, versions or [], session, "generated")
+        text = self._prompt(prompt, "Image → HTML", "recreate this page as HTML")
+        yield from self._html_run([user_message(text, [img])], thinking_on, max_new, viewport, versions or [],
+                                  session, "generated", zoom)
 
-    def html_edit(self, image, instruction, thinking_on, max_new, viewport, versions, current, session):
+    def html_edit(self, image, instruction, thinking_on, max_new, viewport, versions, current, session,
+                  zoom="fit width"):
         if not versions:
-            raise GlmvError("generate a page first, then describe the change")
-        if not (instruction or "").strip():
-            raise GlmvError("describe the change, for example: make the header dark blue")
+            raise GlmvError("Image → HTML: generate a page first, then describe the change")
+        change = self._prompt(instruction, "Change the page", "make the header dark blue")
         base = next((v for v in versions if v["label"] == current), versions[-1])
         img = self._image(image, "Image → HTML")
-        prompt = EDIT_PROMPT.format(code=base["code"], instruction=instruction.strip())
+        prompt = EDIT_PROMPT.format(code=base["code"], instruction=change)
         yield from self._html_run([user_message(prompt, [img])], thinking_on, max_new, viewport, versions, session,
-                                  f"edit: {instruction.strip()[:40]}")
+                                  f"edit: {change[:40]}", zoom)
 
-    def _html_run(self, messages, thinking_on, max_new, viewport, versions, session, what):
+    def _html_run(self, messages, thinking_on, max_new, viewport, versions, session, what, zoom):
         choices = [v["label"] for v in versions]
         for run in self.stream(messages, thinking_on, max_new, session):
             if run.done is None:
@@ -186,31 +353,40 @@ class WebApp:
             label = f"v{len(versions) + 1} · {what} · {time.strftime('%H:%M:%S')}"
             versions = [*versions, {"label": label, "code": code, "path": str(path)}]
             stats = run.stats() + ("" if page is not None else " · warning: no HTML in the answer, saved it as text")
-            yield (run.thinking, code, stats, str(path), iframe(code, viewport), versions,
+            yield (run.thinking, code, stats, str(path), iframe(code, viewport, zoom), versions,
                    [v["label"] for v in versions], label)
 
-    def pick_version(self, label, versions, viewport, image=None):
+    def pick_version(self, label, versions, viewport, image=None, zoom="fit width"):
+        """(code, file, preview, comparison, scores) of the version called ``label``."""
         for v in versions or []:
             if v["label"] == label:
-                return v["code"], v["path"], iframe(v["code"], viewport), self.comparison(image, v)
-        return "", None, iframe(None), []
+                return v["code"], v["path"], iframe(v["code"], viewport, zoom), self.comparison(image, v), scores_table(v)
+        return "", None, iframe(None), None, ""
 
     def chat(self, message: dict, history: list[Message], chat_view: list, show_thinking: bool, use_tools: bool,
-             thinking_on: bool, max_new, session, max_steps: int = 4):
+             thinking_on: bool, max_new, session, max_steps: int = 4, find: bool = False):
         """One chat turn. ``message`` is a MultimodalTextbox value: {"text": ..., "files": [...]}.
         With ``use_tools`` the model may crop/zoom the conversation's images and render HTML; each step shows
-        up in the chat as a collapsible message followed by the image the tool returned."""
-        from ..documents import load_inputs
+        up in the chat as a collapsible message followed by the image the tool returned. With ``find`` the
+        question asks for boxes, which are drawn on the conversation's latest image."""
+        from ..documents import RenderOptions, load_all
+        from ..limits import Budget
         from ..tools import ToolContext, default_registry
 
-        text = (message or {}).get("text", "").strip()
+        text = self._prompt((message or {}).get("text"), "Chat",
+                            "what is in this picture? (an image needs a question too)")
         files = (message or {}).get("files", []) or []
-        if not text:
-            raise GlmvError("type a message (images alone need a question)")
         paths = [f if isinstance(f, str) else f.get("path") for f in files]
-        media = [m for p in paths for m in load_inputs(p, max_pixels=self.max_pixels)]  # images, PDF pages, videos
-        history = [*history, user_message(text, media)]
-        view = list(chat_view or [])
+        # Images, PDF pages and videos, measured against the default work limits before any is decoded.
+        try:
+            media = load_all(paths, RenderOptions(max_pixels=self.max_pixels), budget=Budget())
+        except GlmvError as exc:
+            raise _gentle(exc, *paths) from None
+        images = [i for m in history for i in m.images] + [m for m in media if isinstance(m, LoadedImage)]
+        if find and not images:
+            raise GlmvError("Chat: Find needs an image in the conversation; attach one")
+        history = [*history, user_message(find_prompt(text) if find else text, media)]
+        view = plain_view(chat_view)
         for p in paths:
             view.append({"role": "user", "content": {"path": p}})
         view.append({"role": "user", "content": text})
@@ -222,15 +398,24 @@ class WebApp:
             tools = registry.schemas() if use_tools and round_ < max_steps else None
             run = None
             for run in self.stream(convo, thinking_on, max_new, session, tools=tools):
+                if run.left_queue and round_ == 0:  # stopped before it ran: as if it was never sent
+                    yield list(chat_view or []), history[:-1], run.stats(), message
+                    return
                 turn = []
                 if show_thinking and run.thinking:
                     turn.append({"role": "assistant", "content": run.thinking, "metadata": {
                         "title": "Thinking", "status": "done" if run.answer or run.done else "pending"}})
                 turn.append({"role": "assistant", "content": run.answer or ("…" if run.done is None else "")})
                 new_history = history
+                stats = run.stats()
                 if run.done is not None:
                     new_history = [*history, Message("assistant", [run.answer])]
-                yield view + steps + turn, new_history, run.stats(), {"text": "", "files": []}
+                    if find:
+                        png, _, note = self._annotate(images[-1], run.answer, text)
+                        stats += note
+                        if png:
+                            turn.append({"role": "assistant", "content": {"path": png}})
+                yield view + steps + turn, new_history, stats, {"text": "", "files": []}
             calls = run.done.result.tool_calls if run is not None and run.done is not None and run.done.result else []
             if not tools or not calls or run.stopped:
                 return
@@ -242,45 +427,81 @@ class WebApp:
                 note = error or " ".join(c for c in content if isinstance(c, str))
                 steps.append({"role": "assistant", "content": note, "metadata": {"title": f"⚙ {call.name}({args})"}})
                 for img in (c for c in content if isinstance(c, LoadedImage)):
-                    path = Path(tempfile.mkdtemp(dir=self._downloads)) / f"{call.name}.png"
+                    path = self._download_dir() / f"{call.name}.png"
                     img.image.save(path)
                     steps.append({"role": "assistant", "content": {"path": str(path)}})
 
     # -- Image → HTML: the visual feedback loop ------------------------------------------------------
-    def html_refine(self, image, rounds, thinking_on, max_new, viewport, versions, current, session):
-        """Render the current version, show it beside the screenshot, let the model correct it; repeat."""
+    def html_refine(self, image, rounds, thinking_on, max_new, viewport, versions, current, session,
+                    zoom="fit width"):
+        """Render the current version, show it beside the screenshot, let the model correct it; repeat.
+
+        Yields (code, status, file, preview, versions, choices, chosen, comparison, scores) after each step,
+        with the round and its token count while the model writes; Stop ends the round in progress."""
         from ..refine import refine
 
         if not versions:
-            raise GlmvError("generate a page first, then refine it")
+            raise GlmvError("Image → HTML: generate a page first, then refine it")
         base = next((v for v in versions if v["label"] == current), versions[-1])
         target = self._image(image, "Image → HTML")
         backend = self.manager.require()
         sampling = backend.default_sampling.merged(max_new_tokens=int(max_new))
         versions = list(versions)
         stop = self._new_stop(session)
-        for v in refine(backend, target, base["code"], Path(base["path"]), int(rounds), sampling, bool(thinking_on),
-                        self.html_dir):
-            render_path = Path(tempfile.mkdtemp(dir=self._downloads)) / f"render-v{v['version']}.png"
-            v["render"].save(render_path)
-            if v["version"] == 1:  # the starting version: attach its score and render
-                base.update(score=v["score"], render=str(render_path))
-                entry = base
+        rounds = int(rounds)
+        entry = base
+
+        def progress(status: str) -> tuple:  # only the status line changes (None: leave it as it is)
+            return (None, status, *(None,) * 7)
+
+        def shown(status: str) -> tuple:
+            return (entry["code"], status, entry["path"], iframe(entry["code"], viewport, zoom), versions,
+                    [x["label"] for x in versions], entry["label"], self.comparison(image, entry), scores_table(entry))
+
+        ticket = None
+        for item in self._queue(stop):
+            if isinstance(item, Run):
+                yield progress(item.stats())
             else:
-                entry = {"label": f"v{len(versions) + 1} · refined · score {v['score']:.2f}", "code": v["html"],
-                         "path": v["path"], "score": v["score"], "render": str(render_path)}
-                versions.append(entry)
-            status = f"version {entry['label']}: visual score {v['score']:.3f}" + (f" · {v['stop']}" if v.get("stop") else "")
-            yield (entry["code"], status, entry["path"], iframe(entry["code"], viewport), versions,
-                   [x["label"] for x in versions], entry["label"], self.comparison(image, entry))
-            if stop.is_set():
-                return
+                ticket = item
+        if ticket is None:
+            return
+        started = time.perf_counter()
+        try:
+            for v in refine(backend, target, base["code"], Path(base["path"]), rounds, sampling, bool(thinking_on),
+                            self.html_dir, cancel=stop, progress=True):
+                if v.get("progress"):
+                    what = ("scoring the render" if v["phase"] == "scoring"
+                            else f"the model is writing the correction: {v['tokens']} tokens")
+                    r = v["round"] - 1
+                    head = "scoring the starting version" if r == 0 else f"round {r} of {rounds}: {what}"
+                    yield progress(f"… {head} · {time.perf_counter() - started:.0f} s")
+                    continue
+                render_path = self._download_dir() / f"render-v{v['version']}.png"
+                v["render"].save(render_path)
+                if v["version"] == 1:  # the starting version: attach its score and render
+                    base.update(score=v["score"], report=_short_report(v["report"]), render=str(render_path))
+                    entry = base
+                else:
+                    entry = {"label": f"v{len(versions) + 1} · refined · score {v['score']:.2f}", "code": v["html"],
+                             "path": v["path"], "score": v["score"], "report": _short_report(v["report"]),
+                             "render": str(render_path)}
+                    versions.append(entry)
+                done = v["version"] - 1
+                status = (f"{'■' if v.get('stop') == 'stopped' else '✓' if v.get('stop') or done == rounds else '…'} "
+                          f"round {done} of {rounds} · {entry['label']}: visual score {v['score']:.3f}")
+                if v.get("stop"):
+                    status += f" · {v['stop']}"
+                yield shown(status)
+        finally:
+            self.slots.leave(ticket)
 
     @staticmethod
-    def comparison(image, entry) -> list:
-        if not entry or not entry.get("render"):
-            return []
-        return [(image, "target"), (entry["render"], f"render · score {entry.get('score', 0):.2f}")]
+    def comparison(image, entry) -> tuple[str, str] | None:
+        """(target, render) for the comparison slider, or None before a version was rendered."""
+        if not entry or not entry.get("render") or not image:
+            return None
+        return (image, entry["render"])
 
     # -- model panel -----------------------------------------------------------------------------
     def estimate(self, choice: str, local_path: str, precision: str) -> str:
@@ -289,192 +510,27 @@ class WebApp:
             return "Enter the folder of a local checkpoint."
         return estimate(model, PRECISIONS.get(precision, "none"), gpu_free_gb()).markdown()
 
-    def load(self, choice: str, local_path: str, precision: str) -> str:
+    def load(self, choice: str, local_path: str, precision: str) -> tuple[str, str]:
+        """Start loading; (status, a message under the button). A choice that cannot work is refused here,
+        before anything is unloaded."""
         model = MODEL_CHOICES.get(choice) or (local_path or "").strip()
         if not model:
-            raise GlmvError("enter the folder of a local checkpoint")
-        self.manager.load_async(model=model, quant=PRECISIONS.get(precision, "none"))
-        return self.manager.status_markdown()
-
-
-CSS = """
-.glmv-stats {font-size: 0.9em; color: #666}
-footer {display: none !important}
-"""
-
-
-def build_ui(app: WebApp) -> Any:
-    import gradio as gr
-
-    def guarded(gen):
-        """Turn core errors into messages on the page; the app keeps serving."""
+            return self.manager.status_markdown(), "✕ enter the folder of a local checkpoint"
         try:
-            yield from gen
+            self.manager.load_async(model=model, quant=PRECISIONS.get(precision, "none"))
         except GlmvError as exc:
-            raise gr.Error(str(exc)) from None
-        except Exception as exc:  # out of memory and friends: say it, keep serving
-            raise gr.Error(f"{type(exc).__name__}: {exc}") from None
-
-    def session(request) -> str:
-        return getattr(request, "session_hash", None) or "default"
-
-    with gr.Blocks(title="glmv · GLM-4.6V") as demo:
-        gr.Markdown("## glmv · GLM-4.6V vision")
-        with gr.Row():
-            status = gr.Markdown(app.manager.status_markdown(), elem_id="glmv-status")
-        with gr.Accordion("Model", open=False):
-            with gr.Row():
-                choice = gr.Dropdown(list(MODEL_CHOICES), value=_choice_for(app.manager.settings.model), label="Model")
-                local = gr.Textbox(label="Local folder", placeholder="/path/to/checkpoint",
-                                   value="" if _choice_for(app.manager.settings.model) != "local folder…" else app.manager.settings.model)
-                precision = gr.Radio(list(PRECISIONS), value=_precision_for(app.manager.settings.quant), label="Precision")
-            est = gr.Markdown(app.estimate(_choice_for(app.manager.settings.model), app.manager.settings.model,
-                                           _precision_for(app.manager.settings.quant)))
-            load_btn = gr.Button("Load model", variant="secondary")
-        with gr.Row():
-            show_thinking = gr.Checkbox(True, label="Show thinking")
-            thinking_on = gr.Checkbox(True, label="Think before answering (off: faster)")
-            max_new = gr.Slider(16, 8192, value=2048, step=16, label="Max new tokens", elem_id="max-new")
-
-        gpu = {"concurrency_limit": 1, "concurrency_id": "gpu"}
-        with gr.Tabs():
-            with gr.Tab("Describe"):
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        d_img = gr.Image(type="filepath", label="Image", elem_id="describe-image")
-                        d_prompt = gr.Textbox(TASKS["describe"].prompt, label="Prompt", lines=2)
-                        with gr.Row():
-                            d_run = gr.Button("Describe", variant="primary", elem_id="describe-run")
-                            d_stop = gr.Button("Stop", variant="stop", elem_id="describe-stop")
-                    with gr.Column(scale=2):
-                        with gr.Accordion("Thinking", open=False) as d_think_box:
-                            d_think = gr.Markdown()
-                        d_answer = gr.Markdown(elem_id="describe-answer")
-                        d_stats = gr.Markdown(elem_classes="glmv-stats", elem_id="describe-stats")
-            with gr.Tab("OCR"):
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        o_img = gr.Image(type="filepath", label="Document or photo", elem_id="ocr-image")
-                        o_prompt = gr.Textbox(TASKS["ocr"].prompt, label="Prompt", lines=3)
-                        with gr.Row():
-                            o_run = gr.Button("Read text", variant="primary", elem_id="ocr-run")
-                            o_stop = gr.Button("Stop", variant="stop")
-                    with gr.Column(scale=2):
-                        with gr.Accordion("Thinking", open=False) as o_think_box:
-                            o_think = gr.Markdown()
-                        with gr.Tab("Rendered"):
-                            o_md = gr.Markdown(elem_id="ocr-rendered")
-                        with gr.Tab("Raw text"):
-                            o_raw = gr.Textbox(lines=14, buttons=["copy"], label="Text", elem_id="ocr-raw")
-                        o_stats = gr.Markdown(elem_classes="glmv-stats", elem_id="ocr-stats")
-                        o_files = gr.File(label="Download (.md, .txt)", file_count="multiple")
-            with gr.Tab("Image → HTML"):
-                versions = gr.State([])
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        h_img = gr.Image(type="filepath", label="Screenshot", elem_id="html-image")
-                        h_prompt = gr.Textbox(TASKS["html"].prompt, label="Prompt", lines=3)
-                        with gr.Row():
-                            h_run = gr.Button("Generate page", variant="primary", elem_id="html-run")
-                            h_stop = gr.Button("Stop", variant="stop")
-                        h_edit = gr.Textbox(label="Change the page", placeholder="make the header dark blue")
-                        h_edit_btn = gr.Button("Apply change (new version)")
-                        with gr.Row():
-                            h_rounds = gr.Slider(1, 5, value=2, step=1, label="Refine rounds")
-                            h_refine_btn = gr.Button("Render, compare and refine", elem_id="html-refine")
-                        h_versions = gr.Dropdown([], label="Versions", interactive=True, elem_id="html-versions")
-                    with gr.Column(scale=2):
-                        with gr.Accordion("Thinking", open=False) as h_think_box:
-                            h_think = gr.Markdown()
-                        h_stats = gr.Markdown(elem_classes="glmv-stats", elem_id="html-stats")
-                        h_view = gr.Radio(list(VIEWPORTS), value="desktop", label="Preview width")
-                        h_preview = gr.HTML(iframe(None), elem_id="html-preview")
-                        h_code = gr.Code(language="html", label="HTML", elem_id="html-code")
-                        h_file = gr.File(label="Saved page", elem_id="html-file")
-                        h_compare = gr.Gallery(label="Target vs render (with the visual score)", columns=2, height=360,
-                                               elem_id="html-compare")
-            with gr.Tab("Chat"):
-                history = gr.State([])
-                c_view = gr.Chatbot(label="Chat", height=520, elem_id="chat")
-                c_box = gr.MultimodalTextbox(file_types=["image", "video", ".pdf", ".pptx", ".odp", ".docx"],
-                                             file_count="multiple", elem_id="chat-box",
-                                             placeholder="Ask about images, PDFs, slides or a video (attach several, any turn)")
-                with gr.Row():
-                    c_tools = gr.Checkbox(False, label="Tools (zoom into images, render HTML)", elem_id="chat-tools")
-                    c_stats = gr.Markdown(elem_classes="glmv-stats", elem_id="chat-stats")
-                    c_stop = gr.Button("Stop", variant="stop", scale=0)
-                    c_clear = gr.Button("New chat", scale=0)
-
-        # -- wiring ------------------------------------------------------------------------------
-        common = [thinking_on, max_new]
-
-        def describe(img, prompt, think, max_tokens, request: gr.Request):
-            yield from guarded(app.describe(img, prompt, think, max_tokens, session(request)))
-
-        def ocr(img, prompt, think, max_tokens, request: gr.Request):
-            yield from guarded(app.ocr(img, prompt, think, max_tokens, session(request)))
-
-        def html_out(gen):
-            for th, code, st, f, prev, vers, choices, chosen in guarded(gen):
-                yield th, code, st, f, prev, vers, gr.update(choices=choices, value=chosen)
-
-        def html(img, prompt, think, max_tokens, view, vers, request: gr.Request):
-            yield from html_out(app.html(img, prompt, think, max_tokens, view, vers, session(request)))
-
-        def html_edit(img, instruction, think, max_tokens, view, vers, current, request: gr.Request):
-            yield from html_out(app.html_edit(img, instruction, think, max_tokens, view, vers, current, session(request)))
-
-        def chat(message, hist, view, show, tools_on, think, max_tokens, request: gr.Request):
-            yield from guarded(app.chat(message, hist, view, show, tools_on, think, max_tokens, session(request)))
-
-        def html_refine(img, rounds, think, max_tokens, view, vers, current, request: gr.Request):
-            for code, status, f, prev, new_vers, choices, chosen, gallery in guarded(
-                    app.html_refine(img, rounds, think, max_tokens, view, vers, current, session(request))):
-                yield code, status, f, prev, new_vers, gr.update(choices=choices, value=chosen), gallery
-
-        def stop(request: gr.Request):
-            app.stop(session(request))
-
-        def load(ch, path, prec):
-            try:
-                return app.load(ch, path, prec)
-            except GlmvError as exc:
-                raise gr.Error(str(exc)) from None
-
-        d_run.click(describe, [d_img, d_prompt, *common], [d_think, d_answer, d_stats], **gpu)
-        o_run.click(ocr, [o_img, o_prompt, *common], [o_think, o_md, o_raw, o_stats, o_files], **gpu)
-        h_outputs = [h_think, h_code, h_stats, h_file, h_preview, versions, h_versions]
-        h_run.click(html, [h_img, h_prompt, *common, h_view, versions], h_outputs, **gpu)
-        h_edit_btn.click(html_edit, [h_img, h_edit, *common, h_view, versions, h_versions], h_outputs, **gpu)
-        h_versions.change(app.pick_version, [h_versions, versions, h_view, h_img], [h_code, h_file, h_preview, h_compare])
-        h_view.change(app.pick_version, [h_versions, versions, h_view, h_img], [h_code, h_file, h_preview, h_compare])
-        c_box.submit(chat, [c_box, history, c_view, show_thinking, c_tools, *common], [c_view, history, c_stats, c_box], **gpu)
-        h_refine_btn.click(html_refine, [h_img, h_rounds, *common, h_view, versions, h_versions],
-                           [h_code, h_stats, h_file, h_preview, versions, h_versions, h_compare], **gpu)
-        c_clear.click(lambda: ([], [], ""), None, [c_view, history, c_stats])
-        for btn in (d_stop, o_stop, h_stop, c_stop):
-            btn.click(stop, None, None, queue=False)
-        for box in (d_think_box, o_think_box, h_think_box):
-            show_thinking.change(lambda v: gr.update(visible=v), show_thinking, box)
-
-        for comp in (choice, local, precision):
-            comp.change(app.estimate, [choice, local, precision], est)
-        load_btn.click(load, [choice, local, precision], status)
-        timer = gr.Timer(1.0)
-        timer.tick(app.manager.status_markdown, None, status)
-    demo.queue(default_concurrency_limit=8)
-    return demo
+            return self.manager.status_markdown(), f"✕ {exc}"
+        return self.manager.status_markdown(), ""
 
 
-def _choice_for(model: str) -> str:
-    for label, value in MODEL_CHOICES.items():
-        if value == model:
-            return label
-    return "local folder…"
+def _short_report(report: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in report.items() if isinstance(v, float)}
 
 
-def _precision_for(quant: str) -> str:
-    for label, value in PRECISIONS.items():
-        if value == quant:
-            return label
-    return "bf16"
+def scores_table(entry: dict[str, Any] | None) -> str:
+    """The version's visual scores on one line (it wraps on a phone, where a table would not fit)."""
+    report = (entry or {}).get("report")
+    if not report:
+        return ""
+    keys = [k for k in ("overall", "block_match", "text", "position", "colour", "visual") if k in report]
+    return "**Scores** · " + " · ".join(f"{k.replace('_', ' ')} **{report[k]:.3f}**" for k in keys)

@@ -1,0 +1,197 @@
+"""The history (SQLite in the cache folder): what is logged and what never is, glmv logs (-n, -q, --json,
+off/on), --no-log and GLMV_HISTORY, -c continuation as the backend sees it; glmv chat in-process; and the
+resident server's idle timeout on a real uvicorn."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from conftest import png_bytes
+from glmv import history
+from glmv.cli import main
+from glmv.testing.scripted import ScriptedBackend
+from test_cli import run_cli
+
+
+@pytest.fixture
+def fresh_history(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLMV_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("GLMV_HISTORY", raising=False)
+    return tmp_path / "cache" / "history.sqlite"
+
+
+def logs(*args):
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["logs", *args], stdout=out, stderr=err)
+    assert code == 0, err.getvalue()
+    return out.getvalue()
+
+
+def test_answers_are_logged_with_input_hashes_never_bytes(fresh_history, sample_png):
+    uri = "data:image/png;base64," + base64.b64encode(png_bytes(color=(1, 2, 3))).decode()
+    assert run_cli(["ask", str(sample_png), uri, "-p", "compare these", "--temperature", "0.3"]).code == 0
+    (entry,) = json.loads(logs("--json"))["entries"]
+    assert entry["prompt"] == "compare these" and entry["answer"] == "A red square." and entry["thinking"] == "looking"
+    assert entry["inputs"][0] == {"source": str(sample_png), "sha256": __import__("hashlib").sha256(sample_png.read_bytes()).hexdigest()}
+    assert entry["inputs"][1]["source"] == "data:" and len(entry["inputs"][1]["sha256"]) == 64
+    assert entry["settings"]["sampling"]["temperature"] == 0.3 and entry["usage"]["completion_tokens"] > 0
+    assert "total_s" in entry["timings"] and entry["finish_reason"] == "stop"
+    raw = fresh_history.read_bytes()
+    assert sample_png.read_bytes()[:64] not in raw and uri[22:80].encode() not in raw and b"\x89PNG" not in raw
+
+
+def test_logs_latest_search_and_json(fresh_history):
+    for i, script in enumerate(["alpha answer", "beta answer", "gamma answer"]):
+        assert run_cli(["ask", "-p", f"question {i}"], script=script).code == 0
+    text = logs("-n", "2")
+    assert "question 0" not in text and text.index("question 1") < text.index("question 2")  # oldest first
+    assert "beta answer" in text and "glmv ask" in text
+    assert [e["answer"] for e in json.loads(logs("-q", "BETA", "--json"))["entries"]] == ["beta answer"]
+    assert json.loads(logs("-q", "100%", "--json"))["entries"] == []  # LIKE wildcards are literal
+    assert len(json.loads(logs("-n", "0", "--json"))["entries"]) == 3
+    status = json.loads(logs("status", "--json"))
+    assert status == {"logging": "on", "path": str(fresh_history), "entries": 3}
+
+
+def test_no_log_env_and_off_switch(fresh_history, monkeypatch):
+    assert run_cli(["ask", "-p", "secret one", "--no-log"]).code == 0
+    monkeypatch.setenv("GLMV_HISTORY", "off")
+    assert run_cli(["ask", "-p", "secret two"]).code == 0
+    monkeypatch.delenv("GLMV_HISTORY")
+    logs("off")
+    assert run_cli(["ask", "-p", "secret three"]).code == 0
+    assert "logging is off" in logs("status")
+    r = run_cli(["ask", "-c", "-p", "more"])
+    assert r.code == 2 and "history, which is off" in r.err
+    logs("on")
+    assert run_cli(["ask", "-p", "kept"]).code == 0
+    assert [e["prompt"] for e in json.loads(logs("--json"))["entries"]] == ["kept"]
+
+
+def test_continue_sends_the_earlier_turns(fresh_history, sample_png):
+    first = run_cli(["ask", str(sample_png), "-p", "what colour?", "--system", "be brief", "--json"], script="Red.")
+    cid = json.loads(first.out)["conversation_id"]
+    r = run_cli(["ask", "-c", "-p", "and the shape?", "--json"], script="Square.")
+    assert json.loads(r.out)["conversation_id"] == cid
+    messages = r.backend.requests[0].messages
+    assert [m.role for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[0].text == "be brief" and messages[1].text == "what colour?" and len(messages[1].images) == 1
+    assert messages[2].text == "Red." and messages[3].text == "and the shape?"
+    sample_png.write_bytes(png_bytes(color=(0, 0, 255)))  # the file changed since: used as it is now, with a warning
+    r = run_cli(["ask", "--cid", cid, "-p", "now?"])
+    assert "changed since it was sent" in r.err and len(r.backend.requests[0].messages) == 6
+    sample_png.unlink()
+    r = run_cli(["ask", "-c", "-p", "and now?"])
+    assert r.code == 0 and "no such file" in r.err and r.backend.requests[0].messages[1].images == []
+    with sqlite3.connect(fresh_history) as db:
+        assert db.execute("SELECT COUNT(DISTINCT conversation_id) FROM responses").fetchone()[0] == 1
+
+
+def test_chat_in_process(fresh_history, sample_png, tmp_path):
+    backend = ScriptedBackend("<think>hmm</think>An answer.")
+    lines = ["hello", f"/image {sample_png}", "what is this?", "/thinking off", "/set temperature 0",
+             "/set colour red", "/bogus", f"/save {tmp_path / 't.md'}", "thanks", "/exit", "never sent"]
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["chat", "--show-thinking"], backend_factory=lambda s: backend, stdin=io.StringIO("\n".join(lines) + "\n"),
+                stdout=out, stderr=err)
+    assert code == 0, err.getvalue()
+    first, second, third = backend.requests
+    assert [len(m.images) for m in second.messages] == [0, 0, 1] and second.messages[1].text == "An answer."
+    assert first.thinking and second.thinking and not third.thinking and third.sampling.temperature == 0
+    assert len(third.messages) == 5 and third.messages[-1].text == "thanks"
+    e = err.getvalue()
+    assert "error: /set takes one of" in e and "error: unknown command /bogus" in e
+    assert "── thinking ──" in out.getvalue() and out.getvalue().count("An answer.") == 3
+    saved = (tmp_path / "t.md").read_text()
+    assert "**You:** hello" in saved and "**GLM:** An answer." in saved and "red.png" in saved
+    entries = json.loads(logs("--json", "-n", "0"))["entries"]
+    assert [e["prompt"] for e in entries] == ["hello", "what is this?", "thanks"]
+    assert len({e["conversation_id"] for e in entries}) == 1 and entries[1]["inputs"][0]["source"] == str(sample_png)
+    # glmv ask -c continues the chat
+    r = run_cli(["ask", "-c", "-p", "one more"])
+    assert len(r.backend.requests[0].messages) == 7
+    # and glmv chat -c picks it up again in the REPL
+    backend = ScriptedBackend("Sure.")
+    code = main(["chat", "-c"], backend_factory=lambda s: backend, stdin=io.StringIO("last one\n"),
+                stdout=io.StringIO(), stderr=err)
+    assert code == 0 and len(backend.requests[0].messages) == 9 and "(continuing " in err.getvalue()
+
+
+def test_idle_timeout_stops_a_real_server_but_not_mid_request():
+    import uvicorn
+
+    from glmv.resident import ActivityTracker, watch_server
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        import asyncio
+
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(8):  # a slow stream: 2 s, longer than the idle timeout
+            await asyncio.sleep(0.25)
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    tracker = ActivityTracker(app)
+    server = uvicorn.Server(uvicorn.Config(tracker, host="127.0.0.1", port=0, log_level="warning"))
+    ready, idle = [], []
+    threading.Thread(target=watch_server, args=(server, tracker, 1.0, ready.append, lambda: idle.append(time.monotonic())),
+                     daemon=True).start()
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    t0 = time.monotonic()
+    while not ready:
+        assert time.monotonic() - t0 < 20
+        time.sleep(0.05)
+    import urllib.request
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{ready[0]}/v1/slow", timeout=10).read()
+    served = time.monotonic()
+    assert body == b"x" * 8 and not idle  # 2 s of streaming did not count as idle
+    thread.join(10)
+    assert not thread.is_alive() and idle and 0.9 < idle[0] - served < 3.5
+
+
+def test_chat_ctrl_c_stops_the_answer_not_the_program(fresh_history):
+    """SIGINT (what Ctrl-C sends) while an answer streams, sent once the first piece is on its way."""
+    import signal
+
+    class Interrupted(ScriptedBackend):
+        def generate(self, request, cancel=None):
+            for i, chunk in enumerate(super().generate(request, cancel)):
+                if i == 0 and len(self.requests) == 1:
+                    os.kill(os.getpid(), signal.SIGINT)
+                yield chunk
+
+    backend = Interrupted(lambda request: "word " * 200 if len(request.messages) == 1 else "ok", delay_s=0.01)
+    out, err = io.StringIO(), io.StringIO()
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = main(["chat", "--no-log"], backend_factory=lambda s: backend, stdin=io.StringIO("go on\nnext\n"),
+                    stdout=out, stderr=err)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert code == 0 and "glmv: stopped" in err.getvalue() and "finish: cancelled" in err.getvalue()
+    first, second = backend.requests
+    partial = second.messages[1].text  # the answer as far as it went stays in the conversation
+    assert 0 < len(partial) < len("word " * 200) and second.messages[2].text == "next"
+
+
+def test_chat_refuses_a_bad_image_before_loading_the_model(fresh_history, tmp_path):
+    (tmp_path / "bad.png").write_text("not an image")
+    made = []
+    r = main(["chat", str(tmp_path / "bad.png")], backend_factory=lambda s: made.append(s), stdin=io.StringIO(""),
+             stdout=io.StringIO(), stderr=(err := io.StringIO()))
+    assert r == 2 and "bad.png" in err.getvalue() and err.getvalue().startswith("error: ") and made == []
