@@ -302,10 +302,10 @@ def test_cli_asks_about_an_image_and_a_video_together(tmp_path, tiny_path):
 def test_video_is_never_batched_with_images():
     import threading
 
-    from glmv.backends.local import _batch_key, _Job
+    from glmv.backends.scheduler import Job, _batch_key
 
     def job(*keys):
-        return _Job(inputs={k: None for k in ("input_ids", *keys)}, gen_kwargs={"max_new_tokens": 8},
+        return Job(inputs={k: None for k in ("input_ids", *keys)}, gen_kwargs={"max_new_tokens": 8},
                     cancel=threading.Event(), seed=None)
 
     text, image, video, mixed = job(), job("pixel_values"), job("pixel_values_videos"), job("pixel_values", "pixel_values_videos")
