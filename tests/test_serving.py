@@ -169,6 +169,50 @@ def test_a_long_prefill_runs_in_chunks_between_decode_steps(fast):
     assert steps == -(-n // fast.engine.config.prefill_chunk) and len(got["old"]) - before == steps
 
 
+def test_a_reused_row_is_not_overwritten_by_other_rows_steps_during_its_prefill(fast):
+    """A row freed by a short request is taken by a long prompt while another request decodes: the decode
+    steps (which compute every row up to the highest one) must not write into the prompt's keys/values."""
+    import torch
+
+    from glmv.engine.scheduler import Batcher
+
+    eos = frozenset()
+    decoder, _ = fast.prepare(request(fast, "hi"))
+    short, _ = fast.prepare(request(fast, "a"))
+    newcomer, _ = fast.prepare(request(fast, "describe this image", [image((70, 7, 7))]))
+
+    def run(with_company: bool) -> list[int]:
+        batcher = Batcher(fast.engine)
+        got: dict[str, list[int]] = {"d": [], "s": [], "n": []}
+        if with_company:
+            # row 0: its last decode step leaves the row's write slot in the middle of a later prefill chunk
+            n_short = int(short["input_ids"].shape[1])
+            k = 16 + (8 - (n_short - 1)) % 16
+            batcher.add(chunked_seq(got["s"], short, k, eos))
+            batcher.add(chunked_seq(got["d"], decoder, 300, eos))  # row 1, decoding throughout
+            while len(got["s"]) < k:
+                batcher.step()
+        seq = chunked_seq(got["n"], newcomer, 12, eos)
+        batcher.add(seq)  # row 0: a decode step of row 1 computes it too
+        while not got["n"]:
+            batcher.step()
+        n = int(newcomer["input_ids"].shape[1])
+        kv = fast.engine.k_cache[:, seq.row, :, :n].clone()
+        while len(got["n"]) < 12:
+            batcher.step()
+        return got["n"], kv
+
+    (ids_a, kv_a), (ids_b, kv_b) = run(True), run(False)
+    assert ids_a == ids_b and torch.equal(kv_a, kv_b)
+
+
+def chunked_seq(sink: list[int], inputs: dict, n: int, eos: frozenset):
+    from glmv.engine.scheduler import RowParams, Sequence
+
+    return Sequence(inputs=dict(inputs), params=RowParams(max_new_tokens=n, repetition_penalty=1.3), emit=sink.extend,
+                    finish=lambda info: None, cancelled=lambda: False, eos=eos)
+
+
 def prompt_ids(backend, req) -> list[int]:
     return backend.prepare(req)[0]["input_ids"][0].tolist()
 

@@ -522,6 +522,15 @@ class FastEngine:
         self._rep[row] = params.repetition_penalty
         self._seen[row].zero_()
         self._seen[row, prompt_ids.to(self.device)] = True
+        self.park_row(row, 0)
+
+    def park_row(self, row: int, slot: int) -> None:
+        """Point a row that is not decoding (its prompt still being filled) at ``slot``, the next one its
+        prefill writes: the decode steps of the other rows compute this row too, and their throwaway write
+        must land where the prefill is about to write, never on keys/values already in place."""
+        self._write_idx[row] = slot
+        self._seq_lens[row] = slot + 1
+        self._positions[row] = slot
 
     def set_row(self, row: int, token: int, kv_len: int, position: int, new_ids: list[int] | None = None) -> None:
         """Point a row's next decode step at ``token`` (not yet in the cache), written at slot ``kv_len``."""

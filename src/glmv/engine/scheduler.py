@@ -169,18 +169,20 @@ class Batcher:
 
     def _prefill_chunk(self, seq: Sequence) -> None:
         eng = self.engine
-        chunk = eng.config.prefill_chunk * (1 if self.running else ALONE_CHUNKS)
+        # On a GPU, alone, a prompt runs in longer passes (nobody waits for them), and a whole uncached one
+        # through the model's own forward (the fastest). On the CPU the path does not depend on what else
+        # runs, so a request's tokens are the same alone or in company, bit for bit (the tests check it).
+        alone = eng.is_cuda and not self.running
+        chunk = eng.config.prefill_chunk * (ALONE_CHUNKS if alone else 1)
         if seq.pos3 is None:  # first chunk: prefix-cache lookup, positions, embeddings
             seq.pos3, seq.delta = eng.prompt_positions(seq.inputs)
             start = self._reuse_prefix(seq)
             seq.filled = start
-            if start == 0 and not self.running and seq.n_prompt <= chunk:
-                # nothing cached, nobody decoding: the model's own forward in one pass is the fastest
+            if alone and start == 0 and seq.n_prompt <= chunk:
                 logits, end = eng.prefill_whole(seq.row, seq.inputs), seq.n_prompt
             else:
                 seq.embeds = eng.prompt_embeds(seq.inputs, start)
         if seq.embeds is not None:
-            # short chunks only while others decode (they wait for each); alone, longer passes
             end = min(seq.n_prompt, seq.filled + chunk)
             base = seq.n_prompt - seq.embeds.shape[0]
             seg = Segment(seq.row, seq.embeds[seq.filled - base : end - base], seq.pos3[:, seq.filled : end],
@@ -188,6 +190,7 @@ class Batcher:
             logits = eng.extend([seg])[0]
         seq.filled = end
         if end < seq.n_prompt:
+            eng.park_row(seq.row, end)
             return
         self.prefilling.popleft()
         seq.embeds = None
