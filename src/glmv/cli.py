@@ -976,6 +976,17 @@ def run_start(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     idle_s = resident.parse_duration(args.idle_timeout)
     model = resident.normalize_model(settings.model)
     explicit = {f: getattr(args, f) for f in resident.MATCH_FIELDS if getattr(args, f, None) is not None}
+    with resident.start_lock(stderr):
+        found = _find_or_start(args, model, explicit, idle_s, stderr)
+    if args.json:
+        stdout.write(json.dumps(found.public()) + "\n")
+    return 0
+
+
+def _find_or_start(args: argparse.Namespace, model: str, explicit: dict[str, Any], idle_s: float | None,
+                   stderr: TextIO) -> Any:
+    from . import resident
+
     found, _ = resident.find_resident(model, explicit)
     if found is None:
         from .loading import _is_hub_id, resolve_model
@@ -994,9 +1005,7 @@ def run_start(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
                      f"glmv ask/ocr/html/chat/batch use it; glmv stop stops it; log: {found.log}\n")
     else:
         stderr.write(f"glmv: {model} is already loaded in the background (pid {found.pid}, port {found.port})\n")
-    if args.json:
-        stdout.write(json.dumps(found.public()) + "\n")
-    return 0
+    return found
 
 
 def _duration(seconds: float) -> str:
