@@ -245,7 +245,7 @@ def test_start_reports_why_a_model_cannot_load(server, tmp_path):
 def test_stop(server):
     p = glmv("stop", "--json")
     assert p.returncode == 0 and [s["pid"] for s in json.loads(p.stdout)["stopped"]] == [server["pid"]]
-    assert not resident._alive(server["pid"]) and not Path(server["path"]).exists() and not Path(server["log"]).exists()
+    assert not resident._is_server(server["pid"], server["path"]) and not Path(server["path"]).exists() and not Path(server["log"]).exists()
     assert "no background model" in glmv("ps").stdout
     code, _, err = run(["ask", "-p", "hi", "--model", "tiny", "--max-new-tokens", "1"])
     assert code == 0 and "using the resident" not in err
