@@ -550,8 +550,11 @@ def _conversation(args: argparse.Namespace, stderr: TextIO) -> tuple[str | None,
 
 
 def _log_answer(args: argparse.Namespace, conversation_id: str | None, model: str, where: str, prompt: str,
-                sources: list[str], payload: dict[str, Any], sampling: SamplingParams) -> str | None:
-    """Add the answer to the history; returns its conversation id (None when logging is off)."""
+                sources: list[str], payload: dict[str, Any], sampling: SamplingParams, stderr: TextIO) -> str | None:
+    """Add the answer to the history; returns its conversation id (None when logging is off or failed).
+
+    The answer is already computed (and maybe printed): a history that cannot be written (corrupt, locked,
+    disk full) is a warning, never an error that would lose the answer or its JSON."""
     if not _logging(args):
         return None
     from . import history
@@ -559,8 +562,12 @@ def _log_answer(args: argparse.Namespace, conversation_id: str | None, model: st
     cid = conversation_id or history.new_conversation_id()
     settings = {"sampling": {k: v for k, v in sampling.__dict__.items() if k != "stop"}, "thinking": args.thinking,
                 "pages": getattr(args, "pages", None), "max_pixels": args.max_pixels, "tools": getattr(args, "tools", False)}
-    history.record(conversation_id=cid, command=args.command, model=model, backend=where, prompt=prompt,
-                   system=args.system, sources=sources, payload=payload, settings=settings)
+    try:
+        history.record(conversation_id=cid, command=args.command, model=model, backend=where, prompt=prompt,
+                       system=args.system, sources=sources, payload=payload, settings=settings)
+    except GlmvError as exc:
+        stderr.write(f"glmv: warning: this answer was not logged: {exc}\n")
+        return None
     return cid
 
 
@@ -693,7 +700,8 @@ def run_task(
                    "thinking": "\n\n".join(p["thinking"] for p in pages if p["thinking"]),
                    "finish_reason": result.finish_reason, "timings": {"total_s": round(sum(p["timings"]["total_s"] for p in pages), 4)},
                    "usage": {k: sum(p["usage"][k] for p in pages) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
-    conversation_id = _log_answer(args, conversation_id, model_name, where, prompt, sources, payload, sampling)
+    conversation_id = _log_answer(args, conversation_id, model_name, where, prompt, sources, payload, sampling,
+                                  stderr)
     if conversation_id:
         payload["conversation_id"] = conversation_id
     if task == "html":
@@ -1071,7 +1079,7 @@ def run_logs(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
             return 0
         if args.n < 0:
             raise UsageError("-n must be 0 (all) or more")
-        entries = h.search(args.n or None, args.query, args.cid)
+        entries = h.search(args.n if 0 < args.n < 2**62 else None, args.query, args.cid)  # SQLite's LIMIT is 64-bit
     if args.json:
         stdout.write(json.dumps({"entries": [e.to_dict() for e in entries]}, ensure_ascii=False) + "\n")
         return 0
