@@ -195,3 +195,29 @@ def test_chat_refuses_a_bad_image_before_loading_the_model(fresh_history, tmp_pa
     r = main(["chat", str(tmp_path / "bad.png")], backend_factory=lambda s: made.append(s), stdin=io.StringIO(""),
              stdout=io.StringIO(), stderr=(err := io.StringIO()))
     assert r == 2 and "bad.png" in err.getvalue() and err.getvalue().startswith("error: ") and made == []
+
+
+def test_a_broken_history_never_costs_the_answer(fresh_history):
+    """A corrupt (or locked, or full) database: the answer and its JSON still come out, exit 0, with a warning."""
+    fresh_history.parent.mkdir(parents=True)
+    fresh_history.write_bytes(b"this is not a SQLite database" * 10)
+    r = run_cli(["ask", "-p", "hi", "--json"], script="fine")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["answer"] == "fine" and "conversation_id" not in json.loads(r.out)
+    assert "warning: this answer was not logged" in r.err and "error:" not in r.err
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["logs"], stdout=out, stderr=err) == 2 and "cannot open the history database" in err.getvalue()
+
+
+def test_logs_n_beyond_sqlite_integers(fresh_history):
+    assert run_cli(["ask", "-p", "one"]).code == 0
+    assert len(json.loads(logs("-n", "99999999999999999999", "--json"))["entries"]) == 1
+
+
+def test_input_hash_streams_the_file_and_skips_fifos(tmp_path):
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * (3 << 20))
+    assert history.describe_input(str(big))["sha256"] == __import__("hashlib").sha256(big.read_bytes()).hexdigest()
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert history.describe_input(str(fifo)) == {"source": str(fifo), "sha256": None}  # would block if read

@@ -245,7 +245,47 @@ def test_start_reports_why_a_model_cannot_load(server, tmp_path):
 def test_stop(server):
     p = glmv("stop", "--json")
     assert p.returncode == 0 and [s["pid"] for s in json.loads(p.stdout)["stopped"]] == [server["pid"]]
-    assert not resident._alive(server["pid"]) and not Path(server["path"]).exists() and not Path(server["log"]).exists()
+    assert not resident._is_server(server["pid"], server["path"]) and not Path(server["path"]).exists() and not Path(server["log"]).exists()
     assert "no background model" in glmv("ps").stdout
     code, _, err = run(["ask", "-p", "hi", "--model", "tiny", "--max-new-tokens", "1"])
     assert code == 0 and "using the resident" not in err
+
+
+def test_a_stale_record_whose_pid_now_belongs_to_another_process_is_dropped_never_signalled(tmp_path):
+    """A server killed -9 leaves its record; its pid may be reused by any process, which stop must not kill."""
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        record = resident.Resident(pid=other.pid, port=1, model="tiny", settings={}, api_key="k", started=time.time(),
+                                   log=str(tmp_path / "x.log"))
+        path = resident.state_dir() / "20200101-000000-dead00.json"
+        resident.write_state(path, record)
+        code, out, _ = run(["ps", "--json"])
+        assert code == 0 and other.pid not in [s["pid"] for s in json.loads(out)["servers"]]
+        assert not path.exists()  # dropped as stale
+        resident.write_state(path, record)
+        code, out, err = run(["stop", "--model", "tiny", "--json"])
+        assert code == 0 and other.pid not in [s["pid"] for s in json.loads(out)["stopped"]]
+        assert other.poll() is None  # still running: never signalled
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_two_starts_at_once_load_the_model_once(tiny_path):
+    import threading
+
+    results: list[tuple[int, str, str]] = []
+    threads = [threading.Thread(target=lambda: results.append(run(["start", "--model", "tiny", "--json"])))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    try:
+        assert [code for code, _, _ in results] == [0, 0], results
+        pids = {json.loads(out)["pid"] for _, out, _ in results}
+        assert len(pids) == 1 and [r.pid for r in resident.list_residents()] == list(pids)
+        assert any("already loaded" in err for _, _, err in results)
+    finally:
+        for r in resident.list_residents():
+            resident.stop(r)

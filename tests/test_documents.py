@@ -403,3 +403,20 @@ def test_batch_bad_output_folder_and_missing_prompt(tmp_path):
     assert p.returncode == 2 and "output folder" in p.stderr
     p = glmv("batch", str(tmp_path), "--out", str(tmp_path / "o"), "--task", "ask", "--model", "tiny")
     assert p.returncode == 2 and "needs a prompt" in p.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dpi", "nan"], "invalid --dpi nan"), (["--dpi", "inf"], "invalid --dpi inf"), (["--dpi", "-5"], "invalid --dpi -5"),
+    (["--dpi", "0"], "invalid --dpi 0"), (["--dpi", "1e-300"], "invalid --dpi 1e-300"),
+    (["--pdf-long-side", "-3"], "invalid --pdf-long-side -3"), (["--pdf-long-side", "0"], "invalid --pdf-long-side 0"),
+])
+def test_render_resolution_that_is_not_a_positive_number_is_refused(tmp_path, pdf, flags, message):
+    """Before: NaN/inf gave 'unexpected ValueError', negatives PDFium's 'Crop exceeds page dimensions', and 0 or
+    1e-300 were accepted (the default, or 1-pixel pages)."""
+    from glmv.cli import main
+
+    for command in (["ask", str(pdf), "-p", "x"], ["batch", str(pdf), "--out", str(tmp_path / "out")]):
+        err = io.StringIO()
+        assert main([*command, *flags, "--model", "tiny"], stdout=io.StringIO(), stderr=err) == 2
+        assert err.getvalue().startswith(f"error: {message}") and err.getvalue().count("\n") == 1
+    assert not (tmp_path / "out").exists()

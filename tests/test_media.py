@@ -3,6 +3,7 @@ from __future__ import annotations
 import base64
 import http.server
 import io
+import os
 import threading
 import time
 import urllib.parse
@@ -68,8 +69,9 @@ def test_fit_to_pixels_keeps_small_images():
         (lambda d: d.write_text("hello, I am text\n"), "not a PNG/JPEG"),
         (lambda d: d.write_bytes(png_bytes((200, 200))[:60]), "truncated or corrupt"),
         (lambda d: d.write_bytes(b"%PDF-1.7\n..."), "a PDF document"),
+        (lambda d: d.symlink_to("/dev/zero"), "not a regular file"),  # was read until memory ran out
     ],
-    ids=["missing", "directory", "zero-bytes", "text-named-png", "truncated-png", "pdf"],
+    ids=["missing", "directory", "zero-bytes", "text-named-png", "truncated-png", "pdf", "device"],
 )
 def test_bad_files_name_the_input(tmp_path, make, expected):
     p = tmp_path / "input.png"
@@ -77,6 +79,40 @@ def test_bad_files_name_the_input(tmp_path, make, expected):
     with pytest.raises(MediaError) as e:
         load_image(p)
     assert str(p) in str(e.value) and expected in str(e.value)
+
+
+def test_unreadable_names_and_oversized_inputs_are_clear_errors(tmp_path, monkeypatch, sample_png):
+    """A name too long or with a NUL byte was an unexpected OSError/ValueError; a file, a pipe or standard
+    input larger than glmv reads into memory is refused while reading, not after filling memory."""
+    from glmv import media
+
+    for name in ("a" * 5000 + ".png", "ok\x00.png"):
+        with pytest.raises(MediaError, match="cannot read image"):
+            load_image(str(tmp_path / name))
+    monkeypatch.setattr(media, "MAX_FILE_BYTES", 50)
+    with pytest.raises(MediaError, match="over the 0 GiB"):
+        load_image(sample_png)
+    with pytest.raises(MediaError, match="standard input: more than"):
+        load_image("-", stdin=io.BytesIO(b"x" * 5000))
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+
+    def feed(data: bytes) -> threading.Thread:
+        def write() -> None:
+            with open(fifo, "wb") as f:
+                f.write(data)
+        t = threading.Thread(target=write)
+        t.start()
+        return t
+
+    t = feed(b"y" * 5000)
+    with pytest.raises(MediaError, match="pipe.png': more than"):
+        load_image(fifo)
+    t.join(5)
+    monkeypatch.setattr(media, "MAX_FILE_BYTES", 2**30)
+    t = feed(sample_png.read_bytes())  # glmv ask <(cmd): a pipe still works
+    assert load_image(fifo).image.size == (64, 48)
+    t.join(5)
 
 
 def test_truncated_jpeg(tmp_path):

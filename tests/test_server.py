@@ -396,3 +396,41 @@ def test_pdf_file_part_and_video_url(client, tmp_path):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
             {"type": "file", "file": {"file_data": "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4 junk").decode()}},
             {"type": "text", "text": "x"}]}])
+
+
+@pytest.mark.parametrize("client", ["lite", "openai"])
+def test_remote_backend_reports_a_server_that_dies_mid_answer(client):
+    """A resident server killed -9 mid-stream: the client used to report the partial answer as complete
+    (finish_reason "stop", exit 0). Now it is an error, with both the stdlib client and the official one."""
+    import http.server
+
+    class Dying(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            event = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                     "choices": [{"index": 0, "delta": {"content": "half an ans"}, "finish_reason": None}]}
+            data = f"data: {json.dumps(event)}\n\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+            self.close_connection = True  # and no terminating chunk: the process died
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Dying)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        from glmv.backends import lite
+
+        module = lite if client == "lite" else None
+        backend = RemoteBackend(f"http://127.0.0.1:{httpd.server_address[1]}/v1", model="m", client_module=module)
+        with pytest.raises(GlmvError, match="before the answer was complete|failed mid-answer"):
+            list(backend.generate(GenerationRequest([user_message("hi", [])])))
+    finally:
+        httpd.shutdown()

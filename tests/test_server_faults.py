@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import re
 import select
 import socket
@@ -77,6 +78,7 @@ def srv(tiny_path, tmp_path_factory):
     (media / "ok.png").write_bytes(png_bytes((56, 56)))
     (media / "passwd.png").symlink_to("/etc/passwd")
     (media / "notes.png").write_text(f"{SECRET} is not an image\n")
+    os.mkfifo(media / "fifo.png")  # reading it would block the request forever
     info: dict[str, Any] = {}
     with serve_process("--api-key", KEY, "--allowed-media-dir", str(media), "--max-body-mb", str(BODY_MB),
                        "--max-pixels", str(MAX_PIXELS), info=info) as url:
@@ -285,6 +287,9 @@ BAD_MEDIA: dict[str, tuple[dict[str, Any], int]] = {
     "symlink-to-passwd": (image("passwd.png"), 400),
     "text-file-named-png": (image("notes.png"), 400),
     "missing-local-file": (image("nope.png"), 400),
+    "nul-byte-in-path": (image("ok\x00.png"), 400),
+    "name-too-long": (image("a" * 5000 + ".png"), 400),
+    "fifo-in-media-folder": (image("fifo.png"), 400),
     "remote-loopback": (image("http://127.0.0.1:9/x.png"), 400),
     "remote-metadata": (image("http://169.254.169.254/latest/meta-data/"), 400),
     "video-garbage": ({"type": "video_url", "video_url": {"url": b64(b"\x00" * 512, "video/mp4")}}, 400),

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
 from .backends.base import Backend, GenerationRequest, Result, collect
-from .documents import kind_of, load_video, office_to_pdf, parse_pages, pdf_page_count, render_pdf
+from .documents import check_resolution, kind_of, load_video, office_to_pdf, parse_pages, pdf_page_count, render_pdf
 from .errors import GlmvError, MediaError
 from .media import load_image
 from .outputs import ensure_writable_dir, text_as_page, write_atomic
@@ -379,6 +379,9 @@ class Options:
     thinking: bool = True
     sampling_overrides: dict[str, Any] = field(default_factory=dict)
     max_doc_pages: int = DEFAULT_MAX_DOC_PAGES
+
+    def __post_init__(self) -> None:
+        check_resolution(self.long_side, self.dpi)  # before any work, not once per page
 
 
 class FolderFull(Exception):

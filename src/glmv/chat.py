@@ -134,7 +134,7 @@ class ChatSession:
                    "timings": result.timings.to_dict(result.usage.completion_tokens),
                    "finish_reason": result.finish_reason}
         self.conversation_id = _log_answer(self.args, self.conversation_id, self.model, self.where, text, sources,
-                                           payload, self.sampling) or self.conversation_id
+                                           payload, self.sampling, self.stderr) or self.conversation_id
 
     def stream(self, request: GenerationRequest) -> Result:
         """Print the answer as it comes; Ctrl-C cancels the generation and keeps what was written.

@@ -560,8 +560,11 @@ def _conversation(args: argparse.Namespace, stderr: TextIO) -> tuple[str | None,
 
 
 def _log_answer(args: argparse.Namespace, conversation_id: str | None, model: str, where: str, prompt: str,
-                sources: list[str], payload: dict[str, Any], sampling: SamplingParams) -> str | None:
-    """Add the answer to the history; returns its conversation id (None when logging is off)."""
+                sources: list[str], payload: dict[str, Any], sampling: SamplingParams, stderr: TextIO) -> str | None:
+    """Add the answer to the history; returns its conversation id (None when logging is off or failed).
+
+    The answer is already computed (and maybe printed): a history that cannot be written (corrupt, locked,
+    disk full) is a warning, never an error that would lose the answer or its JSON."""
     if not _logging(args):
         return None
     from . import history
@@ -569,8 +572,12 @@ def _log_answer(args: argparse.Namespace, conversation_id: str | None, model: st
     cid = conversation_id or history.new_conversation_id()
     settings = {"sampling": {k: v for k, v in sampling.__dict__.items() if k != "stop"}, "thinking": args.thinking,
                 "pages": getattr(args, "pages", None), "max_pixels": args.max_pixels, "tools": getattr(args, "tools", False)}
-    history.record(conversation_id=cid, command=args.command, model=model, backend=where, prompt=prompt,
-                   system=args.system, sources=sources, payload=payload, settings=settings)
+    try:
+        history.record(conversation_id=cid, command=args.command, model=model, backend=where, prompt=prompt,
+                       system=args.system, sources=sources, payload=payload, settings=settings)
+    except GlmvError as exc:
+        stderr.write(f"glmv: warning: this answer was not logged: {exc}\n")
+        return None
     return cid
 
 
@@ -703,7 +710,8 @@ def run_task(
                    "thinking": "\n\n".join(p["thinking"] for p in pages if p["thinking"]),
                    "finish_reason": result.finish_reason, "timings": {"total_s": round(sum(p["timings"]["total_s"] for p in pages), 4)},
                    "usage": {k: sum(p["usage"][k] for p in pages) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
-    conversation_id = _log_answer(args, conversation_id, model_name, where, prompt, sources, payload, sampling)
+    conversation_id = _log_answer(args, conversation_id, model_name, where, prompt, sources, payload, sampling,
+                                  stderr)
     if conversation_id:
         payload["conversation_id"] = conversation_id
     if task == "html":
@@ -1064,6 +1072,17 @@ def run_start(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     idle_s = resident.parse_duration(args.idle_timeout)
     model = resident.normalize_model(settings.model)
     explicit = {f: getattr(args, f) for f in resident.MATCH_FIELDS if getattr(args, f, None) is not None}
+    with resident.start_lock(stderr):
+        found = _find_or_start(args, model, explicit, idle_s, stderr)
+    if args.json:
+        stdout.write(json.dumps(found.public()) + "\n")
+    return 0
+
+
+def _find_or_start(args: argparse.Namespace, model: str, explicit: dict[str, Any], idle_s: float | None,
+                   stderr: TextIO) -> Any:
+    from . import resident
+
     found, _ = resident.find_resident(model, explicit)
     if found is None:
         from .loading import _is_hub_id, resolve_model
@@ -1082,9 +1101,7 @@ def run_start(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
                      f"glmv ask/ocr/html/chat/batch use it; glmv stop stops it; log: {found.log}\n")
     else:
         stderr.write(f"glmv: {model} is already loaded in the background (pid {found.pid}, port {found.port})\n")
-    if args.json:
-        stdout.write(json.dumps(found.public()) + "\n")
-    return 0
+    return found
 
 
 def _duration(seconds: float) -> str:
@@ -1150,7 +1167,7 @@ def run_logs(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
             return 0
         if args.n < 0:
             raise UsageError("-n must be 0 (all) or more")
-        entries = h.search(args.n or None, args.query, args.cid)
+        entries = h.search(args.n if 0 < args.n < 2**62 else None, args.query, args.cid)  # SQLite's LIMIT is 64-bit
     if args.json:
         stdout.write(json.dumps({"entries": [e.to_dict() for e in entries]}, ensure_ascii=False) + "\n")
         return 0

@@ -74,6 +74,8 @@ def sniff_kind(data: bytes) -> str | None:
 
 # -- page ranges -----------------------------------------------------------------------------------
 MAX_PAGE_SPEC_CHARS = 1000
+MIN_DPI, MAX_DPI = 10.0, 2400.0  # a letter page at 2400 dpi is far over the 64 Mpx cap already
+PATCH_PX, MAX_LONG_SIDE = 28, 20_000  # a page smaller than one visual patch is nothing to read
 
 
 def parse_pages(spec: str | None, n_pages: int, source: str = "document") -> list[int]:
@@ -407,6 +409,16 @@ class PlannedInput:
     pdf: PdfInfo | None = None
 
 
+def check_resolution(long_side: int | None, dpi: float | None) -> None:
+    """Refuse a render resolution that is not a positive, finite number (``--dpi nan``, ``--pdf-long-side -3``)
+    before any page is measured: PDFium would fail on it with a message about crop boxes, or render nothing."""
+    if dpi is not None and not (MIN_DPI <= dpi <= MAX_DPI):  # NaN fails both comparisons
+        raise MediaError(f"invalid --dpi {dpi:g}: use a number from {MIN_DPI:g} to {MAX_DPI:g} (or --pdf-long-side)")
+    if long_side is not None and not (PATCH_PX <= long_side <= MAX_LONG_SIDE):
+        raise MediaError(f"invalid --pdf-long-side {long_side!r}: use a number of pixels from {PATCH_PX} to "
+                         f"{MAX_LONG_SIDE}")
+
+
 @dataclass(frozen=True)
 class RenderOptions:
     """How documents become images: the page range, the render resolution and the pixel cap."""
@@ -415,6 +427,9 @@ class RenderOptions:
     long_side: int | None = DEFAULT_LONG_SIDE
     dpi: float | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        check_resolution(self.long_side, self.dpi)
 
 
 def _is_local_path(source: Any) -> bool:

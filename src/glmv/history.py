@@ -84,7 +84,12 @@ def describe_input(source: str) -> dict[str, Any]:
     path = Path(source).expanduser()
     digest = None
     try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if path.is_file():  # not a FIFO or device, which reading would block on or drain
+            sha = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):  # a video may be gigabytes: never whole in memory
+                    sha.update(block)
+            digest = sha.hexdigest()
     except OSError:
         pass
     return {"source": str(path.resolve()), "sha256": digest}
@@ -195,11 +200,15 @@ class History:
 def record(*, conversation_id: str, command: str, model: str | None, backend: str | None, prompt: str,
            system: str | None, sources: list[str], payload: dict[str, Any], settings: dict[str, Any]) -> int:
     """Log one answer, given as the command's JSON payload (answer, thinking, usage, timings, finish_reason)."""
+    inputs = [describe_input(s) for s in sources]
     with History() as h:
-        return h.log(conversation_id=conversation_id, command=command, model=model, backend=backend, prompt=prompt,
-                     system=system, inputs=[describe_input(s) for s in sources], answer=payload.get("answer", ""),
-                     thinking=payload.get("thinking") or None, settings=settings, usage=payload.get("usage", {}),
-                     timings=payload.get("timings", {}), finish_reason=payload.get("finish_reason"))
+        try:
+            return h.log(conversation_id=conversation_id, command=command, model=model, backend=backend, prompt=prompt,
+                         system=system, inputs=inputs, answer=payload.get("answer", ""),
+                         thinking=payload.get("thinking") or None, settings=settings, usage=payload.get("usage", {}),
+                         timings=payload.get("timings", {}), finish_reason=payload.get("finish_reason"))
+        except sqlite3.Error as exc:  # locked for longer than the timeout, disk full, ...
+            raise GlmvError(f"cannot write to the history database {h.path}: {exc}") from None
 
 
 def replay(entries: list[Entry], load: Callable[[str, str | None], list[Any]],

@@ -19,6 +19,7 @@ import math
 import re
 import socket
 import ssl
+import stat
 import sys
 import time
 import urllib.parse
@@ -31,6 +32,9 @@ from .errors import MediaError
 from .settings import DEFAULT_MAX_PIXELS, MAX_DECODE_PIXELS
 
 MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
+# A local file or standard input is read into memory whole: cap it, so that `glmv ask /dev/zero` or a stray
+# 50 GB file is refused rather than filling memory. Generous: a 300 s 4K video stays under it.
+MAX_FILE_BYTES = 2 * 1024**3
 URL_TIMEOUT_S = 20.0
 
 # Magic numbers of the formats we decode.
@@ -108,7 +112,7 @@ def read_source_bytes(source: Any, *, allow_remote: bool = True, stdin: IO[bytes
     name = describe_source(s)
     if s == "-":
         stream = stdin if stdin is not None else sys.stdin.buffer
-        return stream.read()
+        return _read_capped(stream, f"cannot read {what} from standard input")
     if s.startswith("data:"):
         header, sep, payload = s.partition(",")
         if not sep:
@@ -128,15 +132,36 @@ def read_source_bytes(source: Any, *, allow_remote: bool = True, stdin: IO[bytes
         s = urllib.parse.unquote(urllib.parse.urlsplit(s).path)
     elif len(scheme) > 1 and "://" in s:
         raise MediaError(f"cannot read {what} '{s}': unsupported URL scheme '{scheme}' (use http, https, a file or a data: URI)")
-    path = Path(s).expanduser()
-    if not path.exists():
-        raise MediaError(f"cannot read {what} '{s}': no such file")
-    if path.is_dir():
-        raise MediaError(f"cannot read {what} '{s}': it is a directory, not a file")
     try:
-        return path.read_bytes()
+        path = Path(s).expanduser()
+        st = path.stat()
+    except FileNotFoundError:
+        raise MediaError(f"cannot read {what} '{s}': no such file") from None
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a loop of symlinks, no permission
+        raise MediaError(f"cannot read {what} '{s[:200]}': {getattr(exc, 'strerror', None) or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise MediaError(f"cannot read {what} '{s}': it is a directory, not a file")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):  # /dev/zero would never end
+        raise MediaError(f"cannot read {what} '{s}': not a regular file (a device or socket)")
+    if st.st_size > MAX_FILE_BYTES:
+        raise MediaError(f"cannot read {what} '{s}': {st.st_size:,} bytes, over the {MAX_FILE_BYTES // 2**30} GiB "
+                         f"that glmv reads into memory")
+    try:
+        with open(path, "rb") as f:  # a FIFO (glmv ask <(cmd)) has no size: the cap applies while reading
+            return _read_capped(f, f"cannot read {what} '{s}'")
     except OSError as exc:
         raise MediaError(f"cannot read {what} '{s}': {exc.strerror or exc}") from None
+
+
+def _read_capped(stream: IO[bytes], prefix: str) -> bytes:
+    """All of ``stream``, refused once it passes :data:`MAX_FILE_BYTES` (never more than that in memory)."""
+    chunks, total = [], 0
+    while chunk := stream.read(16 * 2**20):
+        total += len(chunk)
+        if total > MAX_FILE_BYTES:
+            raise MediaError(f"{prefix}: more than the {MAX_FILE_BYTES // 2**30} GiB that glmv reads into memory")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 # -- remote media ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ imports torch: the client side of this path must stay fast.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -19,9 +20,10 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 from .errors import GlmvError
 from .settings import TINY_MODEL, cache_root
@@ -116,6 +118,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _is_server(pid: int, state_path: str) -> bool:
+    """Whether ``pid`` is still the server recorded in ``state_path``. After a crash or kill -9 its record stays
+    behind and the pid may since belong to another process, which ``glmv stop`` must never signal: the server's
+    command line names its state file (a unique name), so /proc tells them apart. A zombie counts as gone."""
+    if not _alive(pid):
+        return False
+    if not Path("/proc/self/cmdline").exists():  # not Linux: the pid is all there is to go on
+        return True
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+    except OSError:  # it ended meanwhile
+        return False
+    if stat.rpartition(")")[2].split()[:1] == ["Z"]:
+        return False
+    name = os.fsencode(Path(state_path).name)
+    return any(os.path.basename(arg) == name for arg in argv)
+
+
 def _listening(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.3):
@@ -155,9 +176,10 @@ def list_residents(check_port: bool = False) -> list[Resident]:
             r = Resident(**data, path=str(path))
         except (OSError, ValueError, TypeError):
             continue  # being written, or not ours
-        if not _alive(r.pid) or (check_port and not _listening(r.port)):
-            if not _alive(r.pid):
-                path.unlink(missing_ok=True)
+        if not _is_server(r.pid, r.path):
+            path.unlink(missing_ok=True)
+            continue
+        if check_port and not _listening(r.port):
             continue
         out.append(r)
     return sorted(out, key=lambda r: r.started)
@@ -172,6 +194,25 @@ def find_resident(model: str, explicit: dict[str, Any]) -> tuple[Resident | None
             return r, None
         reasons.append(f"the resident server on port {r.port} is not used: {why}")
     return None, (reasons[0] if reasons else None)
+
+
+@contextmanager
+def start_lock(stderr: TextIO) -> Iterator[None]:
+    """Held while ``glmv start`` looks for a running server and starts one: two starts at once would otherwise
+    both find none and load the model twice (twice the GPU memory). The second waits, then finds the first."""
+    d = state_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / ".start.lock", "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            stderr.write("glmv: another glmv start is loading a model; waiting for it…\n")
+            stderr.flush()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def new_state_path() -> Path:
@@ -247,14 +288,17 @@ def _last_error(log_path: Path) -> str:
 
 def stop(resident: Resident, timeout_s: float = 15.0) -> bool:
     """Stop one server (SIGTERM: it finishes in-flight answers; SIGKILL after ``timeout_s``). True if it stopped."""
+    if not _is_server(resident.pid, resident.path):  # ended since it was listed (its pid may be another's now)
+        Path(resident.path).unlink(missing_ok=True)
+        return True
     try:
         os.kill(resident.pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
     deadline = time.monotonic() + timeout_s
-    while _alive(resident.pid) and time.monotonic() < deadline:
+    while _is_server(resident.pid, resident.path) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if _alive(resident.pid):
+    if _is_server(resident.pid, resident.path):
         try:
             os.kill(resident.pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -84,8 +84,8 @@ class _Stream:
         try:
             while True:
                 line = self._response.readline()
-                if not line:
-                    return
+                if not line:  # an SSE stream ends with [DONE]: EOF before it means the server went away
+                    raise APIConnectionError("the server closed the connection before the answer was complete")
                 line = line.strip()
                 if not line.startswith(b"data:"):
                     continue

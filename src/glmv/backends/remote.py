@@ -186,8 +186,17 @@ class RemoteBackend:
                         finish = choice.finish_reason
         except self._openai.APIError as exc:
             raise GenerationError(f"the server at {self.base_url} failed mid-answer: {exc}") from None
+        except OSError as exc:  # httpx's transport errors (the official client does not wrap them mid-stream)
+            raise GenerationError(f"the server at {self.base_url} failed mid-answer: {exc}") from None
+        except Exception as exc:
+            if type(exc).__module__.split(".")[0] != "httpx":
+                raise
+            raise GenerationError(f"the server at {self.base_url} failed mid-answer: {exc}") from None
         finally:
             stream.close()
+        if finish is None:  # every OpenAI-style stream ends with a finish_reason: without one, the answer is cut
+            raise GenerationError(f"the server at {self.base_url} stopped sending before the answer was complete "
+                                  f"(no finish_reason): it may have crashed or been stopped")
         for d in parser.finish():
             yield delta_chunk(d, usage, timings)
         result = parser.result()

@@ -153,10 +153,15 @@ def _allowed_path(url: str, config: ServerConfig) -> Path:
     if config.allowed_media_dir is None:
         raise MediaError("reading local files is disabled on this server (start it with --allowed-media-dir DIR, or send a data: URI)")
     root = config.allowed_media_dir.resolve()
-    path = Path(path_text).expanduser()
-    path = (root / path).resolve() if not path.is_absolute() else path.resolve()
-    if not path.is_relative_to(root):
-        raise MediaError(f"'{path_text}' is outside the allowed media folder")
+    try:
+        path = Path(path_text).expanduser()
+        path = (root / path).resolve() if not path.is_absolute() else path.resolve()
+        if not path.is_relative_to(root):
+            raise MediaError(f"'{path_text}' is outside the allowed media folder")
+        if path.exists() and not (path.is_file() or path.is_dir()):  # a FIFO would hang the request
+            raise MediaError(f"'{path_text}' is not a regular file")
+    except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a name too long, a symlink loop
+        raise MediaError(f"cannot read '{path_text[:200]}': {getattr(exc, 'strerror', None) or exc}") from None
     return path
 
 
