@@ -120,7 +120,23 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     if extras:
         raise UsageError(_unknown_arguments_error(extras, sub))
     args.given = _given_options(sub, argv)
+    for dest in _TEXT_OPTIONS:
+        _check_utf8(_flag(dest), getattr(args, dest, None))
     return args
+
+
+_TEXT_OPTIONS = ("prompt", "system", "query")  # text sent to the model or the history, never a file name
+
+
+def _check_utf8(flag: str, text: str | None) -> None:
+    """A byte that is not UTF-8 (a Latin-1 terminal's 'é') reaches Python as a lone surrogate, which no JSON
+    request, tokenizer or history can carry: say so, instead of an unexpected UnicodeEncodeError later."""
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = os.fsencode(exc.object[exc.start:exc.end])
+        raise UsageError(f"{flag} is not UTF-8 text (byte 0x{byte.hex()} at character {exc.start + 1}): set your "
+                         f"terminal to UTF-8 or pass the text in UTF-8") from None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
