@@ -221,3 +221,15 @@ def test_input_hash_streams_the_file_and_skips_fifos(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     assert history.describe_input(str(fifo)) == {"source": str(fifo), "sha256": None}  # would block if read
+
+
+def test_chat_survives_a_message_that_is_not_utf8(fresh_history):
+    """A Latin-1 terminal's byte reaches the REPL as a lone surrogate: it used to end the whole chat with an
+    unexpected UnicodeEncodeError (the resident path's JSON body); now that message is refused and the chat goes on."""
+    backend = ScriptedBackend("Fine.")
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["chat"], backend_factory=lambda s: backend, stdin=io.StringIO("caf\udce9\nhello\n"), stdout=out,
+                stderr=err)
+    assert code == 0, err.getvalue()
+    assert "error: your message is not UTF-8 text (byte 0xe9 at character 4)" in err.getvalue()
+    assert [r.messages[-1].text for r in backend.requests] == ["hello"] and "unexpected" not in err.getvalue()
