@@ -233,3 +233,14 @@ def test_chat_survives_a_message_that_is_not_utf8(fresh_history):
     assert code == 0, err.getvalue()
     assert "error: your message is not UTF-8 text (byte 0xe9 at character 4)" in err.getvalue()
     assert [r.messages[-1].text for r in backend.requests] == ["hello"] and "unexpected" not in err.getvalue()
+
+
+def test_logs_show_control_characters_as_escapes(fresh_history):
+    """An answer (the model read it off an image) or a prompt with ESC sequences must not drive the terminal
+    when glmv logs prints it; --json keeps the text exact."""
+    assert run_cli(["ask", "-p", "title\x1b]0;pwned\x07 here"], script="\x1b[2Jred\x9b1m\ttab\nline").code == 0
+    text = logs()
+    assert "\x1b" not in text and "\x07" not in text and "\x9b" not in text
+    assert "title\\x1b]0;pwned\\x07 here" in text and "\\x1b[2Jred\\x9b1m\ttab\nline" in text
+    (entry,) = json.loads(logs("--json"))["entries"]
+    assert entry["answer"] == "\x1b[2Jred\x9b1m\ttab\nline"

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import re
 import os
+import re
 import sys
 import threading
 import time
@@ -1076,6 +1076,15 @@ def run_ps(args: argparse.Namespace, stdout: TextIO) -> int:
     return 0
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _shown(text: str) -> str:
+    """Logged text as the terminal should show it: control characters (an answer or a file name holding ESC
+    sequences could retitle the window, rewrite the clipboard or hide lines) become visible escapes."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def run_logs(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     from . import history
 
@@ -1108,8 +1117,8 @@ def run_logs(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
                      f"{f'  {tokens} tokens' if tokens is not None else ''}\n")
         for item in e.inputs:
             digest = f" (sha256 {item['sha256'][:12]}…)" if item.get("sha256") else ""
-            stdout.write(f"input: {item['source']}{digest}\n")
-        stdout.write(f"> {e.prompt}\n\n{e.answer}\n\n")
+            stdout.write(f"input: {_shown(item['source'])}{digest}\n")
+        stdout.write(f"> {_shown(e.prompt)}\n\n{_shown(e.answer)}\n\n")
     return 0
 
 
