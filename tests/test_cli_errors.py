@@ -3,6 +3,7 @@ command would ignore are refused; the tutorial's defaults; nothing heavy is impo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from test_batch import small_tmpfs  # noqa: F401  (a fixture: a real, tiny tmpfs)
 from test_cli import run_cli
 
 
@@ -108,3 +110,16 @@ def test_json_out_writes_the_object_and_bad_targets_are_refused_first(tmp_path, 
     (tmp_path / "file").write_text("x")
     r = run_cli(["ask", str(sample_png), "--json-out", str(tmp_path / "file" / "a.json")])
     assert r.code == 2 and r.backend.requests == []
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(small_tmpfs, sample_png):
+    """`glmv html` and --json-out on a really full tmpfs: were 'unexpected OSError', exit 1."""
+    (small_tmpfs / "pages").mkdir()
+    with contextlib.suppress(OSError), open(small_tmpfs / "fill", "wb", buffering=0) as f:
+        while True:  # up to the last byte
+            f.write(b"\0" * 512)
+    r = run_cli(["html", str(sample_png), "--out", str(small_tmpfs / "pages")], script="<html>" + "x" * 9000)
+    assert r.code == 2 and r.err.splitlines()[-1].startswith("error: cannot save the page in") and "space" in r.err
+    r = run_cli(["ask", str(sample_png), "-p", "x", "--json-out", str(small_tmpfs / "a.json")], script="y" * 9000)
+    assert r.code == 2 and r.err.splitlines()[-1].startswith("error: cannot write --json-out") and "space" in r.err
+    assert sorted(p.name for p in small_tmpfs.rglob("*")) == ["fill", "pages"]  # no partial or temporary file

@@ -738,7 +738,10 @@ def _emit_json(args: argparse.Namespace, payload: dict[str, Any], stdout: TextIO
     if getattr(args, "json_out", None):
         from .outputs import write_atomic
 
-        write_atomic(Path(args.json_out), text + "\n")
+        try:
+            write_atomic(Path(args.json_out), text + "\n")
+        except OSError as exc:  # a full disk or quota (the target itself was checked before the work)
+            raise GlmvError(f"cannot write --json-out '{args.json_out}': {exc.strerror or exc}") from None
 
 
 def _check_json_out(args: argparse.Namespace) -> None:

@@ -75,6 +75,9 @@ def save_html(page: str, out_dir: Path, now: _dt.datetime | None = None) -> Path
             return write_atomic(folder / name, page, exclusive=True)
         except FileExistsError:
             continue
+        except OSError as exc:  # a full disk or quota: nothing half-written is left (write_atomic cleans up)
+            raise GlmvError(f"cannot save the page in '{folder}': {exc.strerror or exc}; free some space or "
+                            f"choose another folder (--out)") from None
     raise GlmvError(f"cannot save HTML in '{folder}': too many files named generated_{stamp}_*.html")
 
 
