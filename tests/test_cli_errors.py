@@ -28,6 +28,7 @@ from test_cli import run_cli
         (["ask", "--quant", "w8"], "error: --quant 'w8' is not one of none, nf4, w4"),
         (["ask", "--temperature"], "error: --temperature needs a value"),
         (["batch", "in/"], "error: glmv batch needs --out"),
+        (["batch", "in/", "--out", "o", "--batch-size", "100000"], "--batch-size 100000 is over 256"),  # was 100,000 threads
         (["ps", "extra"], "error: unexpected argument 'extra' for glmv ps"),
         (["ask", "input/image_1.png", "--pages", "1-2"], "--pages applies to PDFs and slide decks, and 'input/image_1.png' is not"),
         (["ask", "-p", "x", "--dpi", "100"], "--dpi applies to PDFs and slide decks, and there is no document"),

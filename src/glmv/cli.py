@@ -837,6 +837,9 @@ def refine_html(backend: Backend, target_image: Any, first_html: str, first_path
     return versions
 
 
+MAX_BATCH_SIZE = 256
+
+
 def run_batch_command(args: argparse.Namespace, backend_factory: BackendFactory | None, stdout: TextIO,
                       stderr: TextIO) -> int:
     from .batch import Options, default_prompt, run_batch
@@ -847,6 +850,9 @@ def run_batch_command(args: argparse.Namespace, backend_factory: BackendFactory 
                                  engine=args.engine, max_pixels=args.max_pixels, thinking=args.thinking)
     if args.batch_size < 1 or args.max_doc_pages < 1:
         raise GlmvError("--batch-size and --max-doc-pages must be at least 1")
+    if args.batch_size > MAX_BATCH_SIZE:  # each item in flight is a thread holding its decoded pixels
+        raise GlmvError(f"--batch-size {args.batch_size} is over {MAX_BATCH_SIZE}: every item in flight holds its "
+                        f"decoded image in memory and the engine batches them all at once; use a smaller one")
     opts = Options(task=args.task, prompt=default_prompt(args.task, args.prompt), out=Path(args.out), fmt=args.format,
                    batch_size=args.batch_size, retry_failed=args.retry_failed, pages=args.pages,
                    long_side=args.pdf_long_side, dpi=args.dpi, max_pixels=settings.max_pixels, thinking=args.thinking,
