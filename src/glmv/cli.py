@@ -936,6 +936,28 @@ def run_ui(args: argparse.Namespace, stderr: TextIO) -> int:
     return 0
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port another server listens on now, not after loading the model (uvicorn's own bind comes
+    last and ends with a log line and exit code 3). SO_REUSEADDR as uvicorn sets it: only a listener blocks."""
+    if port == 0:
+        return
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise GlmvError(f"cannot listen on {host}: {exc.strerror or exc} (check --host)") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            hint = "another server? choose another --port" if exc.errno == errno.EADDRINUSE else "check --host"
+            raise GlmvError(f"cannot listen on {host}:{port}: {exc.strerror or exc} ({hint})") from None
+
+
 def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr: TextIO) -> int:
     try:
         import uvicorn
@@ -962,6 +984,7 @@ def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr:
     state_file = Path(args.state_file) if args.state_file else None
     if state_file is not None and args.host not in LOOPBACK:
         raise GlmvError("a resident server (glmv start) listens on 127.0.0.1 only")
+    _check_port_free(args.host, args.port)  # before the load, which takes minutes for the real model
     backend = backend_factory(settings)
     if hasattr(backend, "max_batch"):
         backend.max_batch = args.max_batch
