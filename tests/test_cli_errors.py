@@ -45,6 +45,7 @@ from test_cli import run_cli
         (["ask", "-c"], "continuing a conversation needs a prompt"),
         (["ask", "-c", "--cid", "x", "-p", "y"], "use one of them"),
         (["start", "--idle-timeout", "soon"], "invalid idle timeout 'soon'"),
+        (["html", "input/image_1.png", "--refine", "-1"], "--refine -1: give the number of rounds"),
         # a Latin-1 terminal's byte arrives as a lone surrogate: was "unexpected UnicodeEncodeError", exit 1
         (["ask", "-p", "caf\udce9"], "--prompt is not UTF-8 text (byte 0xe9 at character 4)"),
         (["ask", "-p", "x", "--system", "\udcff"], "--system is not UTF-8 text (byte 0xff"),

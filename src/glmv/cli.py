@@ -493,6 +493,8 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
                 raise UsageError(f"{_flag(dest)} needs --backend openai --base-url URL")
     if "max_steps" in given and not args.tools:
         raise UsageError("--max-steps has no effect without --tools")
+    if getattr(args, "refine", 0) < 0:  # was silently no refinement
+        raise UsageError(f"--refine {args.refine}: give the number of rounds, 1 or more (0, the default, is none)")
     if "show_thinking" in given and not args.thinking:
         raise UsageError("--show-thinking shows nothing with --no-thinking: drop one of them")
     if args.json and args.stream:
