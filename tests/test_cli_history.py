@@ -244,3 +244,15 @@ def test_logs_show_control_characters_as_escapes(fresh_history):
     assert "title\\x1b]0;pwned\\x07 here" in text and "\\x1b[2Jred\\x9b1m\ttab\nline" in text
     (entry,) = json.loads(logs("--json"))["entries"]
     assert entry["answer"] == "\x1b[2Jred\x9b1m\ttab\nline"
+
+
+def test_a_new_conversation_never_reuses_a_logged_id(fresh_history, monkeypatch):
+    """Ids are the date plus 6 random hex digits: a drawn id already in the history is drawn again, or the
+    next `ask -c` would continue two conversations mixed together."""
+    assert run_cli(["ask", "-p", "first"]).code == 0
+    (first,) = json.loads(logs("--json"))["entries"]
+    draws = iter([first["conversation_id"], first["conversation_id"], "261129abcdef"])
+    monkeypatch.setattr(history, "new_conversation_id", lambda: next(draws))
+    r = run_cli(["ask", "-p", "second", "--json"])
+    assert r.code == 0 and json.loads(r.out)["conversation_id"] == "261129abcdef"
+    assert [e.prompt for e in history.History().conversation(first["conversation_id"])] == ["first"]

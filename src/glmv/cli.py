@@ -577,12 +577,11 @@ def _log_answer(args: argparse.Namespace, conversation_id: str | None, model: st
         return None
     from . import history
 
-    cid = conversation_id or history.new_conversation_id()
     settings = {"sampling": {k: v for k, v in sampling.__dict__.items() if k != "stop"}, "thinking": args.thinking,
                 "pages": getattr(args, "pages", None), "max_pixels": args.max_pixels, "tools": getattr(args, "tools", False)}
     try:
-        history.record(conversation_id=cid, command=args.command, model=model, backend=where, prompt=prompt,
-                       system=args.system, sources=sources, payload=payload, settings=settings)
+        cid = history.record(conversation_id=conversation_id, command=args.command, model=model, backend=where,
+                             prompt=prompt, system=args.system, sources=sources, payload=payload, settings=settings)
     except GlmvError as exc:
         stderr.write(f"glmv: warning: this answer was not logged: {exc}\n")
         return None
