@@ -256,3 +256,17 @@ def test_a_new_conversation_never_reuses_a_logged_id(fresh_history, monkeypatch)
     r = run_cli(["ask", "-p", "second", "--json"])
     assert r.code == 0 and json.loads(r.out)["conversation_id"] == "261129abcdef"
     assert [e.prompt for e in history.History().conversation(first["conversation_id"])] == ["first"]
+
+
+def test_logs_into_a_pipe_that_closes_early_ends_quietly(fresh_history):
+    """`glmv logs | head -1`: was 'error: unexpected BrokenPipeError', exit 1; now silent, exit 141 like git."""
+    import subprocess
+    import sys
+
+    assert run_cli(["ask", "-p", "long one"], script="word " * 100_000).code == 0  # far more than a pipe holds
+    p = subprocess.Popen([sys.executable, "-m", "glmv.cli", "logs"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "GLMV_CACHE": str(fresh_history.parent)})
+    assert p.stdout.read(10)
+    p.stdout.close()  # the reader leaves, as head does
+    err = p.stderr.read().decode()
+    assert p.wait(60) == 141 and err == ""

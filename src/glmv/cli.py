@@ -1213,11 +1213,25 @@ def main(
     except KeyboardInterrupt:
         stderr.write("\nglmv: interrupted\n")
         return 130
+    except BrokenPipeError:  # `glmv logs | head`: the reader has all it wants; end quietly, as Unix tools do
+        _silence_stdout(stdout)
+        return 128 + 13  # killed by SIGPIPE, as the shell reports it
     except Exception as exc:  # a bug, not a user error: say so briefly
         if debug:
             raise
         stderr.write(f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)\n")
         return 1
+
+
+def _silence_stdout(stdout: TextIO) -> None:
+    """Point the closed pipe's descriptor at /dev/null, so the interpreter's final flush does not fail again."""
+    try:
+        fd = stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (tests pass a StringIO)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def entry() -> None:
