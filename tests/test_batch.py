@@ -380,6 +380,21 @@ def test_hostile_files_fail_alone_with_a_clear_message(tmp_path):
     assert not (out / "out").exists()
 
 
+def test_a_file_name_that_is_not_utf8_is_done_and_resumed(tmp_path):
+    """A name with a byte like 0xff (Python holds it as a lone surrogate) stopped the whole batch with an
+    unexpected UnicodeEncodeError, before any item; now its results are written and a rerun finds it done."""
+    src = tmp_path / "in"
+    img(src / "ok.png")
+    name = os.fsdecode(b"caf\xe9-latin1.png")
+    img(src / name)
+    out = tmp_path / "out"
+    rc, err = run([src], out, fmt="both")
+    assert rc == 0 and "unexpected" not in err, err
+    assert sorted(done_ids(out)) == sorted([name, "ok.png"])
+    assert (out / (name + ".md")).exists() and json.loads((out / (name + ".json")).read_text())["id"] == name
+    assert "0 to do, 2 already done" in run([src], out, fmt="both")[1]
+
+
 def test_a_missing_input_is_an_error_before_any_work(tmp_path):
     stderr = io.StringIO()
     rc = main(["batch", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], backend_factory=lambda s: no_backend(),

@@ -3,6 +3,7 @@ command would ignore are refused; the tutorial's defaults; nothing heavy is impo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from test_batch import small_tmpfs  # noqa: F401  (a fixture: a real, tiny tmpfs)
 from test_cli import run_cli
 
 
@@ -26,6 +28,7 @@ from test_cli import run_cli
         (["ask", "--quant", "w8"], "error: --quant 'w8' is not one of none, nf4, w4"),
         (["ask", "--temperature"], "error: --temperature needs a value"),
         (["batch", "in/"], "error: glmv batch needs --out"),
+        (["batch", "in/", "--out", "o", "--batch-size", "100000"], "--batch-size 100000 is over 256"),  # was 100,000 threads
         (["ps", "extra"], "error: unexpected argument 'extra' for glmv ps"),
         (["ask", "input/image_1.png", "--pages", "1-2"], "--pages applies to PDFs and slide decks, and 'input/image_1.png' is not"),
         (["ask", "-p", "x", "--dpi", "100"], "--dpi applies to PDFs and slide decks, and there is no document"),
@@ -42,6 +45,11 @@ from test_cli import run_cli
         (["ask", "-c"], "continuing a conversation needs a prompt"),
         (["ask", "-c", "--cid", "x", "-p", "y"], "use one of them"),
         (["start", "--idle-timeout", "soon"], "invalid idle timeout 'soon'"),
+        (["html", "input/image_1.png", "--refine", "-1"], "--refine -1: give the number of rounds"),
+        # a Latin-1 terminal's byte arrives as a lone surrogate: was "unexpected UnicodeEncodeError", exit 1
+        (["ask", "-p", "caf\udce9"], "--prompt is not UTF-8 text (byte 0xe9 at character 4)"),
+        (["ask", "-p", "x", "--system", "\udcff"], "--system is not UTF-8 text (byte 0xff"),
+        (["logs", "-q", "\udce9"], "--query is not UTF-8 text"),
     ],
 )
 def test_one_line_errors(args, message):
@@ -104,3 +112,16 @@ def test_json_out_writes_the_object_and_bad_targets_are_refused_first(tmp_path, 
     (tmp_path / "file").write_text("x")
     r = run_cli(["ask", str(sample_png), "--json-out", str(tmp_path / "file" / "a.json")])
     assert r.code == 2 and r.backend.requests == []
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(small_tmpfs, sample_png):
+    """`glmv html` and --json-out on a really full tmpfs: were 'unexpected OSError', exit 1."""
+    (small_tmpfs / "pages").mkdir()
+    with contextlib.suppress(OSError), open(small_tmpfs / "fill", "wb", buffering=0) as f:
+        while True:  # up to the last byte
+            f.write(b"\0" * 512)
+    r = run_cli(["html", str(sample_png), "--out", str(small_tmpfs / "pages")], script="<html>" + "x" * 9000)
+    assert r.code == 2 and r.err.splitlines()[-1].startswith("error: cannot save the page in") and "space" in r.err
+    r = run_cli(["ask", str(sample_png), "-p", "x", "--json-out", str(small_tmpfs / "a.json")], script="y" * 9000)
+    assert r.code == 2 and r.err.splitlines()[-1].startswith("error: cannot write --json-out") and "space" in r.err
+    assert sorted(p.name for p in small_tmpfs.rglob("*")) == ["fill", "pages"]  # no partial or temporary file

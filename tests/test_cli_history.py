@@ -221,3 +221,52 @@ def test_input_hash_streams_the_file_and_skips_fifos(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     assert history.describe_input(str(fifo)) == {"source": str(fifo), "sha256": None}  # would block if read
+
+
+def test_chat_survives_a_message_that_is_not_utf8(fresh_history):
+    """A Latin-1 terminal's byte reaches the REPL as a lone surrogate: it used to end the whole chat with an
+    unexpected UnicodeEncodeError (the resident path's JSON body); now that message is refused and the chat goes on."""
+    backend = ScriptedBackend("Fine.")
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["chat"], backend_factory=lambda s: backend, stdin=io.StringIO("caf\udce9\nhello\n"), stdout=out,
+                stderr=err)
+    assert code == 0, err.getvalue()
+    assert "error: your message is not UTF-8 text (byte 0xe9 at character 4)" in err.getvalue()
+    assert [r.messages[-1].text for r in backend.requests] == ["hello"] and "unexpected" not in err.getvalue()
+
+
+def test_logs_show_control_characters_as_escapes(fresh_history):
+    """An answer (the model read it off an image) or a prompt with ESC sequences must not drive the terminal
+    when glmv logs prints it; --json keeps the text exact."""
+    assert run_cli(["ask", "-p", "title\x1b]0;pwned\x07 here"], script="\x1b[2Jred\x9b1m\ttab\nline").code == 0
+    text = logs()
+    assert "\x1b" not in text and "\x07" not in text and "\x9b" not in text
+    assert "title\\x1b]0;pwned\\x07 here" in text and "\\x1b[2Jred\\x9b1m\ttab\nline" in text
+    (entry,) = json.loads(logs("--json"))["entries"]
+    assert entry["answer"] == "\x1b[2Jred\x9b1m\ttab\nline"
+
+
+def test_a_new_conversation_never_reuses_a_logged_id(fresh_history, monkeypatch):
+    """Ids are the date plus 6 random hex digits: a drawn id already in the history is drawn again, or the
+    next `ask -c` would continue two conversations mixed together."""
+    assert run_cli(["ask", "-p", "first"]).code == 0
+    (first,) = json.loads(logs("--json"))["entries"]
+    draws = iter([first["conversation_id"], first["conversation_id"], "261129abcdef"])
+    monkeypatch.setattr(history, "new_conversation_id", lambda: next(draws))
+    r = run_cli(["ask", "-p", "second", "--json"])
+    assert r.code == 0 and json.loads(r.out)["conversation_id"] == "261129abcdef"
+    assert [e.prompt for e in history.History().conversation(first["conversation_id"])] == ["first"]
+
+
+def test_logs_into_a_pipe_that_closes_early_ends_quietly(fresh_history):
+    """`glmv logs | head -1`: was 'error: unexpected BrokenPipeError', exit 1; now silent, exit 141 like git."""
+    import subprocess
+    import sys
+
+    assert run_cli(["ask", "-p", "long one"], script="word " * 100_000).code == 0  # far more than a pipe holds
+    p = subprocess.Popen([sys.executable, "-m", "glmv.cli", "logs"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "GLMV_CACHE": str(fresh_history.parent)})
+    assert p.stdout.read(10)
+    p.stdout.close()  # the reader leaves, as head does
+    err = p.stderr.read().decode()
+    assert p.wait(60) == 141 and err == ""

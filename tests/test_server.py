@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import json
 import os
 import socket
@@ -434,3 +435,20 @@ def test_remote_backend_reports_a_server_that_dies_mid_answer(client):
             list(backend.generate(GenerationRequest([user_message("hi", [])])))
     finally:
         httpd.shutdown()
+
+
+def test_serve_on_a_busy_port_says_so_before_loading_the_model():
+    """Was: the model loaded (minutes for the real one), then uvicorn's 'ERROR: [Errno 98] ...' and exit 3."""
+    from glmv.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        loaded = []
+        err = io.StringIO()
+        code = main(["serve", "--model", "tiny", "--port", str(port)], backend_factory=lambda s: loaded.append(s),
+                    stderr=err)
+    assert code == 2 and loaded == []
+    assert err.getvalue() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use (another server? " \
+                             f"choose another --port)\n"

@@ -36,7 +36,7 @@ from .backends.base import Backend, GenerationRequest, Result, collect
 from .documents import check_resolution, kind_of, load_video, office_to_pdf, parse_pages, pdf_page_count, render_pdf
 from .errors import GlmvError, MediaError
 from .media import load_image
-from .outputs import ensure_writable_dir, text_as_page, write_atomic
+from .outputs import ensure_writable_dir, json_text, text_as_page, write_atomic
 from .prompts import TASKS, user_message
 from .settings import SamplingParams
 
@@ -203,7 +203,7 @@ def refuse_long_names(plan: Plan, opts: Options) -> None:
     refused: set[str] = set()
     for item in plan.items:
         names = expected_outputs(item, opts) + ([item.rel + ".md"] if item.kind == "page" else [])
-        long = next((p for n in names for p in Path(n).parts if len(p.encode()) > NAME_MAX), None)
+        long = next((p for n in names for p in Path(n).parts if len(os.fsencode(p)) > NAME_MAX), None)
         if long is None:
             keep.append(item)
         elif item.rel not in refused:
@@ -313,7 +313,7 @@ class Manifest:
 
     def _compact(self) -> None:
         """Rewrite the file with only the latest record per item (atomically: a kill leaves old or new)."""
-        text = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in self.latest.values())
+        text = "".join(json_text(rec) + "\n" for rec in self.latest.values())
         try:
             write_atomic(self.path, text)
         except OSError:
@@ -332,7 +332,7 @@ class Manifest:
     def record(self, **rec: Any) -> None:
         """Append one record and sync it; on a failed write the file is cut back so no torn line stays."""
         rec["ts"] = round(time.time(), 3)
-        data = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
+        data = (json_text(rec) + "\n").encode("utf-8")
         with self._lock:
             start = os.fstat(self._fd).st_size
             try:
@@ -644,7 +644,7 @@ def _write(out: Path, item: Item, result: Result, opts: Options) -> list[str]:
         else:
             record = {"id": item.id, "source": str(item.source), "page": item.page, "task": opts.task,
                       **result.to_dict()}
-            data = json.dumps(record, ensure_ascii=False, indent=1) + "\n"
+            data = json_text(record, indent=1) + "\n"
         write_atomic(path, data)
         written.append(rel)
     return written

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Iterator, TextIO
 
 from .backends.base import Backend, Chunk, GenerationRequest, Result, collect
-from .cli import (BackendFactory, Printer, UsageError, _check_document_flags, _choose_backend, _conversation,
-                  _log_answer, _refuse_ignored, _sampling_from_args, _settings_from_args, summary_line)
+from .cli import (BackendFactory, Printer, UsageError, _check_document_flags, _check_utf8, _choose_backend,
+                  _conversation, _log_answer, _refuse_ignored, _sampling_from_args, _settings_from_args, summary_line)
 from .errors import GlmvError
 from .limits import Budget, limits_from_args
 from .prompts import Message, user_message
@@ -235,6 +235,7 @@ def run_chat(args: argparse.Namespace, injected: BackendFactory | None, stdin: T
                     if not session.command(line):
                         break
                 else:
+                    _check_utf8("your message", line)  # a Latin-1 terminal's bytes: say so, keep the chat
                     session.turn(line)
             except GlmvError as exc:
                 stderr.write(f"error: {exc}\n")

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import re
 import os
+import re
 import sys
 import threading
 import time
@@ -120,7 +120,23 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     if extras:
         raise UsageError(_unknown_arguments_error(extras, sub))
     args.given = _given_options(sub, argv)
+    for dest in _TEXT_OPTIONS:
+        _check_utf8(_flag(dest), getattr(args, dest, None))
     return args
+
+
+_TEXT_OPTIONS = ("prompt", "system", "query")  # text sent to the model or the history, never a file name
+
+
+def _check_utf8(flag: str, text: str | None) -> None:
+    """A byte that is not UTF-8 (a Latin-1 terminal's 'é') reaches Python as a lone surrogate, which no JSON
+    request, tokenizer or history can carry: say so, instead of an unexpected UnicodeEncodeError later."""
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = os.fsencode(exc.object[exc.start:exc.end])
+        raise UsageError(f"{flag} is not UTF-8 text (byte 0x{byte.hex()} at character {exc.start + 1}): set your "
+                         f"terminal to UTF-8 or pass the text in UTF-8") from None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -487,6 +503,8 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
                 raise UsageError(f"{_flag(dest)} needs --backend openai --base-url URL")
     if "max_steps" in given and not args.tools:
         raise UsageError("--max-steps has no effect without --tools")
+    if getattr(args, "refine", 0) < 0:  # was silently no refinement
+        raise UsageError(f"--refine {args.refine}: give the number of rounds, 1 or more (0, the default, is none)")
     if "show_thinking" in given and not args.thinking:
         raise UsageError("--show-thinking shows nothing with --no-thinking: drop one of them")
     if args.json and args.stream:
@@ -569,12 +587,11 @@ def _log_answer(args: argparse.Namespace, conversation_id: str | None, model: st
         return None
     from . import history
 
-    cid = conversation_id or history.new_conversation_id()
     settings = {"sampling": {k: v for k, v in sampling.__dict__.items() if k != "stop"}, "thinking": args.thinking,
                 "pages": getattr(args, "pages", None), "max_pixels": args.max_pixels, "tools": getattr(args, "tools", False)}
     try:
-        history.record(conversation_id=cid, command=args.command, model=model, backend=where, prompt=prompt,
-                       system=args.system, sources=sources, payload=payload, settings=settings)
+        cid = history.record(conversation_id=conversation_id, command=args.command, model=model, backend=where,
+                             prompt=prompt, system=args.system, sources=sources, payload=payload, settings=settings)
     except GlmvError as exc:
         stderr.write(f"glmv: warning: this answer was not logged: {exc}\n")
         return None
@@ -732,7 +749,10 @@ def _emit_json(args: argparse.Namespace, payload: dict[str, Any], stdout: TextIO
     if getattr(args, "json_out", None):
         from .outputs import write_atomic
 
-        write_atomic(Path(args.json_out), text + "\n")
+        try:
+            write_atomic(Path(args.json_out), text + "\n")
+        except OSError as exc:  # a full disk or quota (the target itself was checked before the work)
+            raise GlmvError(f"cannot write --json-out '{args.json_out}': {exc.strerror or exc}") from None
 
 
 def _check_json_out(args: argparse.Namespace) -> None:
@@ -890,6 +910,9 @@ def refine_html(backend: Backend, target_image: Any, first_html: str, first_path
     return versions
 
 
+MAX_BATCH_SIZE = 256
+
+
 def run_batch_command(args: argparse.Namespace, backend_factory: BackendFactory | None, stdout: TextIO,
                       stderr: TextIO) -> int:
     from .batch import Options, default_prompt, run_batch
@@ -901,6 +924,9 @@ def run_batch_command(args: argparse.Namespace, backend_factory: BackendFactory 
                                  max_pixels=args.max_pixels, thinking=args.thinking)
     if args.batch_size < 1 or args.max_doc_pages < 1:
         raise GlmvError("--batch-size and --max-doc-pages must be at least 1")
+    if args.batch_size > MAX_BATCH_SIZE:  # each item in flight is a thread holding its decoded pixels
+        raise GlmvError(f"--batch-size {args.batch_size} is over {MAX_BATCH_SIZE}: every item in flight holds its "
+                        f"decoded image in memory and the engine batches them all at once; use a smaller one")
     opts = Options(task=args.task, prompt=default_prompt(args.task, args.prompt), out=Path(args.out), fmt=args.format,
                    batch_size=args.batch_size, retry_failed=args.retry_failed, pages=args.pages,
                    long_side=args.pdf_long_side, dpi=args.dpi, max_pixels=settings.max_pixels, thinking=args.thinking,
@@ -998,6 +1024,28 @@ def run_ui(args: argparse.Namespace, stderr: TextIO) -> int:
     return 0
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port another server listens on now, not after loading the model (uvicorn's own bind comes
+    last and ends with a log line and exit code 3). SO_REUSEADDR as uvicorn sets it: only a listener blocks."""
+    if port == 0:
+        return
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise GlmvError(f"cannot listen on {host}: {exc.strerror or exc} (check --host)") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            hint = "another server? choose another --port" if exc.errno == errno.EADDRINUSE else "check --host"
+            raise GlmvError(f"cannot listen on {host}:{port}: {exc.strerror or exc} ({hint})") from None
+
+
 def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr: TextIO) -> int:
     try:
         import uvicorn
@@ -1025,6 +1073,7 @@ def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr:
     state_file = Path(args.state_file) if args.state_file else None
     if state_file is not None and args.host not in LOOPBACK:
         raise GlmvError("a resident server (glmv start) listens on 127.0.0.1 only")
+    _check_port_free(args.host, args.port)  # before the load, which takes minutes for the real model
     backend = backend_factory(settings)
     if hasattr(backend, "max_batch"):
         backend.max_batch = args.max_batch
@@ -1148,6 +1197,15 @@ def run_ps(args: argparse.Namespace, stdout: TextIO) -> int:
     return 0
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _shown(text: str) -> str:
+    """Logged text as the terminal should show it: control characters (an answer or a file name holding ESC
+    sequences could retitle the window, rewrite the clipboard or hide lines) become visible escapes."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def run_logs(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     from . import history
 
@@ -1180,8 +1238,8 @@ def run_logs(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
                      f"{f'  {tokens} tokens' if tokens is not None else ''}\n")
         for item in e.inputs:
             digest = f" (sha256 {item['sha256'][:12]}…)" if item.get("sha256") else ""
-            stdout.write(f"input: {item['source']}{digest}\n")
-        stdout.write(f"> {e.prompt}\n\n{e.answer}\n\n")
+            stdout.write(f"input: {_shown(item['source'])}{digest}\n")
+        stdout.write(f"> {_shown(e.prompt)}\n\n{_shown(e.answer)}\n\n")
     return 0
 
 
@@ -1245,11 +1303,25 @@ def main(
     except KeyboardInterrupt:
         stderr.write("\nglmv: interrupted\n")
         return 130
+    except BrokenPipeError:  # `glmv logs | head`: the reader has all it wants; end quietly, as Unix tools do
+        _silence_stdout(stdout)
+        return 128 + 13  # killed by SIGPIPE, as the shell reports it
     except Exception as exc:  # a bug, not a user error: say so briefly
         if debug:
             raise
         stderr.write(f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)\n")
         return 1
+
+
+def _silence_stdout(stdout: TextIO) -> None:
+    """Point the closed pipe's descriptor at /dev/null, so the interpreter's final flush does not fail again."""
+    try:
+        fd = stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (tests pass a StringIO)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def entry() -> None:

@@ -193,22 +193,33 @@ class History:
             params.append(conversation_id)
         return list(reversed(self._entries(" AND ".join(clauses), tuple(params), limit=n)))
 
+    def unused_conversation_id(self) -> str:
+        """A new id no logged conversation has: a day's ids share their date, and with 16 million random
+        suffixes a script asking a thousand times a day would otherwise merge two conversations every month."""
+        while True:
+            cid = new_conversation_id()
+            if self.db.execute("SELECT 1 FROM responses WHERE conversation_id = ? LIMIT 1", (cid,)).fetchone() is None:
+                return cid
+
     def count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
 
 
-def record(*, conversation_id: str, command: str, model: str | None, backend: str | None, prompt: str,
-           system: str | None, sources: list[str], payload: dict[str, Any], settings: dict[str, Any]) -> int:
-    """Log one answer, given as the command's JSON payload (answer, thinking, usage, timings, finish_reason)."""
+def record(*, conversation_id: str | None, command: str, model: str | None, backend: str | None, prompt: str,
+           system: str | None, sources: list[str], payload: dict[str, Any], settings: dict[str, Any]) -> str:
+    """Log one answer, given as the command's JSON payload (answer, thinking, usage, timings, finish_reason).
+    ``conversation_id`` None starts a new conversation; returns the conversation's id."""
     inputs = [describe_input(s) for s in sources]
     with History() as h:
         try:
-            return h.log(conversation_id=conversation_id, command=command, model=model, backend=backend, prompt=prompt,
+            conversation_id = conversation_id or h.unused_conversation_id()
+            h.log(conversation_id=conversation_id, command=command, model=model, backend=backend, prompt=prompt,
                          system=system, inputs=inputs, answer=payload.get("answer", ""),
                          thinking=payload.get("thinking") or None, settings=settings, usage=payload.get("usage", {}),
                          timings=payload.get("timings", {}), finish_reason=payload.get("finish_reason"))
         except sqlite3.Error as exc:  # locked for longer than the timeout, disk full, ...
             raise GlmvError(f"cannot write to the history database {h.path}: {exc}") from None
+    return conversation_id
 
 
 def replay(entries: list[Entry], load: Callable[[str, str | None], list[Any]],

@@ -208,7 +208,7 @@ def address_refusal(address: str) -> str | None:
                        (ip.is_link_local, "link-local"), (ip.is_multicast, "multicast"),
                        (ip.is_private, "private"), (ip.is_reserved, "reserved")):
         if test:
-            return f"{ip} is a {kind} address"
+            return f"{ip} is {'an' if kind[0] == 'u' else 'a'} {kind} address"
     if not ip.is_global:
         return f"{ip} is not a public address"
     return None

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import html as _html
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .errors import GlmvError
 
@@ -28,13 +30,26 @@ def ensure_writable_dir(folder: Path) -> Path:
     return folder
 
 
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """JSON as readable UTF-8 text; where a string cannot be UTF-8 (a file name with a byte like 0xff, which
+    Python holds as a lone surrogate) it is written with ``\\u`` escapes instead, which read back the same."""
+    text = json.dumps(obj, ensure_ascii=False, **kwargs)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, ensure_ascii=True, **kwargs)
+    return text
+
+
 def write_atomic(path: Path, data: str | bytes, *, exclusive: bool = False) -> Path:
     """Write ``data`` to ``path`` via a temp file and rename. With ``exclusive`` an existing file wins."""
     path = Path(path)
     mode = "wb" if isinstance(data, bytes) else "w"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
+        # surrogateescape: a lone surrogate (from a file name that is not UTF-8) goes back to its own byte
+        text_mode = {"encoding": "utf-8", "errors": "surrogateescape"}
+        with os.fdopen(fd, mode, **({} if isinstance(data, bytes) else text_mode)) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -60,6 +75,9 @@ def save_html(page: str, out_dir: Path, now: _dt.datetime | None = None) -> Path
             return write_atomic(folder / name, page, exclusive=True)
         except FileExistsError:
             continue
+        except OSError as exc:  # a full disk or quota: nothing half-written is left (write_atomic cleans up)
+            raise GlmvError(f"cannot save the page in '{folder}': {exc.strerror or exc}; free some space or "
+                            f"choose another folder (--out)") from None
     raise GlmvError(f"cannot save HTML in '{folder}': too many files named generated_{stamp}_*.html")
 
 
