@@ -405,6 +405,25 @@ def test_chats_and_versions_survive_reload_and_restart_per_browser(served, brows
     ctx.close()
 
 
+# -- security: generated pages and kept uploads are served only as copies under unguessable names -----------
+def test_files_are_served_only_by_unguessable_names_and_sandboxed(served, browser):
+    page = open_page(browser, served.url)
+    tab(page, "Image → HTML")
+    upload(page, "html-image", IMAGE_3)
+    result(page, "html-stats", lambda: page.click("#html-run"))
+    href = page.locator("#html-file a[href]").first.get_attribute("href")
+    got = page.request.get(href)  # the download link: a copy, downloaded, never a page of the app's origin
+    assert got.status == 200 and "attachment" in got.headers["content-disposition"]
+    assert "sandbox" in got.headers["content-security-policy"]
+    assert str(served.root / "html") not in href
+    # Another browser that guesses the timestamped name, or an upload's content-hash name, gets nothing.
+    saved = sorted((served.root / "html").glob("generated_*.html"))[-1]
+    kept = next((served.root / "state" / "media").iterdir())
+    for path in (saved, kept):
+        assert page.request.get(f"{served.url}/gradio_api/file={path}").status == 403, path
+    page.context.close()
+
+
 # -- the Image → HTML studio ----------------------------------------------------------------------------
 def test_studio_preview_fits_saved_path_refine_progress_and_stop(served, browser):
     page = open_page(browser, served.url)

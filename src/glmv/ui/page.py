@@ -10,6 +10,7 @@ page may serve.
 from __future__ import annotations
 
 import functools
+import os
 import secrets
 import types
 from pathlib import Path
@@ -417,13 +418,50 @@ def build_ui(app: WebApp) -> Any:
     return demo
 
 
+class FileGuard:
+    """ASGI middleware over Gradio's ``/file=`` route.
+
+    The pages folder and the kept uploads must be in ``allowed_paths`` so handlers may hand their files to
+    components (Gradio then serves a copy from its cache, under a salted hash no other browser can guess).
+    But Gradio also serves allowed folders directly, inline, by path: anyone reaching the port could read
+    another user's ``generated_YYYYMMDD_HHMMSS.html`` and open it as a page of the app's own origin, where
+    its scripts could read the browser id in localStorage. So those folders answer 403 here, and every file
+    response is marked ``Content-Security-Policy: sandbox`` (an opened file runs in an opaque origin)."""
+
+    def __init__(self, app: Any, private: list[str]) -> None:
+        self.app = app
+        self.private = [os.path.realpath(p) for p in private]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or "/file=" not in scope["path"]:
+            await self.app(scope, receive, send)
+            return
+        target = os.path.realpath(scope["path"].split("/file=", 1)[1])
+        if any(target == p or target.startswith(p + os.sep) for p in self.private):
+            await send({"type": "http.response.start", "status": 403,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+            await send({"type": "http.response.body", "body": b"File not allowed."})
+            return
+
+        async def sandboxed(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"content-security-policy", b"sandbox"),
+                                      (b"x-content-type-options", b"nosniff")]
+            await send(message)
+
+        await self.app(scope, receive, sandboxed)
+
+
 def serve_ui(app: WebApp, demo: Any, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> Any:
     """Start the page; with ``block=False`` return at once (tests, scripts) and stop it with ``demo.close()``."""
+    from starlette.middleware import Middleware
+
     allowed = [str(app.html_dir.resolve())]
     if app.store is not None:
         allowed.append(str(app.store.media.resolve()))
     return demo.launch(server_name=host, server_port=port, show_error=True, quiet=True, allowed_paths=allowed,
-                       css=CSS, head=HEAD, prevent_thread_lock=not block, footer_links=[])
+                       css=CSS, head=HEAD, prevent_thread_lock=not block, footer_links=[],
+                       app_kwargs={"middleware": [Middleware(FileGuard, private=allowed)]})
 
 
 def _choice_for(model: str) -> str:
