@@ -220,12 +220,21 @@ def test_html_refine_adds_scored_versions(tmp_path, image):
      [("the car", (120, 80, 400, 600)), ("the car", (500, 100, 900, 700))]),  # sentences are not labels
     ("left eye [[1.5,2,30.5,40]]", [("left eye", (1.5, 2, 30.5, 40))]),
     ("nothing here [1,2,3] or [5,5,5,9] or [0,0,2000,10]", []),  # three numbers, zero width, off the scale
+    ("house [[0.1,0.2,0.5,0.6]]", []),  # 0-1 fractions, not the 0-1000 scale: a dot, not a box
 ])
 def test_find_boxes_labels_them(answer, expected):
     from glmv.grounding import find_boxes
 
     got = [(b.label, (b.x1, b.y1, b.x2, b.y2)) for b in find_boxes(answer, "the car")]
     assert got == [(label, tuple(float(v) for v in box)) for label, box in expected]
+
+
+def test_no_boxes_note_tells_unusable_boxes_from_none():
+    from glmv.grounding import no_boxes_note
+
+    assert no_boxes_note("I see no house.") == "no boxes in the answer"
+    assert "0 to 1000" in no_boxes_note("house [[900,100,1400,300]]")
+    assert "0 to 1000" in no_boxes_note("house [[0.1,0.2,0.5,0.6]]")
 
 
 def test_draw_boxes_at_the_right_pixels():
