@@ -262,8 +262,8 @@ def test_find_mode_draws_and_offers_png_and_json(tmp_path, image):
 
 @pytest.mark.parametrize("answer, note", [
     ("I see no square.", "no boxes in the answer"),
-    ("the square: [[900,100,1400,300]]", "boxes must be [[x1,y1,x2,y2]] from 0 to 1000"),  # off the scale
-    ("the square: [[0.1,0.2,0.5,0.6]]", "boxes must be [[x1,y1,x2,y2]] from 0 to 1000"),  # fractions: a dot
+    ("the square: [[900,100,1400,300]]", "boxes must be [[x1,y1,x2,y2]] from 0 to 1000)"),  # off the scale
+    ("the square: [[0.1,0.2,0.5,0.6]]", "boxes must be [[x1,y1,x2,y2]] from 0 to 1000)"),  # fractions: a dot
 ])
 def test_find_mode_says_why_nothing_was_drawn(tmp_path, image, answer, note):
     app, _ = make_app(tmp_path, answer)
