@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,8 +47,8 @@ def script(request):
         return ["x "] * 400 + [f"```html\n{PAGE}\n```"]
     if "HTML" in text:
         return f"<think>a header and a line</think>```html\n{PAGE}\n```"
-    if "slow" in text:
-        return ["tok "] * 200
+    if "slow" in text:  # ~4 s: long enough to queue behind and stop while waiting
+        return ["tok "] * 400
     if "think" in text:
         return "<think>considering</think>Thought about it."
     return "A small scene with a red house."
@@ -75,9 +76,11 @@ class Served:
         from glmv.ui.store import Store
         from test_server import free_port
 
+        built = threading.Event()
+
         def factory(settings, log):
             assert settings.model == "scripted", "only the scripted model loads in these tests"
-            time.sleep(0.5)  # like a real load: the page is built while the model is still loading
+            built.wait(30)  # like a real load: the page is built while the model is still loading
             return self.backend
 
         def precheck(settings, log):  # the real one: finds a checkpoint (the hub is unreachable here)
@@ -89,6 +92,7 @@ class Served:
         self.app = WebApp(self.manager, self.root / "html", store=Store(self.root / "state"),
                           examples=REPO / "input")
         self.demo = build_ui(self.app)
+        built.set()
         self.manager.wait(10)
         self.port = port or free_port()
         serve_ui(self.app, self.demo, port=self.port, block=False)
@@ -228,6 +232,8 @@ def test_two_users_see_their_place_in_line_and_stop_leaves_it(served, browser):
         assert box and box["height"] >= 10 and p.locator("#describe-stats").is_visible()
     pages[2].click("#describe-stop")
     assert "did not run" in wait_text(pages[2], "#describe-stats", "■")
+    # At once, not when the model frees up: the first job is still streaming.
+    assert text(pages[0], "#describe-stats").startswith("…")
     assert finished(pages[0], "describe-stats").startswith("✓")
     assert finished(pages[1], "describe-stats").startswith("✓")
     time.sleep(0.3)
