@@ -213,6 +213,28 @@ def test_chat_errors_keep_the_conversation_and_trash_clears_history(served, brow
     page.context.close()
 
 
+def test_new_chat_and_delete_end_the_turn_in_progress(served, browser):
+    page = open_page(browser, served.url)
+    tab(page, "Chat")
+    for button in ("#chat-new", "#chat-delete"):
+        chat_send(page, "tell me something slow")
+        wait_text(page, "#chat-stats", "tok/s")
+        page.click(button)
+        page.wait_for_timeout(1000)  # the answer would keep streaming into the view (and be saved) otherwise
+        assert "tok tok" not in text(page, "#chat") and text(page, "#chat-stats") == "", button
+    n = len(served.backend.requests)
+    chat_send(page, "hello")
+    finished(page, "chat-stats")
+    assert len(served.backend.requests[n].messages) == 1  # a fresh start: nothing of the abandoned turn
+    page.reload()
+    wait_text(page, "#glmv-status", "ready")
+    tab(page, "Chat")
+    page.locator("#chat-saved input").click()
+    saved = page.get_by_role("option").all_inner_texts()
+    assert len(saved) == 1 and "hello" in saved[0], saved  # the abandoned chats were not saved
+    page.context.close()
+
+
 # -- 3, 4, two users: queue positions, Stop of a queued job, isolated state -----------------------------
 def test_two_users_see_their_place_in_line_and_stop_leaves_it(served, browser):
     pages = [open_page(browser, served.url) for _ in range(3)]

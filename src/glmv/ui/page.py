@@ -338,6 +338,9 @@ def build_ui(app: WebApp) -> Any:
                 store.delete_chat(bid, cid)
             return [], [], "", "", saved_chats(bid)
 
+        def new_chat():
+            return [], [], "", "", gr.update(value=None)
+
         def stop(request: gr.Request):
             app.stop(session(request))
 
@@ -394,13 +397,19 @@ def build_ui(app: WebApp) -> Any:
         for comp in (h_versions, h_view, h_zoom):
             comp.change(pick, [h_versions, versions, h_view, h_img, h_zoom], pick_outputs)
         c_outputs = [c_view, history, c_stats, c_box, chat_id, c_saved]
-        c_box.submit(guard(chat, 6, 2),
-                     [c_box, history, c_view, chat_id, show_thinking, c_tools, c_find, *common, browser], c_outputs,
-                     **run_opts)
+        turn = c_box.submit(guard(chat, 6, 2),
+                            [c_box, history, c_view, chat_id, show_thinking, c_tools, c_find, *common, browser],
+                            c_outputs, **run_opts)
         c_saved.input(open_chat, [c_saved, browser], [c_view, history, chat_id, c_stats])
-        c_delete.click(delete_chat, [chat_id, browser], [c_view, history, chat_id, c_stats, c_saved])
+        # New chat, the trash icon and Delete end a turn in progress: left running, it would stream back into
+        # the emptied chat, restore the old history and save (or resurrect) the chat when it ends.
+        # (Cancelled first, then emptied: the other way round, an update already on its way lands after.)
+        # Closing the turn's generator also stops the model, as Stop does.
+        c_delete.click(None, None, None, cancels=[turn], queue=False).then(
+            delete_chat, [chat_id, browser], [c_view, history, chat_id, c_stats, c_saved])
         for clear in (c_clear.click, c_view.clear):  # the trash icon forgets the model-side history too
-            clear(lambda: ([], [], "", "", gr.update(value=None)), None, [c_view, history, chat_id, c_stats, c_saved])
+            clear(None, None, None, cancels=[turn], queue=False).then(
+                new_chat, None, [c_view, history, chat_id, c_stats, c_saved])
         for btn in (d_stop, o_stop, h_stop, c_stop):
             btn.click(stop, None, None, queue=False)
         for box, thought in ((d_think_box, d_think), (o_think_box, o_think), (h_think_box, h_think)):
