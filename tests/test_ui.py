@@ -209,27 +209,6 @@ def test_html_refine_adds_scored_versions(tmp_path, image):
     assert "visual score" in status and len(versions2) in (1, 2)
     assert all("score" in v for v in versions2)
     assert gallery[0] == image and Path(gallery[1]).name.startswith("render-v")
-    from PIL import Image
-    assert Image.open(gallery[1]).size == Image.open(image).size  # the slider lays one exactly over the other
-
-
-def test_comparison_brings_the_render_to_the_screenshots_size(tmp_path):
-    from PIL import Image
-
-    app, _ = make_app(tmp_path, "unused")
-    target, render = tmp_path / "target.png", tmp_path / "render-v2.png"
-    Image.new("RGB", (100, 50), "white").save(target)
-    page = Image.new("RGB", (200, 300), "white")  # a page rendered wider and taller than the screenshot
-    page.paste((0, 0, 255), (0, 0, 200, 20))  # a blue header 20 px high: 10 px at half the width
-    page.save(render)
-    shown, aligned = app.comparison(str(target), {"render": str(render)})
-    out = Image.open(aligned).convert("RGB")
-    assert shown == str(target) and out.size == (100, 50)
-    assert out.getpixel((50, 4)) == (0, 0, 255) and out.getpixel((50, 15)) == (255, 255, 255)
-    same = tmp_path / "same.png"
-    Image.new("RGB", (100, 50), "red").save(same)
-    assert app.comparison(str(target), {"render": str(same)})[1] == str(same)  # already aligned: as it is
-    assert app.comparison(str(target), {}) is None
 
 
 # -- grounding -------------------------------------------------------------------------------------------

@@ -496,32 +496,12 @@ class WebApp:
         finally:
             self.slots.leave(ticket)
 
-    def comparison(self, image, entry) -> tuple[str, str] | None:
-        """(target, render) for the comparison slider, or None before a version was rendered.
-
-        The slider lays one picture over the other, so the render is brought to the screenshot's size: scaled
-        to its width and cut or padded (white) at the bottom. Otherwise a 1280 px render over a 1024 px
-        screenshot puts the same heading at two heights and the divider compares nothing."""
+    @staticmethod
+    def comparison(image, entry) -> tuple[str, str] | None:
+        """(target, render) for the comparison slider, or None before a version was rendered."""
         if not entry or not entry.get("render") or not image:
             return None
-        return (image, self._aligned(image, entry["render"]))
-
-    def _aligned(self, image: str, render: str) -> str:
-        from PIL import Image
-
-        try:
-            with Image.open(image) as t, Image.open(render) as r:
-                if t.size == r.size:
-                    return render
-                w, h = t.size
-                scaled = r.convert("RGB").resize((w, max(1, round(r.height * w / r.width))), Image.LANCZOS)
-                canvas = Image.new("RGB", (w, h), "white")
-                canvas.paste(scaled, (0, 0))
-                out = self._download_dir() / f"{Path(render).stem}-aligned.png"
-                canvas.save(out)
-                return str(out)
-        except OSError:  # an unreadable file: show it as it is (the slider says what it can)
-            return render
+        return (image, entry["render"])
 
     # -- model panel -----------------------------------------------------------------------------
     def estimate(self, choice: str, local_path: str, precision: str) -> str:
