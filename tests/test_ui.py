@@ -209,6 +209,8 @@ def test_html_refine_adds_scored_versions(tmp_path, image):
     assert "visual score" in status and len(versions2) in (1, 2)
     assert all("score" in v for v in versions2)
     assert gallery[0] == image and Path(gallery[1]).name.startswith("render-v")
+    from PIL import Image
+    assert Image.open(gallery[1]).size == Image.open(image).size  # the slider lays one exactly over the other
 
 
 # -- grounding -------------------------------------------------------------------------------------------
