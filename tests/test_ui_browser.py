@@ -226,6 +226,15 @@ def test_new_chat_and_delete_end_the_turn_in_progress(served, browser):
     chat_send(page, "hello")
     finished(page, "chat-stats")
     assert len(served.backend.requests[n].messages) == 1  # a fresh start: nothing of the abandoned turn
+    chat_send(page, "and now something slow")  # opening a saved chat mid-turn shows that chat, and it stays
+    wait_text(page, "#chat-stats", "tok/s")
+    page.click("#chat-new")
+    chat_send(page, "tell me something slow")
+    wait_text(page, "#chat-stats", "tok/s")
+    page.locator("#chat-saved input").click()
+    page.get_by_role("option").first.click()
+    page.wait_for_timeout(1000)
+    assert "hello" in text(page, "#chat") and "tok tok" not in text(page, "#chat")
     page.reload()
     wait_text(page, "#glmv-status", "ready")
     tab(page, "Chat")

@@ -400,9 +400,10 @@ def build_ui(app: WebApp) -> Any:
         turn = c_box.submit(guard(chat, 6, 2),
                             [c_box, history, c_view, chat_id, show_thinking, c_tools, c_find, *common, browser],
                             c_outputs, **run_opts)
-        c_saved.input(open_chat, [c_saved, browser], [c_view, history, chat_id, c_stats])
-        # New chat, the trash icon and Delete end a turn in progress: left running, it would stream back into
-        # the emptied chat, restore the old history and save (or resurrect) the chat when it ends.
+        # Opening a saved chat, New chat, the trash icon and Delete end a turn in progress: left running, it
+        # would stream back over the chat now shown, restore the old history and save (or resurrect) its chat.
+        c_saved.input(None, None, None, cancels=[turn], queue=False).then(
+            open_chat, [c_saved, browser], [c_view, history, chat_id, c_stats])
         # (Cancelled first, then emptied: the other way round, an update already on its way lands after.)
         # Closing the turn's generator also stops the model, as Stop does.
         c_delete.click(None, None, None, cancels=[turn], queue=False).then(
