@@ -433,3 +433,33 @@ def test_a_chat_as_gradio_hands_it_back_rebuilds_the_history(image):
         {"role": "assistant", "content": "A red square."}]
     history = messages_from_view(from_gradio, 4_000_000)
     assert [(m.role, len(m.images), m.text) for m in history] == [("user", 1, "first"), ("assistant", 0, "A red square.")]
+
+
+def test_file_guard_refuses_private_folders_but_not_gradios_cache(tmp_path):
+    import asyncio
+
+    from glmv.ui.page import FileGuard
+
+    served: list[str] = []
+
+    async def app(scope, receive, send):
+        served.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    # `glmv ui --out .` run from the temp folder: the pages folder holds Gradio's cache.
+    guard = FileGuard(app, private=[str(tmp_path)], public=[str(tmp_path / "gradio")])
+
+    def get(path):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(guard({"type": "http", "path": "/gradio_api/file=" + path}, None, send))
+        return sent[0]["status"], dict(sent[0]["headers"])
+
+    status, headers = get(str(tmp_path / "gradio" / "3f2a" / "found.png"))
+    assert status == 200 and headers[b"content-security-policy"] == b"sandbox"
+    for path in (tmp_path / "generated_20261129_141423.html", tmp_path / "gradio" / ".." / "x.html"):
+        assert get(str(path))[0] == 403
+    assert served == ["/gradio_api/file=" + str(tmp_path / "gradio" / "3f2a" / "found.png")]

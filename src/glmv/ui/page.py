@@ -438,16 +438,21 @@ class FileGuard:
     its scripts could read the browser id in localStorage. So those folders answer 403 here, and every file
     response is marked ``Content-Security-Policy: sandbox`` (an opened file runs in an opaque origin)."""
 
-    def __init__(self, app: Any, private: list[str]) -> None:
+    def __init__(self, app: Any, private: list[str], public: list[str] = ()) -> None:
         self.app = app
         self.private = [os.path.realpath(p) for p in private]
+        self.public = [os.path.realpath(p) for p in public]  # Gradio's cache, even inside a private folder
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or "/file=" not in scope["path"]:
             await self.app(scope, receive, send)
             return
         target = os.path.realpath(scope["path"].split("/file=", 1)[1])
-        if any(target == p or target.startswith(p + os.sep) for p in self.private):
+
+        def inside(folders: list[str]) -> bool:
+            return any(target == p or target.startswith(p + os.sep) for p in folders)
+
+        if inside(self.private) and not inside(self.public):
             await send({"type": "http.response.start", "status": 403,
                         "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
             await send({"type": "http.response.body", "body": b"File not allowed."})
@@ -464,6 +469,7 @@ class FileGuard:
 
 def serve_ui(app: WebApp, demo: Any, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> Any:
     """Start the page; with ``block=False`` return at once (tests, scripts) and stop it with ``demo.close()``."""
+    from gradio.utils import get_upload_folder
     from starlette.middleware import Middleware
 
     allowed = [str(app.html_dir.resolve())]
@@ -471,7 +477,8 @@ def serve_ui(app: WebApp, demo: Any, host: str = "127.0.0.1", port: int = 7860, 
         allowed.append(str(app.store.media.resolve()))
     return demo.launch(server_name=host, server_port=port, show_error=True, quiet=True, allowed_paths=allowed,
                        css=CSS, head=HEAD, prevent_thread_lock=not block, footer_links=[],
-                       app_kwargs={"middleware": [Middleware(FileGuard, private=allowed)]})
+                       app_kwargs={"middleware": [Middleware(FileGuard, private=allowed,
+                                                             public=[get_upload_folder()])]})
 
 
 def _choice_for(model: str) -> str:
