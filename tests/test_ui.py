@@ -209,6 +209,8 @@ def test_html_refine_adds_scored_versions(tmp_path, image):
     assert "visual score" in status and len(versions2) in (1, 2)
     assert all("score" in v for v in versions2)
     assert gallery[0] == image and Path(gallery[1]).name.startswith("render-v")
+    from PIL import Image
+    assert Image.open(gallery[1]).size == Image.open(image).size  # the slider lays one exactly over the other
 
 
 # -- grounding -------------------------------------------------------------------------------------------
@@ -220,12 +222,21 @@ def test_html_refine_adds_scored_versions(tmp_path, image):
      [("the car", (120, 80, 400, 600)), ("the car", (500, 100, 900, 700))]),  # sentences are not labels
     ("left eye [[1.5,2,30.5,40]]", [("left eye", (1.5, 2, 30.5, 40))]),
     ("nothing here [1,2,3] or [5,5,5,9] or [0,0,2000,10]", []),  # three numbers, zero width, off the scale
+    ("house [[0.1,0.2,0.5,0.6]]", []),  # 0-1 fractions, not the 0-1000 scale: a dot, not a box
 ])
 def test_find_boxes_labels_them(answer, expected):
     from glmv.grounding import find_boxes
 
     got = [(b.label, (b.x1, b.y1, b.x2, b.y2)) for b in find_boxes(answer, "the car")]
     assert got == [(label, tuple(float(v) for v in box)) for label, box in expected]
+
+
+def test_no_boxes_note_tells_unusable_boxes_from_none():
+    from glmv.grounding import no_boxes_note
+
+    assert no_boxes_note("I see no house.") == "no boxes in the answer"
+    assert "0 to 1000" in no_boxes_note("house [[900,100,1400,300]]")
+    assert "0 to 1000" in no_boxes_note("house [[0.1,0.2,0.5,0.6]]")
 
 
 def test_draw_boxes_at_the_right_pixels():
@@ -249,6 +260,17 @@ def test_find_mode_draws_and_offers_png_and_json(tmp_path, image):
     assert sorted(Path(f).suffix for f in files) == [".json", ".png"]
     with pytest.raises(GlmvError, match="Find: the prompt is empty"):
         last(app.find(image, "  ", True, 64, "s1"))
+
+
+@pytest.mark.parametrize("answer, note", [
+    ("I see no square.", "no boxes in the answer"),
+    ("the square: [[900,100,1400,300]]", "boxes must be [[x1,y1,x2,y2]] from 0 to 1000)"),  # off the scale
+    ("the square: [[0.1,0.2,0.5,0.6]]", "boxes must be [[x1,y1,x2,y2]] from 0 to 1000)"),  # fractions: a dot
+])
+def test_find_mode_says_why_nothing_was_drawn(tmp_path, image, answer, note):
+    app, _ = make_app(tmp_path, answer)
+    *_, stats, png, files = last(app.find(image, "the square", False, 64, "s1"))
+    assert stats.endswith(note) and png is None and files is None
 
 
 def test_glmv_ground_writes_the_png_and_prints_json(tmp_path, image, monkeypatch):
@@ -411,3 +433,33 @@ def test_a_chat_as_gradio_hands_it_back_rebuilds_the_history(image):
         {"role": "assistant", "content": "A red square."}]
     history = messages_from_view(from_gradio, 4_000_000)
     assert [(m.role, len(m.images), m.text) for m in history] == [("user", 1, "first"), ("assistant", 0, "A red square.")]
+
+
+def test_file_guard_refuses_private_folders_but_not_gradios_cache(tmp_path):
+    import asyncio
+
+    from glmv.ui.page import FileGuard
+
+    served: list[str] = []
+
+    async def app(scope, receive, send):
+        served.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    # `glmv ui --out .` run from the temp folder: the pages folder holds Gradio's cache.
+    guard = FileGuard(app, private=[str(tmp_path)], public=[str(tmp_path / "gradio")])
+
+    def get(path):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(guard({"type": "http", "path": "/gradio_api/file=" + path}, None, send))
+        return sent[0]["status"], dict(sent[0]["headers"])
+
+    status, headers = get(str(tmp_path / "gradio" / "3f2a" / "found.png"))
+    assert status == 200 and headers[b"content-security-policy"] == b"sandbox"
+    for path in (tmp_path / "generated_20261129_141423.html", tmp_path / "gradio" / ".." / "x.html"):
+        assert get(str(path))[0] == 403
+    assert served == ["/gradio_api/file=" + str(tmp_path / "gradio" / "3f2a" / "found.png")]

@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,8 +47,8 @@ def script(request):
         return ["x "] * 400 + [f"```html\n{PAGE}\n```"]
     if "HTML" in text:
         return f"<think>a header and a line</think>```html\n{PAGE}\n```"
-    if "slow" in text:
-        return ["tok "] * 200
+    if "slow" in text:  # ~4 s: long enough to queue behind and stop while waiting
+        return ["tok "] * 400
     if "think" in text:
         return "<think>considering</think>Thought about it."
     return "A small scene with a red house."
@@ -75,9 +76,11 @@ class Served:
         from glmv.ui.store import Store
         from test_server import free_port
 
+        built = threading.Event()
+
         def factory(settings, log):
             assert settings.model == "scripted", "only the scripted model loads in these tests"
-            time.sleep(0.5)  # like a real load: the page is built while the model is still loading
+            built.wait(30)  # like a real load: the page is built while the model is still loading
             return self.backend
 
         def precheck(settings, log):  # the real one: finds a checkpoint (the hub is unreachable here)
@@ -89,6 +92,7 @@ class Served:
         self.app = WebApp(self.manager, self.root / "html", store=Store(self.root / "state"),
                           examples=REPO / "input")
         self.demo = build_ui(self.app)
+        built.set()
         self.manager.wait(10)
         self.port = port or free_port()
         serve_ui(self.app, self.demo, port=self.port, block=False)
@@ -209,6 +213,37 @@ def test_chat_errors_keep_the_conversation_and_trash_clears_history(served, brow
     page.context.close()
 
 
+def test_new_chat_and_delete_end_the_turn_in_progress(served, browser):
+    page = open_page(browser, served.url)
+    tab(page, "Chat")
+    for button in ("#chat-new", "#chat-delete"):
+        chat_send(page, "tell me something slow")
+        wait_text(page, "#chat-stats", "tok/s")
+        page.click(button)
+        page.wait_for_timeout(1000)  # the answer would keep streaming into the view (and be saved) otherwise
+        assert "tok tok" not in text(page, "#chat") and text(page, "#chat-stats") == "", button
+    n = len(served.backend.requests)
+    chat_send(page, "hello")
+    finished(page, "chat-stats")
+    assert len(served.backend.requests[n].messages) == 1  # a fresh start: nothing of the abandoned turn
+    chat_send(page, "and now something slow")  # opening a saved chat mid-turn shows that chat, and it stays
+    wait_text(page, "#chat-stats", "tok/s")
+    page.click("#chat-new")
+    chat_send(page, "tell me something slow")
+    wait_text(page, "#chat-stats", "tok/s")
+    page.locator("#chat-saved input").click()
+    page.get_by_role("option").first.click()
+    page.wait_for_timeout(1000)
+    assert "hello" in text(page, "#chat") and "tok tok" not in text(page, "#chat")
+    page.reload()
+    wait_text(page, "#glmv-status", "ready")
+    tab(page, "Chat")
+    page.locator("#chat-saved input").click()
+    saved = page.get_by_role("option").all_inner_texts()
+    assert len(saved) == 1 and "hello" in saved[0], saved  # the abandoned chats were not saved
+    page.context.close()
+
+
 # -- 3, 4, two users: queue positions, Stop of a queued job, isolated state -----------------------------
 def test_two_users_see_their_place_in_line_and_stop_leaves_it(served, browser):
     pages = [open_page(browser, served.url) for _ in range(3)]
@@ -228,6 +263,8 @@ def test_two_users_see_their_place_in_line_and_stop_leaves_it(served, browser):
         assert box and box["height"] >= 10 and p.locator("#describe-stats").is_visible()
     pages[2].click("#describe-stop")
     assert "did not run" in wait_text(pages[2], "#describe-stats", "■")
+    # At once, not when the model frees up: the first job is still streaming.
+    assert text(pages[0], "#describe-stats").startswith("…")
     assert finished(pages[0], "describe-stats").startswith("✓")
     assert finished(pages[1], "describe-stats").startswith("✓")
     time.sleep(0.3)
@@ -403,6 +440,25 @@ def test_chats_and_versions_survive_reload_and_restart_per_browser(served, brows
     page.wait_for_timeout(500)
     assert "remember this" not in text(page, "#chat")
     ctx.close()
+
+
+# -- security: generated pages and kept uploads are served only as copies under unguessable names -----------
+def test_files_are_served_only_by_unguessable_names_and_sandboxed(served, browser):
+    page = open_page(browser, served.url)
+    tab(page, "Image → HTML")
+    upload(page, "html-image", IMAGE_3)
+    result(page, "html-stats", lambda: page.click("#html-run"))
+    href = page.locator("#html-file a[href]").first.get_attribute("href")
+    got = page.request.get(href)  # the download link: a copy, downloaded, never a page of the app's origin
+    assert got.status == 200 and "attachment" in got.headers["content-disposition"]
+    assert "sandbox" in got.headers["content-security-policy"]
+    assert str(served.root / "html") not in href
+    # Another browser that guesses the timestamped name, or an upload's content-hash name, gets nothing.
+    saved = sorted((served.root / "html").glob("generated_*.html"))[-1]
+    kept = next((served.root / "state" / "media").iterdir())
+    for path in (saved, kept):
+        assert page.request.get(f"{served.url}/gradio_api/file={path}").status == 403, path
+    page.context.close()
 
 
 # -- the Image → HTML studio ----------------------------------------------------------------------------

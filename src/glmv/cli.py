@@ -844,7 +844,7 @@ def run_ground(args: argparse.Namespace, backend_factory: BackendFactory, stdout
     import io
     import urllib.parse
 
-    from .grounding import boxes_json, draw_boxes, find_boxes, find_prompt
+    from .grounding import boxes_json, draw_boxes, find_boxes, find_prompt, no_boxes_note
     from .media import load_image
     from .outputs import ensure_writable_dir, write_atomic
 
@@ -881,7 +881,7 @@ def run_ground(args: argparse.Namespace, backend_factory: BackendFactory, stdout
         report["image"] = str(out)
         stderr.write(f"glmv: {len(boxes)} box{'es' if len(boxes) > 1 else ''} drawn -> {out}\n")
     else:
-        stderr.write("glmv: the answer has no boxes; no image written\n")
+        stderr.write(f"glmv: {no_boxes_note(result.output.answer)}; no image written\n")
     stdout.write(json.dumps(report, ensure_ascii=False, indent=1) + "\n")
     return 0
 

@@ -10,6 +10,7 @@ mode both use it.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,12 +49,21 @@ def find_prompt(query: str) -> str:
 
 def find_boxes(answer: str, fallback_label: str = "") -> list[Box]:
     """The answer's boxes (found by the core's parser: any bracket style, JSON objects, labels written next
-    to them); a box without a label gets ``fallback_label`` (what was asked for). Boxes with no width or
-    height are dropped: there is nothing to draw."""
+    to them); a box without a label gets ``fallback_label`` (what was asked for). Boxes less than one unit
+    wide or high are dropped: there is nothing to draw, and such a box is almost always a model writing
+    0–1 fractions instead of the 0–1000 scale (``[[0.1,0.2,0.5,0.6]]`` would be a dot in the corner)."""
     from .parsing import extract_boxes
 
-    boxes = [b for b in extract_boxes(answer or "") if b.coords[0] != b.coords[2] and b.coords[1] != b.coords[3]]
+    boxes = [b for b in extract_boxes(answer or "")
+             if abs(b.coords[2] - b.coords[0]) >= 1 and abs(b.coords[3] - b.coords[1]) >= 1]
     return [Box(b.label or fallback_label or f"box {i + 1}", *b.coords) for i, b in enumerate(boxes)]
+
+
+def no_boxes_note(answer: str) -> str:
+    """Why nothing was drawn, for the status line: no boxes at all, or boxes this app cannot place."""
+    if re.search(r"\[\s*-?\d", answer or ""):
+        return "no usable boxes in the answer (boxes must be [[x1,y1,x2,y2]] from 0 to 1000)"
+    return "no boxes in the answer"
 
 
 def draw_boxes(image: Any, boxes: list[Box]) -> Any:
@@ -87,4 +97,4 @@ def boxes_json(boxes: list[Box], width: int, height: int) -> str:
         for b in boxes]}, indent=2, ensure_ascii=False)
 
 
-__all__ = ["Box", "FIND_PROMPT", "boxes_json", "draw_boxes", "find_boxes", "find_prompt"]
+__all__ = ["Box", "FIND_PROMPT", "boxes_json", "draw_boxes", "find_boxes", "find_prompt", "no_boxes_note"]

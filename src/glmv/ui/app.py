@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from ..backends.base import Chunk, GenerationRequest
 from ..errors import GlmvError
-from ..grounding import boxes_json, draw_boxes, find_boxes, find_prompt
+from ..grounding import boxes_json, draw_boxes, find_boxes, find_prompt, no_boxes_note
 from ..media import LoadedImage, load_image
 from ..outputs import save_html, text_as_page, write_atomic
 from ..prompts import Message, user_message
@@ -304,7 +304,7 @@ class WebApp:
         """Draw the answer's boxes on the image; (PNG path, [PNG, JSON], a note for the stats line)."""
         boxes = find_boxes(answer, label)
         if not boxes:
-            return None, None, " · no boxes in the answer"
+            return None, None, f" · {no_boxes_note(answer)}"
         folder = self._download_dir()
         png = folder / "found.png"
         draw_boxes(img.image, boxes).save(png)

@@ -10,6 +10,7 @@ page may serve.
 from __future__ import annotations
 
 import functools
+import os
 import secrets
 import types
 from pathlib import Path
@@ -337,6 +338,9 @@ def build_ui(app: WebApp) -> Any:
                 store.delete_chat(bid, cid)
             return [], [], "", "", saved_chats(bid)
 
+        def new_chat():
+            return [], [], "", "", gr.update(value=None)
+
         def stop(request: gr.Request):
             app.stop(session(request))
 
@@ -393,13 +397,20 @@ def build_ui(app: WebApp) -> Any:
         for comp in (h_versions, h_view, h_zoom):
             comp.change(pick, [h_versions, versions, h_view, h_img, h_zoom], pick_outputs)
         c_outputs = [c_view, history, c_stats, c_box, chat_id, c_saved]
-        c_box.submit(guard(chat, 6, 2),
-                     [c_box, history, c_view, chat_id, show_thinking, c_tools, c_find, *common, browser], c_outputs,
-                     **run_opts)
-        c_saved.input(open_chat, [c_saved, browser], [c_view, history, chat_id, c_stats])
-        c_delete.click(delete_chat, [chat_id, browser], [c_view, history, chat_id, c_stats, c_saved])
+        turn = c_box.submit(guard(chat, 6, 2),
+                            [c_box, history, c_view, chat_id, show_thinking, c_tools, c_find, *common, browser],
+                            c_outputs, **run_opts)
+        # Opening a saved chat, New chat, the trash icon and Delete end a turn in progress: left running, it
+        # would stream back over the chat now shown, restore the old history and save (or resurrect) its chat.
+        c_saved.input(None, None, None, cancels=[turn], queue=False).then(
+            open_chat, [c_saved, browser], [c_view, history, chat_id, c_stats])
+        # (Cancelled first, then emptied: the other way round, an update already on its way lands after.)
+        # Closing the turn's generator also stops the model, as Stop does.
+        c_delete.click(None, None, None, cancels=[turn], queue=False).then(
+            delete_chat, [chat_id, browser], [c_view, history, chat_id, c_stats, c_saved])
         for clear in (c_clear.click, c_view.clear):  # the trash icon forgets the model-side history too
-            clear(lambda: ([], [], "", "", gr.update(value=None)), None, [c_view, history, chat_id, c_stats, c_saved])
+            clear(None, None, None, cancels=[turn], queue=False).then(
+                new_chat, None, [c_view, history, chat_id, c_stats, c_saved])
         for btn in (d_stop, o_stop, h_stop, c_stop):
             btn.click(stop, None, None, queue=False)
         for box, thought in ((d_think_box, d_think), (o_think_box, o_think), (h_think_box, h_think)):
@@ -417,13 +428,57 @@ def build_ui(app: WebApp) -> Any:
     return demo
 
 
+class FileGuard:
+    """ASGI middleware over Gradio's ``/file=`` route.
+
+    The pages folder and the kept uploads must be in ``allowed_paths`` so handlers may hand their files to
+    components (Gradio then serves a copy from its cache, under a salted hash no other browser can guess).
+    But Gradio also serves allowed folders directly, inline, by path: anyone reaching the port could read
+    another user's ``generated_YYYYMMDD_HHMMSS.html`` and open it as a page of the app's own origin, where
+    its scripts could read the browser id in localStorage. So those folders answer 403 here, and every file
+    response is marked ``Content-Security-Policy: sandbox`` (an opened file runs in an opaque origin)."""
+
+    def __init__(self, app: Any, private: list[str], public: list[str] = ()) -> None:
+        self.app = app
+        self.private = [os.path.realpath(p) for p in private]
+        self.public = [os.path.realpath(p) for p in public]  # Gradio's cache, even inside a private folder
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or "/file=" not in scope["path"]:
+            await self.app(scope, receive, send)
+            return
+        target = os.path.realpath(scope["path"].split("/file=", 1)[1])
+
+        def inside(folders: list[str]) -> bool:
+            return any(target == p or target.startswith(p + os.sep) for p in folders)
+
+        if inside(self.private) and not inside(self.public):
+            await send({"type": "http.response.start", "status": 403,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+            await send({"type": "http.response.body", "body": b"File not allowed."})
+            return
+
+        async def sandboxed(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"content-security-policy", b"sandbox"),
+                                      (b"x-content-type-options", b"nosniff")]
+            await send(message)
+
+        await self.app(scope, receive, sandboxed)
+
+
 def serve_ui(app: WebApp, demo: Any, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> Any:
     """Start the page; with ``block=False`` return at once (tests, scripts) and stop it with ``demo.close()``."""
+    from gradio.utils import get_upload_folder
+    from starlette.middleware import Middleware
+
     allowed = [str(app.html_dir.resolve())]
     if app.store is not None:
         allowed.append(str(app.store.media.resolve()))
     return demo.launch(server_name=host, server_port=port, show_error=True, quiet=True, allowed_paths=allowed,
-                       css=CSS, head=HEAD, prevent_thread_lock=not block, footer_links=[])
+                       css=CSS, head=HEAD, prevent_thread_lock=not block, footer_links=[],
+                       app_kwargs={"middleware": [Middleware(FileGuard, private=allowed,
+                                                             public=[get_upload_folder()])]})
 
 
 def _choice_for(model: str) -> str:
