@@ -77,6 +77,12 @@ def test_engine_sampling_is_seeded_and_respects_stops(pair):
     b = collect(fast.generate(req(fast, 1, seed=5, temperature=0.9, top_k=0, top_p=1.0)))
     c = collect(fast.generate(req(fast, 1, seed=6, temperature=0.9, top_k=0, top_p=1.0)))
     assert a.raw_text == b.raw_text and a.raw_text != c.raw_text
+    full = collect(fast.generate(req(fast, 0, max_new_tokens=30)))
+    words = full.output.answer.split()
+    assert len(words) > 3
+    cut = collect(fast.generate(req(fast, 0, max_new_tokens=30, stop=(words[2],))))
+    assert cut.output.answer == full.raw_text.split(words[2])[0].strip() and cut.finish_reason == "stop"
+    assert cut.usage.completion_tokens < full.usage.completion_tokens  # generation ended at the stop string
     cancel = threading.Event()
     n = 0
     for chunk in fast.generate(req(fast, 0, max_new_tokens=5000), cancel):

@@ -25,7 +25,7 @@ def req(backend, prompt="describe this image", images=1, **sampling):
 
 def test_defaults_come_from_the_checkpoint(tiny_backend):
     s = tiny_backend.default_sampling
-    assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty) == (0.8, 0.6, 2, 1.1)
+    assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty) == (0.7, 0.65, 3, 1.05)
 
 
 def test_stream_chunks_agree_with_result(tiny_backend):

@@ -60,7 +60,7 @@ def test_ids_in_config_agree_with_tokenizer(tiny_path, processor):
     gen = json.loads((tiny_path / "generation_config.json").read_text())
     stops = {tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")}
     assert set(gen["eos_token_id"]) == stops
-    assert (gen["temperature"], gen["top_p"], gen["top_k"], gen["repetition_penalty"]) == (0.8, 0.6, 2, 1.1)
+    assert (gen["temperature"], gen["top_p"], gen["top_k"], gen["repetition_penalty"]) == (0.7, 0.65, 3, 1.05)
 
 
 def test_prompt_format_matches_model_facts(processor):

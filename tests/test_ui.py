@@ -206,7 +206,10 @@ def test_html_refine_adds_scored_versions(tmp_path, image):
     versions = last(app.html(image, "make a page", True, 64, "desktop", [], "s1"))[5]
     updates = list(app.html_refine(image, 1, True, 64, "desktop", versions, versions[0]["label"], "s1"))
     code, status, path, preview, versions2, choices, chosen, gallery, table = updates[-1]
-    assert "visual score" in status and len(versions2) in (1, 2)
+    # one round with a reply that holds HTML: the refined page is always kept as a second version, scored,
+    # whether or not it scored higher (then the status says the score stopped improving)
+    assert "visual score" in status and len(versions2) == 2 and "refined" in versions2[1]["label"]
+    assert "round 1 of 1" in status and chosen == versions2[1]["label"]
     assert all("score" in v for v in versions2)
     assert gallery[0] == image and Path(gallery[1]).name.startswith("render-v")
     from PIL import Image

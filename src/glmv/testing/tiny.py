@@ -3,7 +3,8 @@
 It is built here, in seconds on a CPU, because no test machine can download the real weights. What is
 real: the file layout (``config.json`` of model type ``glm4v``, a ``tokenizer.json`` holding every
 special token of GLM-4.6V, a ``chat_template.jinja`` that renders the real prompt format,
-``generation_config.json`` with the real stop tokens and sampling defaults, the ``Glm46VProcessor``
+``generation_config.json`` with the real stop tokens (its sampling defaults are deliberately not the
+model card's, so tests can tell they are read from the checkpoint), the ``Glm46VProcessor``
 configs) and therefore the whole loading, processing and generation path. What is not: the weights are
 random and the vocabulary is small, so its text is gibberish and its token ids differ from the real
 ones (which keeps the code honest about reading ids from the checkpoint).
@@ -21,8 +22,9 @@ from pathlib import Path
 from ..settings import cache_root
 
 # Bump when the layout changes, so cached copies are rebuilt (4: think/box/tool tags no longer special,
-# released pixel bounds, the template that strips reasoning from history).
-TINY_VERSION = "4"
+# released pixel bounds, the template that strips reasoning from history; 5: sampling defaults distinct
+# from the model card's).
+TINY_VERSION = "5"
 
 # The released processor configs of the family (GLM-OCR, GLM-4.1V) bound images to 12544..9633792 pixels
 # (at most ~6144 visual tokens); transformers' class defaults (longest_edge 11760000) differ.
@@ -176,10 +178,12 @@ def build_tiny_checkpoint(out: Path, seed: int = 0) -> Path:
     model = Glm4vForConditionalGeneration(config).to(torch.float32).eval()
     model.generation_config = GenerationConfig(
         do_sample=True,
-        temperature=0.8,
-        top_p=0.6,
-        top_k=2,
-        repetition_penalty=1.1,
+        # Deliberately not the model card's values (settings.py hard-codes those as the fallback), so a
+        # test can tell that the defaults were read from the checkpoint.
+        temperature=0.7,
+        top_p=0.65,
+        top_k=3,
+        repetition_penalty=1.05,
         max_new_tokens=8192,
         eos_token_id=[ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]],
         pad_token_id=ids["<|endoftext|>"],
