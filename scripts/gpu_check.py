@@ -132,7 +132,7 @@ def full_logits() -> bool:
 
     from glmv.bench import build_model, make_inputs
     from glmv.engine.fast import EngineConfig, FastEngine
-    from glmv.testing.tiny import ensure_tiny_checkpoint
+    from glmv.tiny import ensure_tiny_checkpoint
 
     processor = AutoProcessor.from_pretrained(ensure_tiny_checkpoint())
     model = build_model("full-random", "cuda", torch.bfloat16, processor)
@@ -179,7 +179,7 @@ def teacher_forced() -> bool:
     from glmv.bench import build_model
     from glmv.engine.fast import EngineConfig, FastEngine
     from glmv.engine.w4 import quantize_text_decoder
-    from glmv.testing.tiny import ensure_tiny_checkpoint
+    from glmv.tiny import ensure_tiny_checkpoint
 
     processor = AutoProcessor.from_pretrained(ensure_tiny_checkpoint())
     model = build_model("full-random", "cuda", torch.bfloat16, processor)

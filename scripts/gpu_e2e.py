@@ -23,7 +23,7 @@ def save_checkpoint(path: Path) -> None:
     from transformers import AutoProcessor
 
     from glmv.bench import build_model
-    from glmv.testing.tiny import ensure_tiny_checkpoint
+    from glmv.tiny import ensure_tiny_checkpoint
 
     tiny = ensure_tiny_checkpoint()
     processor = AutoProcessor.from_pretrained(tiny)

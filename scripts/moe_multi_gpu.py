@@ -37,7 +37,7 @@ def main() -> None:
     from glmv.media import load_image
     from glmv.prompts import user_message
     from glmv.settings import Settings
-    from glmv.testing.tiny import ensure_tiny_checkpoint
+    from glmv.tiny import ensure_tiny_checkpoint
 
     n_gpu = torch.cuda.device_count()
     processor = AutoProcessor.from_pretrained(ensure_tiny_checkpoint())

@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from glmv.bench import build_model, make_inputs, time_engine
 from glmv.engine.fast import EngineConfig, FastEngine
-from glmv.testing.tiny import ensure_tiny_checkpoint
+from glmv.tiny import ensure_tiny_checkpoint
 from transformers import AutoProcessor
 
 w4 = "--w4" in sys.argv

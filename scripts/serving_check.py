@@ -31,7 +31,7 @@ from glmv.bench import build_model  # noqa: E402
 from glmv.media import load_image  # noqa: E402
 from glmv.prompts import Message, user_message  # noqa: E402
 from glmv.settings import Settings  # noqa: E402
-from glmv.testing.tiny import ensure_tiny_checkpoint  # noqa: E402
+from glmv.tiny import ensure_tiny_checkpoint  # noqa: E402
 
 
 def same_prefix(a: str, b: str) -> float:

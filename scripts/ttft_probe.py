@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import AutoProcessor
 
 from glmv.bench import build_model, make_inputs
-from glmv.testing.tiny import ensure_tiny_checkpoint
+from glmv.tiny import ensure_tiny_checkpoint
 
 
 def med(fn, n=5):

@@ -33,7 +33,7 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_path(_isolated_cache):
-    from glmv.testing.tiny import ensure_tiny_checkpoint
+    from glmv.tiny import ensure_tiny_checkpoint
 
     return ensure_tiny_checkpoint()
 

@@ -427,7 +427,7 @@ def test_bench_serve_runs_the_server_under_load(tmp_path):
 VERIFY_CHECK = r"""
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
-from glmv.testing.tiny import ensure_tiny_checkpoint
+from glmv.tiny import ensure_tiny_checkpoint
 from glmv.engine.fast import EngineConfig, FastEngine
 from glmv.engine.kernels import Kernels
 from glmv.engine.scheduler import Segment

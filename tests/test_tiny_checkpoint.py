@@ -10,7 +10,7 @@ from PIL import Image
 from glmv.media import load_image
 from glmv.parsing import ToolCall
 from glmv.prompts import Message, to_template_messages, user_message
-from glmv.testing.tiny import PLAIN_TOKENS, SPECIAL_TOKENS
+from glmv.tiny import PLAIN_TOKENS, SPECIAL_TOKENS
 
 IMG = "<|begin_of_image|><|image|><|end_of_image|>"
 

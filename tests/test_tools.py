@@ -162,7 +162,7 @@ def test_tiny_model_runs_the_tool_loop(tiny_path):
 @needs_ocr
 def test_score_orders_pages_sensibly(tmp_path):
     from glmv.score import score_page
-    from glmv.tools import render_html
+    from glmv.render import render_html
 
     target = render_html(PAGE, width=1280)
     same, _ = score_page(target, PAGE)
@@ -182,7 +182,7 @@ def test_score_orders_pages_sensibly(tmp_path):
 @needs_browser
 @needs_ocr
 def test_refine_keeps_versions_and_stops_when_no_better(tmp_path):
-    from glmv.tools import render_html
+    from glmv.render import render_html
 
     shot = tmp_path / "target.png"
     render_html(PAGE, width=1280).save(shot)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .testing.tiny import ensure_tiny_checkpoint
+from .tiny import ensure_tiny_checkpoint
 
 FLASH_TEXT = dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696, num_hidden_layers=40,
                   num_attention_heads=32, num_key_value_heads=2, max_position_embeddings=131072, rms_norm_eps=1e-5,

@@ -148,7 +148,7 @@ def build_backend(args: argparse.Namespace) -> Any:
     from .backends.local import LocalBackend
     from .bench import build_model
     from .settings import Settings
-    from .testing.tiny import ensure_tiny_checkpoint
+    from .tiny import ensure_tiny_checkpoint
 
     on_gpu = args.device.startswith("cuda")
     settings = Settings(model=args.model, engine="fast", device="cuda" if on_gpu else "cpu", max_seq_len=args.max_seq_len)

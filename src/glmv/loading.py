@@ -56,7 +56,7 @@ def resolve_model(name: str, log: Log = _stderr_log) -> Path:
     if not name or not name.strip():
         raise ModelLoadError("no model given: pass --model with a hub id (zai-org/GLM-4.6V-Flash) or a local folder")
     if name == TINY_MODEL:
-        from .testing.tiny import ensure_tiny_checkpoint, tiny_checkpoint_path
+        from .tiny import ensure_tiny_checkpoint, tiny_checkpoint_path
 
         if not (tiny_checkpoint_path() / "glmv_tiny.json").exists():
             log("building the tiny test checkpoint (first use only) ...")

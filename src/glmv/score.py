@@ -203,7 +203,7 @@ class PageRenderer:
             from playwright.sync_api import sync_playwright
         except ImportError:
             raise GlmvError("glmv score needs Playwright: pip install playwright") from None
-        from .tools import CHROMIUM_ARGS, chromium_path
+        from .render import CHROMIUM_ARGS, chromium_path
 
         self._pw = sync_playwright().start()
         self._browser = self._pw.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)

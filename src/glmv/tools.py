@@ -8,15 +8,14 @@ the image, a tool that fails) becomes an error message fed back to the model, ne
 Built-in tools:
 - ``crop``: a box in the model's 0-1000 coordinates on one of the input images (or PDF pages), returned
   enlarged, for reading small print and checking details;
-- ``render_html``: renders HTML in headless Chromium (Playwright with Debian's Chromium) at a desktop or
-  phone viewport, with the network blocked, and returns the screenshot.
+- ``render_html``: renders HTML in headless Chromium (:mod:`glmv.render`) at a desktop or phone viewport,
+  with the network blocked, and returns the screenshot.
 Users add their own with :meth:`ToolRegistry.register`.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -26,11 +25,9 @@ from .errors import GlmvError
 from .media import LoadedImage
 from .parsing import ToolCall
 from .prompts import Message
+from .render import render_html
 from .settings import SamplingParams
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-VIEWPORTS = {"desktop": (1280, 800), "phone": (390, 844)}
 
 
 class ToolError(GlmvError):
@@ -142,41 +139,6 @@ CROP = Tool(
      "required": ["box"]},
     crop_tool,
 )
-
-
-def chromium_path() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        raise ToolError("render_html needs Chromium: apt-get install chromium (and pip install playwright)")
-    return path
-
-
-def render_html(page: str, viewport: str = "desktop", full_page: bool = True, width: int | None = None):
-    """Screenshot of ``page`` in headless Chromium with every network request blocked. Returns a PIL image."""
-    import io
-
-    from PIL import Image
-
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        raise ToolError("render_html needs Playwright: pip install playwright") from None
-    w, h = VIEWPORTS.get(viewport, VIEWPORTS["desktop"])
-    if width:
-        w = width
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
-        try:
-            context = browser.new_context(viewport={"width": w, "height": h}, java_script_enabled=True,
-                                          device_scale_factor=1)
-            context.route("**/*", lambda route: route.abort())  # no network: the page sees only itself
-            pg = context.new_page()
-            pg.set_content(page, wait_until="load", timeout=15000)
-            pg.wait_for_timeout(100)
-            png = pg.screenshot(full_page=full_page, timeout=15000)
-        finally:
-            browser.close()
-    return Image.open(io.BytesIO(png)).convert("RGB")
 
 
 def render_html_tool(args: dict[str, Any], ctx: ToolContext) -> list[Any]:

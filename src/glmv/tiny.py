@@ -19,7 +19,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from ..settings import cache_root
+from .settings import cache_root
 
 # Bump when the layout changes, so cached copies are rebuilt (4: think/box/tool tags no longer special,
 # released pixel bounds, the template that strips reasoning from history; 5: sampling defaults distinct
