@@ -103,13 +103,11 @@ def tiny_parity() -> bool:
     from glmv.prompts import user_message
     from glmv.settings import Settings
 
-    import os
-
-    os.environ["GLMV_TUNE"] = "0"  # this checks the engine's logic: same products as generate, exact tokens
+    # tune=False: this checks the engine's logic (same products as generate, exact tokens), as do the checks after it
     ok = True
     for dtype in ("float32",):
         hf = LocalBackend(Settings(model="tiny", engine="hf", device="cuda", dtype=dtype), log=lambda m: None).load()
-        fast = LocalBackend(Settings(model="tiny", engine="fast", device="cuda", dtype=dtype), log=print).load()
+        fast = LocalBackend(Settings(model="tiny", engine="fast", device="cuda", dtype=dtype, tune=False), log=print).load()
 
         def req(b, i):
             img = [load_image(Image.new("RGB", (280 + 56 * i, 196), (i * 40, 100, 200)))] if i != 2 else []
@@ -149,7 +147,7 @@ def full_logits() -> bool:
         pos = (torch.tensor([[n]], device="cuda") + delta).view(1, 1, 1).expand(3, 1, 1)
         ref = model(input_ids=nxt[:, None], past_key_values=out.past_key_values, position_ids=pos,
                     attention_mask=torch.ones(1, n + 1, device="cuda", dtype=torch.long), use_cache=True).logits[:, -1]
-    engine = FastEngine(model, EngineConfig(max_batch=1, max_seq_len=2048, use_graphs=False))
+    engine = FastEngine(model, EngineConfig(max_batch=1, max_seq_len=2048, use_graphs=False, tune=False))
     with torch.inference_mode():
         engine._reset_dummy(1)
         engine._prefill_row(0, inputs)
@@ -192,7 +190,7 @@ def teacher_forced() -> bool:
         if mode == "w4":
             quantize_text_decoder(model, "cuda")
             torch.cuda.empty_cache()
-        engine = FastEngine(model, EngineConfig(max_batch=4, max_seq_len=2048))
+        engine = FastEngine(model, EngineConfig(max_batch=4, max_seq_len=2048, tune=False))
         engine.capture([1, 4])
         for batch in (1, 4):
             got = [[] for _ in range(batch)]

@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from glmv.bench import build_model, make_inputs, time_engine
 from glmv.engine.fast import EngineConfig, FastEngine
+from glmv.settings import tune_from_env, tuning_dir
 from glmv.tiny import ensure_tiny_checkpoint
 from transformers import AutoProcessor
 
@@ -27,7 +28,7 @@ if w4:
 
     quantize_text_decoder(model, "cuda")
     torch.cuda.empty_cache()
-engine = FastEngine(model, EngineConfig(max_batch=1, max_seq_len=4096))
+engine = FastEngine(model, EngineConfig(max_batch=1, max_seq_len=4096, tune=tune_from_env(), tuning_dir=tuning_dir()))
 engine.capture()
 if engine.tuner is not None:
     for key, times in engine.tuner.timings.items():

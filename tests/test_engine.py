@@ -93,9 +93,21 @@ def test_engine_sampling_is_seeded_and_respects_stops(pair):
             assert chunk.finish_reason == "cancelled" and chunk.usage.completion_tokens < 10
 
 
+def test_engine_settings_come_through_its_config(monkeypatch):
+    from glmv.engine.fast import EngineConfig
+
+    monkeypatch.setenv("GLMV_TUNE", "0")
+    assert Settings.from_env().tune is False and Settings.from_env(tune=True).tune is True
+    assert EngineConfig().tune is True  # the engine itself reads no environment
+    monkeypatch.setenv("GLMV_TUNE", "1")
+    assert Settings.from_env().tune is True
+
+
 def test_long_requests_fall_back_to_generate(tiny_path):
-    fast = LocalBackend(Settings(model=str(tiny_path), engine="fast", max_seq_len=64), log=lambda m: None).load()
+    fast = LocalBackend(Settings(model=str(tiny_path), engine="fast", max_seq_len=64, tune=False),
+                        log=lambda m: None).load()
     try:
+        assert fast.engine.config.tune is False  # Settings reach the engine's config
         r = collect(fast.generate(req(fast, 2, max_new_tokens=100)))  # prompt + answer > 64: transformers path
         assert r.usage.completion_tokens == 100
     finally:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .settings import tune_from_env, tuning_dir
 from .tiny import ensure_tiny_checkpoint
 
 FLASH_TEXT = dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696, num_hidden_layers=40,
@@ -266,7 +267,8 @@ def engine_warmup(model: Any, args: argparse.Namespace, processor: Any, max_batc
 
     t0 = time.perf_counter()
     engine = FastEngine(model, EngineConfig(max_batch=max_batch or args.max_batch,
-                                            max_seq_len=max_seq_len or args.max_seq_len))
+                                            max_seq_len=max_seq_len or args.max_seq_len,
+                                            tune=tune_from_env(), tuning_dir=tuning_dir()))
     engine.capture()
     inputs = dict(processor(text=["[gMASK]<sop><|user|>\nhi<|assistant|>"], return_tensors="pt"))
     inputs.pop("token_type_ids", None)
@@ -457,7 +459,8 @@ def _w4(model: Any, args: argparse.Namespace, processor: Any, image: Path, batch
         out["peak_b1_8k_GB"] = torch.cuda.max_memory_allocated() / 1e9
     del engine
     if any(b > 1 for b in batches):
-        engine = FastEngine(model, EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len))
+        engine = FastEngine(model, EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                                                tune=tune_from_env(), tuning_dir=tuning_dir()))
         for b in batches[1:]:
             if b > args.max_batch:
                 continue

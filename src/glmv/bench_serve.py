@@ -147,11 +147,12 @@ def build_backend(args: argparse.Namespace) -> Any:
 
     from .backends.local import LocalBackend
     from .bench import build_model
-    from .settings import Settings
+    from .settings import Settings, tune_from_env
     from .tiny import ensure_tiny_checkpoint
 
     on_gpu = args.device.startswith("cuda")
-    settings = Settings(model=args.model, engine="fast", device="cuda" if on_gpu else "cpu", max_seq_len=args.max_seq_len)
+    settings = Settings(model=args.model, engine="fast", device="cuda" if on_gpu else "cpu", max_seq_len=args.max_seq_len,
+                        tune=tune_from_env())
     processor = AutoProcessor.from_pretrained(ensure_tiny_checkpoint())
     model = build_model(args.model, args.device, torch.bfloat16 if on_gpu else torch.float32, processor)
     return LocalBackend.from_model(model, processor, settings, log=print, max_batch=args.max_batch)

@@ -104,6 +104,8 @@ class Settings:
     prefix_cache_gb: float | None = None  # fast engine's prefix cache (None: auto, from free memory; 0: off)
     allow_remote_media: bool = True  # the CLI may fetch URLs it is given; the server turns this off
     cache_dir: Path | None = None
+    # fast engine: time cuBLAS against Triton GEMV per shape (cached on disk); GLMV_TUNE=0 turns it off
+    tune: bool = True
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "Settings":
@@ -118,6 +120,7 @@ class Settings:
                 env["max_pixels"] = int(os.environ["GLMV_MAX_PIXELS"])
             except ValueError as exc:
                 raise RequestError(f"GLMV_MAX_PIXELS={os.environ['GLMV_MAX_PIXELS']!r} is not an integer") from exc
+        env["tune"] = tune_from_env()
         env.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**env)
         settings.validate()
@@ -140,6 +143,17 @@ class Settings:
             raise RequestError(f"invalid prefix_cache_gb {self.prefix_cache_gb!r}: must be a number >= 0 (0 turns it off)")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise RequestError(f"invalid device {self.device!r}: use auto, cpu, cuda or cuda:N")
+
+
+def tune_from_env() -> bool:
+    """The fast engine's per-shape GEMV tuning, on unless ``GLMV_TUNE=0``: read here, where settings are built,
+    and handed to the engine through its config (never read inside the engine)."""
+    return os.environ.get("GLMV_TUNE", "1") != "0"
+
+
+def tuning_dir() -> Path:
+    """Where the fast engine caches its per-shape GEMV choices (handed to it in ``EngineConfig``)."""
+    return cache_root() / "tuning"
 
 
 def cache_root() -> Path:

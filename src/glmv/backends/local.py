@@ -21,7 +21,7 @@ from ..errors import ContextLengthError, GlmvError, ModelLoadError
 from ..loading import Log, _stderr_log, choose_placement, load_checkpoint, resolve_model
 from ..parsing import StreamParser
 from ..prompts import template_videos, to_template_messages, validate_messages
-from ..settings import SamplingParams, Settings
+from ..settings import SamplingParams, Settings, tuning_dir
 from .base import Chunk, GenerationRequest, Timings, Usage, delta_chunk
 from .mixed_media import separate_image_and_video_tokens
 from .scheduler import BatchStreamer, CancelCriteria, Job, Scheduler, collate
@@ -139,7 +139,8 @@ class LocalBackend:
         t0 = time.perf_counter()
         self._log("warming up the fast decode engine (static KV cache, CUDA graphs) ...")
         max_batch, max_seq_len = self._cache_size()
-        cfg = EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len)
+        cfg = EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, tune=self.settings.tune,
+                           tuning_dir=tuning_dir())
         self._log(f"KV cache: {max_batch} x {max_seq_len} tokens")
         self.engine = FastEngine(self.model, cfg, log=lambda m: None)
         self.engine.capture()

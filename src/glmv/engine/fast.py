@@ -21,9 +21,9 @@ model, several GPUs) uses transformers' ``generate``.
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -49,8 +49,8 @@ class EngineConfig:
     prefix_block: int = 32  # tokens per prefix-cache block
     prefix_cache_bytes: int | None = None  # prefix-cache budget (None: decided by the caller; 0: off)
     spec_tokens: int = 8  # prompt-lookup draft length
-    # time cuBLAS against Triton GEMV per shape (cached on disk); GLMV_TUNE=0 turns it off
-    tune: bool = field(default_factory=lambda: os.environ.get("GLMV_TUNE", "1") != "0")
+    tune: bool = True  # time cuBLAS against Triton GEMV per shape; from Settings.tune
+    tuning_dir: Path | None = None  # where the tuned choices are cached (settings.tuning_dir(); None: not kept)
 
 
 @dataclass
@@ -119,7 +119,10 @@ class FastEngine:
         if self.kernels.use_triton:
             install_fused_norms(model)  # prefill runs the model's own forward: fuse its ~200 RMSNorms
         self.layers = [self._fuse(layer) for layer in lm.layers]
-        self.tuner = GemvTuner(tuner_cache_file(self.device)) if (self.kernels.use_triton and self.config.tune) else None
+        self.tuner = None
+        if self.kernels.use_triton and self.config.tune:  # the file is named after the GPU: only on one
+            tdir = self.config.tuning_dir
+            self.tuner = GemvTuner(tuner_cache_file(self.device, tdir) if tdir is not None else None)
         self.final_norm = lm.norm.weight
         self.lm_head = model.lm_head.weight
         self.embed = lm.embed_tokens.weight

@@ -198,9 +198,8 @@ def _time(fn, reps: int = 20) -> float:
     return times[len(times) // 2]
 
 
-def tuner_cache_file(device: torch.device) -> Path:
-    from ..settings import cache_root
-
+def tuner_cache_file(device: torch.device, directory: Path) -> Path:
+    """The tuned choices' file in ``directory`` for this GPU, torch and Triton."""
     name = torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
     tri = getattr(__import__("triton"), "__version__", "none") if HAVE_TRITON else "none"
-    return cache_root() / "tuning" / f"gemv-{name}-torch{torch.__version__.split('+')[0]}-triton{tri}.json"
+    return directory / f"gemv-{name}-torch{torch.__version__.split('+')[0]}-triton{tri}.json"
