@@ -71,6 +71,31 @@ def _safe_image(component: Any) -> Any:
     return component
 
 
+def _task_controls(name: str, task: str, run_label: str, image: Any, examples: Any) -> tuple[Any, Any, Any]:
+    """Under a tab's image: the task's prompt (Enter runs), Run and Stop, and the examples (Describe and OCR).
+
+    Element ids are ``{name}-prompt``, ``{name}-run``, ``{name}-stop`` and ``{name}-examples``."""
+    import gradio as gr
+
+    prompt = gr.Textbox(TASKS[task].prompt, label="Prompt", lines=1, max_lines=6, elem_id=f"{name}-prompt",
+                        info="Enter runs")
+    with gr.Row():
+        run = gr.Button(run_label, variant="primary", elem_id=f"{name}-run")
+        stop = gr.Button("Stop", variant="stop", elem_id=f"{name}-stop")
+    if examples:
+        gr.Examples(examples, [image], label="Examples", elem_id=f"{name}-examples")
+    return prompt, run, stop
+
+
+def _thinking_box(name: str) -> tuple[Any, Any]:
+    """The closed, hidden "Thinking" accordion (``{name}-think-box``) and the Markdown inside it."""
+    import gradio as gr
+
+    with gr.Accordion("Thinking", open=False, visible=False, elem_id=f"{name}-think-box") as box:
+        text = gr.Markdown()
+    return box, text
+
+
 def browser_secret(folder: Path) -> str:
     """A secret kept in the cache folder: the browser's id stays readable after a server restart."""
     path = Path(folder) / "browser.secret"
@@ -153,16 +178,9 @@ def build_ui(app: WebApp) -> Any:
                         d_img = _safe_image(gr.Image(type="filepath", label="Image", elem_id="describe-image"))
                         d_mode = gr.Radio(["Describe", "Find"], value="Describe", label="Mode", elem_id="describe-mode",
                                           info="Find draws boxes around what you name")
-                        d_prompt = gr.Textbox(TASKS["describe"].prompt, label="Prompt", lines=1, max_lines=6,
-                                              elem_id="describe-prompt", info="Enter runs")
-                        with gr.Row():
-                            d_run = gr.Button("Run", variant="primary", elem_id="describe-run")
-                            d_stop = gr.Button("Stop", variant="stop", elem_id="describe-stop")
-                        if examples:
-                            gr.Examples(examples, [d_img], label="Examples", elem_id="describe-examples")
+                        d_prompt, d_run, d_stop = _task_controls("describe", "describe", "Run", d_img, examples)
                     with gr.Column(scale=2):
-                        with gr.Accordion("Thinking", open=False, visible=False, elem_id="describe-think-box") as d_think_box:
-                            d_think = gr.Markdown()
+                        d_think_box, d_think = _thinking_box("describe")
                         d_answer = gr.Markdown(elem_id="describe-answer")
                         d_stats = gr.Markdown(elem_classes="glmv-stats", elem_id="describe-stats")
                         d_found = gr.Image(label="Found", visible=False, type="filepath", interactive=False,
@@ -173,16 +191,9 @@ def build_ui(app: WebApp) -> Any:
                 with gr.Row():
                     with gr.Column(scale=1):
                         o_img = _safe_image(gr.Image(type="filepath", label="Document or photo", elem_id="ocr-image"))
-                        o_prompt = gr.Textbox(TASKS["ocr"].prompt, label="Prompt", lines=1, max_lines=6,
-                                              elem_id="ocr-prompt", info="Enter runs")
-                        with gr.Row():
-                            o_run = gr.Button("Read text", variant="primary", elem_id="ocr-run")
-                            o_stop = gr.Button("Stop", variant="stop", elem_id="ocr-stop")
-                        if examples:
-                            gr.Examples(examples, [o_img], label="Examples", elem_id="ocr-examples")
+                        o_prompt, o_run, o_stop = _task_controls("ocr", "ocr", "Read text", o_img, examples)
                     with gr.Column(scale=2):
-                        with gr.Accordion("Thinking", open=False, visible=False, elem_id="ocr-think-box") as o_think_box:
-                            o_think = gr.Markdown()
+                        o_think_box, o_think = _thinking_box("ocr")
                         with gr.Tab("Rendered"):
                             o_md = gr.Markdown(elem_id="ocr-rendered")
                         with gr.Tab("Raw text"):
@@ -209,8 +220,7 @@ def build_ui(app: WebApp) -> Any:
                             h_refine_btn = gr.Button("Render, compare and refine", elem_id="html-refine")
                         h_versions = gr.Dropdown([], label="Versions", interactive=True, elem_id="html-versions")
                     with gr.Column(scale=2):
-                        with gr.Accordion("Thinking", open=False, visible=False, elem_id="html-think-box") as h_think_box:
-                            h_think = gr.Markdown()
+                        h_think_box, h_think = _thinking_box("html")
                         h_stats = gr.Markdown(elem_classes="glmv-stats", elem_id="html-stats")
                         with gr.Row():
                             h_view = gr.Radio(list(VIEWPORTS), value="desktop", label="Preview width", elem_id="html-view")
