@@ -411,9 +411,13 @@ def _sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+# The flags that map onto Settings fields (same names); a command without one of them leaves the default.
+SETTINGS_FLAGS = ("model", "device", "dtype", "quant", "engine", "speculate", "prefix_cache_gb", "max_pixels", "thinking")
+
+
 def _settings_from_args(args: argparse.Namespace) -> Settings:
-    return Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-                             engine=args.engine, max_pixels=args.max_pixels, thinking=getattr(args, "thinking", None))
+    """The one way a command turns its flags into Settings: defaults, then GLMV_* variables, then the flags given."""
+    return Settings.from_env(**{name: getattr(args, name, None) for name in SETTINGS_FLAGS})
 
 
 def _default_backend(settings: Settings) -> Backend:
@@ -607,15 +611,7 @@ def run_task(
 ) -> int:
     task = args.command
     sampling_overrides = _sampling_from_args(args)
-    settings = Settings.from_env(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        quant=args.quant,
-        engine=args.engine, speculate=args.speculate, prefix_cache_gb=args.prefix_cache_gb,
-        max_pixels=args.max_pixels,
-        thinking=args.thinking,
-    )
+    settings = _settings_from_args(args)
     _refuse_ignored(args)
     sources = [*args.images, *args.input]
     prompt = args.prompt
@@ -851,8 +847,7 @@ def run_ground(args: argparse.Namespace, backend_factory: BackendFactory, stdout
     what = args.prompt.strip()
     if not what:
         raise GlmvError('the prompt is empty: say what to find, for example -p "the red car"')
-    settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-                                 engine=args.engine, max_pixels=args.max_pixels)
+    settings = _settings_from_args(args)
     sampling = SamplingParams().merged(max_new_tokens=args.max_new_tokens)
     image = load_image(args.image, max_pixels=settings.max_pixels)
     src = args.image
@@ -919,9 +914,7 @@ def run_batch_command(args: argparse.Namespace, backend_factory: BackendFactory 
 
     _refuse_ignored(args)
     overrides = _sampling_from_args(args)
-    settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-                                 engine=args.engine, speculate=args.speculate, prefix_cache_gb=args.prefix_cache_gb,
-                                 max_pixels=args.max_pixels, thinking=args.thinking)
+    settings = _settings_from_args(args)
     if args.batch_size < 1 or args.max_doc_pages < 1:
         raise GlmvError("--batch-size and --max-doc-pages must be at least 1")
     if args.batch_size > MAX_BATCH_SIZE:  # each item in flight is a thread holding its decoded pixels
@@ -972,9 +965,7 @@ def run_ui(args: argparse.Namespace, stderr: TextIO) -> int:
         from .ui.store import Store
     except ImportError:
         raise GlmvError("glmv ui needs gradio: pip install 'glmv[ui]'") from None
-    settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-                                 engine=args.engine, speculate=args.speculate, prefix_cache_gb=args.prefix_cache_gb,
-                                 max_pixels=args.max_pixels)
+    settings = _settings_from_args(args)
     from .outputs import ensure_writable_dir
     from .settings import cache_root
 
@@ -1053,9 +1044,7 @@ def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr:
         from .server.app import ServerConfig, build_app
     except ImportError:
         raise GlmvError("glmv serve needs fastapi and uvicorn: pip install 'glmv[server]'") from None
-    settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-                                 engine=args.engine, speculate=args.speculate, prefix_cache_gb=args.prefix_cache_gb,
-                                 max_pixels=args.max_pixels)
+    settings = _settings_from_args(args)
     api_key = args.api_key or os.environ.get("GLMV_API_KEY")
     media_dir = None
     if args.allowed_media_dir:
@@ -1116,8 +1105,7 @@ def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr:
 def run_start(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     from . import resident
 
-    settings = Settings.from_env(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-                                 engine=args.engine, max_pixels=args.max_pixels)
+    settings = _settings_from_args(args)
     idle_s = resident.parse_duration(args.idle_timeout)
     model = resident.normalize_model(settings.model)
     explicit = {f: getattr(args, f) for f in resident.MATCH_FIELDS if getattr(args, f, None) is not None}
