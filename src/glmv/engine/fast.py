@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .gemv import GemvTuner, tuner_cache_file
-from .kernels import Kernels, install_fused_norms
+from .kernels import Kernels, install_fused_norms, rotate_pairs
 from .w4 import W4Linear, dequantize_w4, w4_linear
 
 W4_KERNEL_ROWS = 32  # the int4 kernels serve up to this many rows (decode, drafts); longer inputs dequantize
@@ -423,15 +423,8 @@ class FastEngine:
     # -- multi-token forward: prefill chunks and draft verification --------------------------------
     def _rope_multi(self, x: torch.Tensor, pos3: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, heads, D] at multimodal positions pos3 [3, T] (interleaved pairs, as the decode step)."""
-        rot = 2 * self.inv_freq.shape[0]
         freqs = pos3.float()[self._rope_comp].T * self.inv_freq[None, :]  # [T, rot/2]
-        cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
-        xf = x.float()
-        e, o = xf[..., 0:rot:2], xf[..., 1:rot:2]
-        out = xf.clone()
-        out[..., 0:rot:2] = e * cos - o * sin
-        out[..., 1:rot:2] = o * cos + e * sin
-        return out.to(x.dtype)
+        return rotate_pairs(x, freqs)
 
     @torch.inference_mode()
     def extend(self, segments: list["Segment"]) -> list[torch.Tensor | None]:

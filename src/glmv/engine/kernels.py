@@ -35,6 +35,19 @@ def add_rmsnorm2_ref(res, a, w1, w2, eps):
     return h, rmsnorm_ref(h, w2, eps)
 
 
+def rotate_pairs(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on interleaved pairs: x [T, heads, D] rotated over its first 2*freqs.shape[-1] dims by the
+    angles freqs [T, rot/2] (the layout the decode kernel uses); the rest of each head passes through."""
+    rot = 2 * freqs.shape[-1]
+    cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+    xf = x.float()
+    e, o = xf[..., 0:rot:2], xf[..., 1:rot:2]
+    out = xf.clone()
+    out[..., 0:rot:2] = e * cos - o * sin
+    out[..., 1:rot:2] = o * cos + e * sin
+    return out.to(x.dtype)
+
+
 def rope_cache_ref(qkv, k_cache, v_cache, positions, write_idx, inv_freq, n_heads, n_kv, head_dim):
     """Rotate q and k (interleaved pairs over the first 2*len(inv_freq) dims), write k and v to the cache.
 
@@ -43,20 +56,9 @@ def rope_cache_ref(qkv, k_cache, v_cache, positions, write_idx, inv_freq, n_head
     b = qkv.shape[0]
     x = qkv.view(b, n_heads + 2 * n_kv, head_dim)
     q, k, v = x[:, :n_heads], x[:, n_heads : n_heads + n_kv], x[:, n_heads + n_kv :]
-    rot = 2 * inv_freq.shape[0]
     freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # [B, rot/2]
-    cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
-
-    def rotate(t):
-        tf = t.float()
-        e, o = tf[..., 0:rot:2], tf[..., 1:rot:2]
-        out = tf.clone()
-        out[..., 0:rot:2] = e * cos - o * sin
-        out[..., 1:rot:2] = o * cos + e * sin
-        return out.to(t.dtype)
-
-    q = rotate(q)
-    k = rotate(k)
+    q = rotate_pairs(q, freqs)
+    k = rotate_pairs(k, freqs)
     rows = torch.arange(b, device=qkv.device)
     k_cache[rows, :, write_idx.long()] = k
     v_cache[rows, :, write_idx.long()] = v
