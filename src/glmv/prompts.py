@@ -8,7 +8,6 @@ a conversation before any model work, and turns it into the message format chat 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
@@ -124,8 +123,3 @@ def to_template_messages(messages: list[Message]) -> tuple[list[dict[str, Any]],
 def template_videos(messages: list[Message]) -> list[Any]:
     """The videos of a conversation in the order their placeholders appear."""
     return [v for m in messages for v in m.videos]
-
-
-def tool_result_text(value: Any) -> str:
-    """Text of a tool result as the model sees it."""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)

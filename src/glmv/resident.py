@@ -30,7 +30,6 @@ from .settings import TINY_MODEL, cache_root
 
 # Settings that change what the model computes; a client flag given explicitly must agree with the server.
 MATCH_FIELDS = ("max_pixels", "device", "dtype", "quant", "engine")
-DEFAULT_IDLE_TIMEOUT_S = 30 * 60.0
 
 
 def state_dir() -> Path:

@@ -358,12 +358,6 @@ def score_blocks(target: Any, tb: list[Block], render: Any, rb: list[Block]) -> 
             "matches": [{"target": t.text, "render": r.text, "similarity": round(q, 3)} for q, t, r in matched[:50]]}
 
 
-def score_images(target: Any, render: Any) -> dict[str, Any]:
-    """Both sides are pictures (no DOM): OCR both."""
-    tb, rb = ocr_blocks(target), ocr_blocks(render)
-    return score_blocks(target, tb, render, rb)
-
-
 def load_target(target: Path | Any) -> Any:
     from .media import load_image
 

@@ -103,7 +103,6 @@ class Settings:
     speculate: str = "auto"
     prefix_cache_gb: float | None = None  # fast engine's prefix cache (None: auto, from free memory; 0: off)
     allow_remote_media: bool = True  # the CLI may fetch URLs it is given; the server turns this off
-    cache_dir: Path | None = None
     # fast engine: time cuBLAS against Triton GEMV per shape (cached on disk); GLMV_TUNE=0 turns it off
     tune: bool = True
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ import torch.nn.functional as F
 from .gemv import GemvTuner, tuner_cache_file
 from .kernels import Kernels, install_fused_norms, rotate_pairs
 from .w4 import W4Linear, dequantize_w4, w4_linear
+
+if TYPE_CHECKING:  # the scheduler imports this module; at run time the engine imports it lazily
+    from .scheduler import RowParams, Segment
 
 W4_KERNEL_ROWS = 32  # the int4 kernels serve up to this many rows (decode, drafts); longer inputs dequantize
 TOPK_CAP = 256  # candidates kept for top-k/top-p sampling (top_k=0 means "all": approximated by these)
