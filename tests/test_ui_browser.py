@@ -432,6 +432,7 @@ def test_chats_and_versions_survive_reload_and_restart_per_browser(served, brows
     page.locator("#chat-saved input").click()
     assert page.get_by_role("option").count() == 1
     page.keyboard.press("Escape")
+    page.get_by_role("option").first.wait_for(state="hidden")  # the list is closed: the click reaches the button
     page.click("#chat-delete")
     page.wait_for_function("!document.querySelector('#chat').innerText.includes('remember this')")
     page.reload()
