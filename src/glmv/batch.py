@@ -38,7 +38,7 @@ from .errors import GlmvError, MediaError
 from .media import load_image
 from .outputs import ensure_writable_dir, json_text, text_as_page, write_atomic
 from .prompts import TASKS, user_message
-from .settings import SamplingParams
+from .settings import DEFAULT_LONG_SIDE, DEFAULT_MAX_PIXELS, SamplingParams
 
 try:
     import fcntl
@@ -373,9 +373,9 @@ class Options:
     batch_size: int = 4
     retry_failed: bool = False
     pages: str | None = None
-    long_side: int = 1600
+    long_side: int = DEFAULT_LONG_SIDE
     dpi: float | None = None
-    max_pixels: int = 4_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     thinking: bool = True
     sampling_overrides: dict[str, Any] = field(default_factory=dict)
     max_doc_pages: int = DEFAULT_MAX_DOC_PAGES

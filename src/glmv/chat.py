@@ -22,11 +22,11 @@ from typing import Any, Iterator, TextIO
 
 from .backends.base import Backend, Chunk, GenerationRequest, Result, collect
 from .cli import (BackendFactory, Printer, UsageError, _check_document_flags, _check_utf8, _choose_backend,
-                  _conversation, _log_answer, _refuse_ignored, _sampling_from_args, _settings_from_args, summary_line)
+                  _conversation, _log_answer, _refuse_ignored, _sampling_from_args, summary_line)
 from .errors import GlmvError
 from .limits import Budget, limits_from_args
 from .prompts import Message, user_message
-from .settings import DEFAULT_MAX_PIXELS, SamplingParams
+from .settings import DEFAULT_MAX_PIXELS, SamplingParams, Settings
 
 COMMANDS = {
     "/image": "/image PATH [PATH ...]  add images (or PDFs, videos) to your next message",
@@ -195,11 +195,10 @@ def _read_line(stdin: TextIO, prompt: str, stdout: TextIO) -> str:
     return line.rstrip("\n")
 
 
-def run_chat(args: argparse.Namespace, injected: BackendFactory | None, stdin: TextIO, stdout: TextIO,
-             stderr: TextIO) -> int:
+def run_chat(args: argparse.Namespace, settings: Settings, injected: BackendFactory | None, stdin: TextIO,
+             stdout: TextIO, stderr: TextIO) -> int:
     _refuse_ignored(args)
     overrides = _sampling_from_args(args)
-    settings = _settings_from_args(args)
     sources = [*args.images, *args.input]
     _check_document_flags(args, sources)
     if "-" in sources:

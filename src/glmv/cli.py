@@ -31,12 +31,14 @@ from .errors import GlmvError
 from .limits import Budget, add_limit_arguments, limits_from_args
 from .outputs import save_html, text_as_page
 from .prompts import TASKS, Message, user_message
-from .settings import DEFAULT_MAX_NEW_TOKENS, TINY_MODEL, SamplingParams, Settings
+from .settings import (DEFAULT_LONG_SIDE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PIXELS, SAMPLING_BOUNDS, TINY_MODEL,
+                       SamplingParams, Settings)
 
 DEFAULT_IMAGE = "input/image_1.png"
 SUBCOMMANDS = ("ask", "ocr", "html")
 MODEL_FLAGS = ("model", "quant", "engine", "dtype", "device")  # what a remote server decides for itself
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DEFAULT_HTML_DIR = "html_code"  # where html and the web app save pages
 
 BackendFactory = Callable[[Settings], Backend]
 
@@ -139,6 +141,36 @@ def _check_utf8(flag: str, text: str | None) -> None:
                          f"terminal to UTF-8 or pass the text in UTF-8") from None
 
 
+# Flags that several commands take, each declared once: add_flags(group, "debug", "max_pixels", ...). A command
+# may say more in its help (help=...), but the name, type and default are the same everywhere.
+JSON_HELP = "print the result as one JSON object on stdout (and nothing else there; messages go to stderr)"
+COMMON_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "debug": (("--debug",), dict(action="store_true", help="show tracebacks")),
+    "json": (("--json",), dict(action="store_true", help=JSON_HELP)),
+    "max_pixels": (("--max-pixels",), dict(
+        type=int, default=None, metavar="N",
+        help=f"scale images down to at most N pixels (fewer visual tokens, faster; default {DEFAULT_MAX_PIXELS})")),
+    "thinking": (("--thinking",), dict(action=argparse.BooleanOptionalAction, default=True,
+                                       help="let the model reason before answering (--no-thinking is faster)")),
+    "max_new_tokens": (("--max-new-tokens",), dict(type=int, default=None, metavar="N",
+                                                   help=f"answer length cap (default {DEFAULT_MAX_NEW_TOKENS})")),
+    "out": (("--out",), dict(default=DEFAULT_HTML_DIR, metavar="DIR",
+                             help=f"folder for generated pages, generated_YYYYMMDD_HHMMSS.html (default: {DEFAULT_HTML_DIR})")),
+}
+
+
+def add_flags(group: Any, *names: str, **changes: Any) -> None:
+    """Add the shared flags ``names`` to a parser or group; ``changes`` (help=..., required=...) apply to all of them."""
+    for name in names:
+        options, spec = COMMON_FLAGS[name]
+        group.add_argument(*options, **{**spec, **changes})
+
+
+def _sampling_help(name: str, what: str) -> str:
+    """``what``, then the range from SAMPLING_BOUNDS and the model card's default (the checkpoint's own wins)."""
+    return f"{what}, {SAMPLING_BOUNDS[name].rule} (default {getattr(SamplingParams(), name)}, or the checkpoint's own)"
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", "--model_path", dest="model", metavar="ID_OR_PATH",
@@ -165,7 +197,9 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("remote backend (any OpenAI-compatible server: vLLM, SGLang, another glmv serve)")
     g.add_argument("--backend", choices=["local", "openai"], default="local", help="where the model runs (default: local)")
     g.add_argument("--base-url", default=None, help="the server's API root, e.g. http://gpu-box:8000/v1")
-    g.add_argument("--api-key", default=None, help="API key for --base-url (default: $OPENAI_API_KEY)")
+    g.add_argument("--remote-api-key", default=None, metavar="KEY",
+                   help="the key glmv sends to --base-url (default: $OPENAI_API_KEY)")
+    g.add_argument("--api-key", dest="remote_api_key", help=argparse.SUPPRESS)  # its spelling before 0.3: still taken
     g.add_argument("--remote-model", default=None, help="model name on the server (default: the first it lists)")
 
 
@@ -173,27 +207,25 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they come (default: on when stdout is a terminal)")
-    g.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True,
-                   help="let the model reason before answering (--no-thinking is faster)")
+    add_flags(g, "thinking")
     g.add_argument("--show-thinking", action="store_true", help="print the model's reasoning, marked, before the answer")
-    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help=f"answer length cap (default {DEFAULT_MAX_NEW_TOKENS})")
-    g.add_argument("--temperature", type=float, default=None, help="sampling temperature, 0..2 (default 0.8; 0 = greedy)")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling, (0, 1] (default 0.6)")
-    g.add_argument("--top-k", type=int, default=None, help="top-k sampling, >= 0 (default 2)")
-    g.add_argument("--repetition-penalty", type=float, default=None, help="(default 1.1)")
-    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
-    g.add_argument("--max-pixels", type=int, default=None, metavar="N",
-                   help="scale images down to at most N pixels (fewer visual tokens, faster; default 4000000)")
+    add_flags(g, "max_new_tokens")
+    g.add_argument("--temperature", type=float, default=None, help=_sampling_help("temperature", "sampling temperature (0 = greedy)"))
+    g.add_argument("--top-p", type=float, default=None, help=_sampling_help("top_p", "nucleus sampling"))
+    g.add_argument("--top-k", type=int, default=None, help=_sampling_help("top_k", "top-k sampling"))
+    g.add_argument("--repetition-penalty", type=float, default=None, help=_sampling_help("repetition_penalty", "penalty on repeats"))
+    g.add_argument("--seed", type=int, default=None, help=f"random seed for reproducible sampling, {SAMPLING_BOUNDS['seed'].rule}")
+    add_flags(g, "max_pixels")
     g.add_argument("--system", default=None, help="system prompt")
     g.add_argument("--pages", default=None, metavar="RANGE", help="PDF/deck pages, e.g. 1-5,9 (default: all)")
-    g.add_argument("--pdf-long-side", type=int, default=1600, metavar="PX",
-                   help="render PDF pages with this many pixels on the longer side (default 1600)")
+    g.add_argument("--pdf-long-side", type=int, default=DEFAULT_LONG_SIDE, metavar="PX",
+                   help=f"render PDF pages with this many pixels on the longer side (default {DEFAULT_LONG_SIDE})")
     g.add_argument("--dpi", type=float, default=None, help="render PDF pages at this dpi instead of --pdf-long-side")
-    g.add_argument("--json", action="store_true", help="print one JSON object (answer, thinking, usage, timings) instead of text")
+    add_flags(g, "json", help="print one JSON object (answer, thinking, usage, timings) on stdout instead of text")
     g.add_argument("--tools", action="store_true",
                    help="let the model call tools (crop/zoom into the images, render HTML and look at it)")
     g.add_argument("--max-steps", type=int, default=5, help="at most this many tool rounds (default 5)")
-    g.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_flags(g, "debug")
 
 
 def _add_session_args(p: argparse.ArgumentParser) -> None:
@@ -233,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     html = sub.add_parser("html", help=TASKS["html"].help)
     html.add_argument("images", nargs="*", metavar="IMAGE")
     html.add_argument("-p", "--prompt", default=None, help="override the image-to-HTML prompt")
-    html.add_argument("--out", default="html_code", help="folder for generated_YYYYMMDD_HHMMSS.html (default: html_code)")
+    add_flags(html, "out")
     html.add_argument("--refine", type=int, default=0, metavar="N",
                       help="up to N rounds of: render the page, show it to the model beside the screenshot, correct it "
                            "(stops early when the visual score stops improving)")
@@ -241,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="visual similarity of a page's render to a target screenshot (JSON)")
     score.add_argument("target", help="the target screenshot (PNG/JPEG)")
     score.add_argument("page", help="the HTML file")
-    score.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_flags(score, "debug")
 
     chat = sub.add_parser("chat", help="talk about images, turn by turn (/image PATH, /thinking on|off, /save, /help)")
     chat.add_argument("images", nargs="*", metavar="IMAGE", help="images for the first question")
@@ -259,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders (recursive)")
     batch.add_argument("--task", choices=["ocr", "describe", "html", "ask"], default="ocr")
     batch.add_argument("-p", "--prompt", default=None, help="the prompt (required for --task ask)")
-    batch.add_argument("--out", required=True, help="output folder (results, manifest.jsonl)")
+    add_flags(batch, "out", required=True, default=None, help="output folder (results, manifest.jsonl)")
     batch.add_argument("--format", choices=["md", "json", "both"], default="md")
     batch.add_argument("--batch-size", type=int, default=4, help="items in flight at once (batched by the engine)")
     batch.add_argument("--retry-failed", action="store_true", help="retry items that failed in an earlier run")
@@ -276,11 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = ui.add_argument_group("web app")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=7860)
-    g.add_argument("--out", default="html_code", help="folder for generated pages (default: html_code)")
-    g.add_argument("--max-pixels", type=int, default=None, metavar="N", help="scale images down to at most N pixels")
+    add_flags(g, "out", "max_pixels")
     g.add_argument("--concurrency", type=int, default=None, metavar="N",
                    help="requests sent to the model at once; others wait in line (default: 1 local, 8 --backend openai)")
-    g.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_flags(g, "debug")
 
     _add_ground_parser(sub)
 
@@ -289,17 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = serve.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $GLMV_API_KEY)")
+    g.add_argument("--api-key", default=None, metavar="KEY",
+                   help="the key clients must send, as 'Authorization: Bearer KEY' (default: $GLMV_API_KEY; "
+                        "the key glmv itself sends to a remote server is --remote-api-key)")
     g.add_argument("--served-model-name", default=None, help="model name in the API (default: the --model value)")
     g.add_argument("--allowed-media-dir", default=None, metavar="DIR", help="let requests name local image files inside DIR")
     g.add_argument("--allow-remote-media", action="store_true", help="let requests name http(s) image URLs (the server fetches them)")
     g.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; more get 429 (default 64)")
     g.add_argument("--max-batch", type=int, default=8, help="requests batched into one generation (default 8)")
-    g.add_argument("--max-pixels", type=int, default=None, metavar="N", help="scale images down to at most N pixels")
+    add_flags(g, "max_pixels")
     g.add_argument("--max-body-mb", type=int, default=64, help="largest request body accepted; more gets 413 (default 64)")
     g.add_argument("--idle-timeout", default=None, metavar="DURATION", help="stop after this long without requests (90s, 30m, 2h)")
     g.add_argument("--state-file", default=None, help=argparse.SUPPRESS)  # glmv start: where to record this server
-    g.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_flags(g, "debug")
     add_limit_arguments(serve)
 
     start = sub.add_parser("start", help="keep a model loaded in the background; ask/ocr/html/chat/batch then use it")
@@ -307,16 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = start.add_argument_group("resident server")
     g.add_argument("--idle-timeout", default="30m", metavar="DURATION",
                    help="stop after this long without requests: 90s, 30m, 2h, or 0 for never (default 30m)")
-    g.add_argument("--max-pixels", type=int, default=None, metavar="N", help="scale images down to at most N pixels")
-    g.add_argument("--json", action="store_true", help="print the server's record as one JSON object")
-    g.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_flags(g, "max_pixels")
+    add_flags(g, "json", help="print the server's record as one JSON object on stdout")
+    add_flags(g, "debug")
     stop = sub.add_parser("stop", help="stop the background model(s) started by glmv start")
     stop.add_argument("--model", default=None, metavar="ID_OR_PATH", help="stop only this model (default: all)")
-    stop.add_argument("--json", action="store_true", help="print what was stopped as one JSON object")
-    stop.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_flags(stop, "json", help="print what was stopped as one JSON object on stdout: {\"stopped\": [...]}")
+    add_flags(stop, "debug")
     ps = sub.add_parser("ps", help="list the background models")
-    ps.add_argument("--json", action="store_true", help="one JSON object")
-    ps.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_flags(ps, "json", help="print the list as one JSON object on stdout: {\"servers\": [...]}")
+    add_flags(ps, "debug")
 
     logs = sub.add_parser("logs", help="the history of prompts and answers (SQLite); glmv logs off|on|status|path")
     logs.add_argument("action", nargs="?", choices=["list", "on", "off", "status", "path"], default="list",
@@ -324,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-n", type=int, default=3, metavar="N", help="the N latest answers (default 3; 0 = all)")
     logs.add_argument("-q", "--query", default=None, metavar="TEXT", help="only answers whose prompt or answer contains TEXT")
     logs.add_argument("--cid", default=None, metavar="ID", help="only conversation ID")
-    logs.add_argument("--json", action="store_true", help="one JSON object: {\"entries\": [...]}")
-    logs.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_flags(logs, "json", help="print one JSON object on stdout: {\"entries\": [...]} (status: the state; path: {\"path\": ...})")
+    add_flags(logs, "debug")
     parser.commands = sub.choices  # type: ignore[attr-defined]
     return parser
 
@@ -413,6 +446,7 @@ def _sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 # The flags that map onto Settings fields (same names); a command without one of them leaves the default.
 SETTINGS_FLAGS = ("model", "device", "dtype", "quant", "engine", "speculate", "prefix_cache_gb", "max_pixels", "thinking")
+MODEL_COMMANDS = (*SUBCOMMANDS, "chat", "start", "serve", "ui", "ground", "batch")  # the commands that take Settings
 
 
 def _settings_from_args(args: argparse.Namespace) -> Settings:
@@ -444,7 +478,7 @@ def _remote_backend(args: argparse.Namespace, stderr: TextIO | None = None) -> B
     def factory(settings: Settings) -> Backend:
         from .backends.remote import RemoteBackend
 
-        key = args.api_key or os.environ.get("OPENAI_API_KEY")
+        key = args.remote_api_key or os.environ.get("OPENAI_API_KEY")
         backend = RemoteBackend(args.base_url, model=args.remote_model, api_key=key).load()
         if stderr is not None:
             stderr.write(f"glmv: using {backend.model} at {args.base_url}\n")
@@ -502,7 +536,7 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
         if "no_server" in given:
             raise UsageError("--no-server has no effect with --backend openai")
     else:
-        for dest in ("base_url", "api_key", "remote_model"):
+        for dest in ("base_url", "remote_api_key", "remote_model"):
             if dest in given:
                 raise UsageError(f"{_flag(dest)} needs --backend openai --base-url URL")
     if "max_steps" in given and not args.tools:
@@ -605,13 +639,13 @@ def _log_answer(args: argparse.Namespace, conversation_id: str | None, model: st
 # -- commands ------------------------------------------------------------------------------------
 def run_task(
     args: argparse.Namespace,
+    settings: Settings,
     backend_factory: BackendFactory | None,
     stdout: TextIO,
     stderr: TextIO,
 ) -> int:
     task = args.command
     sampling_overrides = _sampling_from_args(args)
-    settings = _settings_from_args(args)
     _refuse_ignored(args)
     sources = [*args.images, *args.input]
     prompt = args.prompt
@@ -827,16 +861,12 @@ def _add_ground_parser(sub: Any) -> None:
     g.add_argument("-p", "--prompt", required=True, metavar="WHAT", help="what to find, e.g. \"the red car\"")
     g.add_argument("-o", "--out", default=None, metavar="PNG",
                    help="where to write the image with the boxes (default: IMAGE's name + _boxes.png, here)")
-    g.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True,
-                   help="let the model reason before answering (--no-thinking is faster)")
-    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="answer length cap")
-    g.add_argument("--max-pixels", type=int, default=None, metavar="N", help="scale the image down to at most N pixels")
-    g.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_flags(g, "thinking", "max_new_tokens", "max_pixels", "debug")
     _add_model_args(g)
     _add_backend_args(g)
 
 
-def run_ground(args: argparse.Namespace, backend_factory: BackendFactory, stdout: TextIO, stderr: TextIO) -> int:
+def run_ground(args: argparse.Namespace, settings: Settings, backend_factory: BackendFactory, stdout: TextIO, stderr: TextIO) -> int:
     import io
     import urllib.parse
 
@@ -847,7 +877,6 @@ def run_ground(args: argparse.Namespace, backend_factory: BackendFactory, stdout
     what = args.prompt.strip()
     if not what:
         raise GlmvError('the prompt is empty: say what to find, for example -p "the red car"')
-    settings = _settings_from_args(args)
     sampling = SamplingParams().merged(max_new_tokens=args.max_new_tokens)
     image = load_image(args.image, max_pixels=settings.max_pixels)
     src = args.image
@@ -908,13 +937,12 @@ def refine_html(backend: Backend, target_image: Any, first_html: str, first_path
 MAX_BATCH_SIZE = 256
 
 
-def run_batch_command(args: argparse.Namespace, backend_factory: BackendFactory | None, stdout: TextIO,
+def run_batch_command(args: argparse.Namespace, settings: Settings, backend_factory: BackendFactory | None, stdout: TextIO,
                       stderr: TextIO) -> int:
     from .batch import Options, default_prompt, run_batch
 
     _refuse_ignored(args)
     overrides = _sampling_from_args(args)
-    settings = _settings_from_args(args)
     if args.batch_size < 1 or args.max_doc_pages < 1:
         raise GlmvError("--batch-size and --max-doc-pages must be at least 1")
     if args.batch_size > MAX_BATCH_SIZE:  # each item in flight is a thread holding its decoded pixels
@@ -956,7 +984,7 @@ def _batch_summary(out: Path) -> dict[str, Any]:
             "failures": [{"id": r["id"], "error": r.get("error")} for r in latest.values() if r.get("status") == "failed"]}
 
 
-def run_ui(args: argparse.Namespace, stderr: TextIO) -> int:
+def run_ui(args: argparse.Namespace, settings: Settings, stderr: TextIO) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the app talks to nobody but its users
     try:
         from .ui.app import WebApp
@@ -965,7 +993,6 @@ def run_ui(args: argparse.Namespace, stderr: TextIO) -> int:
         from .ui.store import Store
     except ImportError:
         raise GlmvError("glmv ui needs gradio: pip install 'glmv[ui]'") from None
-    settings = _settings_from_args(args)
     from .outputs import ensure_writable_dir
     from .settings import cache_root
 
@@ -1037,14 +1064,13 @@ def _check_port_free(host: str, port: int) -> None:
             raise GlmvError(f"cannot listen on {host}:{port}: {exc.strerror or exc} ({hint})") from None
 
 
-def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr: TextIO) -> int:
+def run_serve(args: argparse.Namespace, settings: Settings, backend_factory: BackendFactory, stderr: TextIO) -> int:
     try:
         import uvicorn
 
         from .server.app import ServerConfig, build_app
     except ImportError:
         raise GlmvError("glmv serve needs fastapi and uvicorn: pip install 'glmv[server]'") from None
-    settings = _settings_from_args(args)
     api_key = args.api_key or os.environ.get("GLMV_API_KEY")
     media_dir = None
     if args.allowed_media_dir:
@@ -1102,10 +1128,9 @@ def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr:
     return 0
 
 
-def run_start(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+def run_start(args: argparse.Namespace, settings: Settings, stdout: TextIO, stderr: TextIO) -> int:
     from . import resident
 
-    settings = _settings_from_args(args)
     idle_s = resident.parse_duration(args.idle_timeout)
     model = resident.normalize_model(settings.model)
     explicit = {f: getattr(args, f) for f in resident.MATCH_FIELDS if getattr(args, f, None) is not None}
@@ -1257,14 +1282,16 @@ def main(
     args.tutorial = tutorial
     debug = getattr(args, "debug", False) or bool(os.environ.get("GLMV_DEBUG"))
     try:
+        # Settings are built here, once, and handed to the command that runs the model (none for logs, ps, ...).
+        settings = _settings_from_args(args) if args.command in MODEL_COMMANDS else Settings()
         if args.command in SUBCOMMANDS:
-            return run_task(args, backend_factory, stdout, stderr)
+            return run_task(args, settings, backend_factory, stdout, stderr)
         if args.command == "chat":
             from .chat import run_chat
 
-            return run_chat(args, backend_factory, stdin or sys.stdin, stdout, stderr)
+            return run_chat(args, settings, backend_factory, stdin or sys.stdin, stdout, stderr)
         if args.command == "start":
-            return run_start(args, stdout, stderr)
+            return run_start(args, settings, stdout, stderr)
         if args.command == "stop":
             return run_stop(args, stdout, stderr)
         if args.command == "ps":
@@ -1272,15 +1299,15 @@ def main(
         if args.command == "logs":
             return run_logs(args, stdout, stderr)
         if args.command == "serve":
-            return run_serve(args, backend_factory or _default_backend, stderr)
+            return run_serve(args, settings, backend_factory or _default_backend, stderr)
         if args.command == "ui":
-            return run_ui(args, stderr)
+            return run_ui(args, settings, stderr)
         if args.command == "ground":
-            return run_ground(args, backend_factory or _default_backend, stdout, stderr)
+            return run_ground(args, settings, backend_factory or _default_backend, stdout, stderr)
         if args.command == "score":
             return run_score(args, stdout)
         if args.command == "batch":
-            return run_batch_command(args, backend_factory, stdout, stderr)
+            return run_batch_command(args, settings, backend_factory, stdout, stderr)
         parser.print_help(stdout)
         return 0
     except GlmvError as exc:

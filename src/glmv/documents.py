@@ -26,13 +26,12 @@ from typing import Any
 from .errors import MediaError
 from .limits import Budget
 from .media import LoadedImage, RemotePolicy, describe_source, fit_to_pixels, read_source_bytes
-from .settings import DEFAULT_MAX_PIXELS, MAX_DECODE_PIXELS
+from .settings import DEFAULT_LONG_SIDE, DEFAULT_MAX_PIXELS, MAX_DECODE_PIXELS
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 PDF_EXTS = {".pdf"}
 OFFICE_EXTS = {".pptx", ".ppt", ".odp", ".docx", ".doc", ".odt", ".key"}
 VIDEO_EXTS = {".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi"}
-DEFAULT_LONG_SIDE = 1600  # pixels for a rendered page's longer side: small print stays legible
 VIDEO_FPS = 2.0
 VIDEO_MAX_SECONDS = 300.0
 VIDEO_MAX_FRAMES = 600

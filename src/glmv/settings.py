@@ -26,11 +26,59 @@ MAX_INT32 = 2**31 - 1
 DEFAULT_MAX_PIXELS = 4_000_000
 # Hard ceiling against decompression bombs: anything larger is refused before decoding.
 MAX_DECODE_PIXELS = 64_000_000
+DEFAULT_LONG_SIDE = 1600  # pixels for a rendered PDF/deck page's longer side: small print stays legible
+# Per-request KV-cache capacity of the fast engine (prompt + answer), in tokens.
+DEFAULT_MAX_SEQ_LEN = 16384
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The allowed range of one sampling parameter, declared once: :class:`SamplingParams` checks values against
+    it, the web app's sliders take their range from it and the CLI's and the server's messages quote ``rule``.
+
+    (Plain data rather than pydantic fields: the CLI's resident path must not pay pydantic's import; the
+    server's pydantic schema takes its documented ``minimum``/``maximum`` from here, see :func:`json_schema`.)
+    """
+
+    lo: float
+    hi: float
+    rule: str  # how the message says it: "between 0 and 2"
+    integer: bool = False
+    lo_open: bool = False  # lo itself is refused: (0, 1]
+    step: float = 0.01  # a slider's step (and how far inside an open end its range starts)
+
+    def admits(self, value: Any) -> bool:
+        if not (_is_int(value) if self.integer else _is_num(value)):
+            return False
+        return (self.lo < value if self.lo_open else self.lo <= value) and value <= self.hi
+
+    @property
+    def slider(self) -> tuple[float, float]:
+        """The range a slider can offer: the bounds, an open end moved in by one step."""
+        return (self.lo + self.step if self.lo_open else self.lo), self.hi
+
+    def json_schema(self) -> dict[str, Any]:
+        """The bounds as JSON Schema keywords (for the server's OpenAPI description)."""
+        low = "exclusiveMinimum" if self.lo_open else "minimum"
+        return {low: self.lo, "maximum": self.hi, "description": f"must be {self.rule}"}
+
+
+# The one declaration of what each sampling parameter may be (the defaults are SamplingParams' fields below).
+SAMPLING_BOUNDS: dict[str, Bound] = {
+    "temperature": Bound(0.0, 2.0, "between 0 and 2"),
+    "top_p": Bound(0.0, 1.0, "in (0, 1]", lo_open=True),
+    "top_k": Bound(0, MAX_INT32, "an integer from 0 (off) to 2^31-1", integer=True, step=1),
+    "repetition_penalty": Bound(0.0, 10.0, "in (0, 10]", lo_open=True),
+    "max_new_tokens": Bound(1, float("inf"), "an integer >= 1", integer=True, step=1),
+    "seed": Bound(0, MAX_SEED, "an integer from 0 to 2^63-1", integer=True, step=1),
+}
+MAX_STOPS = 8
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Generation parameters, validated on construction (bad values raise :class:`RequestError`)."""
+    """Generation parameters, validated against :data:`SAMPLING_BOUNDS` on construction (bad values raise
+    :class:`RequestError` saying ``invalid NAME VALUE: must be RULE``)."""
 
     temperature: float = 0.8
     top_p: float = 0.6
@@ -41,21 +89,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        def check(name: str, ok: bool, rule: str) -> None:
-            if not ok:
-                raise RequestError(f"invalid {name} {getattr(self, name)!r}: must be {rule}")
-
-        check("temperature", _is_num(self.temperature) and 0.0 <= self.temperature <= 2.0, "between 0 and 2")
-        check("top_p", _is_num(self.top_p) and 0.0 < self.top_p <= 1.0, "in (0, 1]")
-        check("top_k", _is_int(self.top_k) and 0 <= self.top_k <= MAX_INT32, "an integer from 0 (off) to 2^31-1")
-        check(
-            "repetition_penalty",
-            _is_num(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
-            "in (0, 10]",
-        )
-        check("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "an integer >= 1")
-        check("seed", self.seed is None or (_is_int(self.seed) and 0 <= self.seed <= MAX_SEED), "an integer from 0 to 2^63-1")
-        check("stop", all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 8, "up to 8 non-empty strings")
+        for name, bound in SAMPLING_BOUNDS.items():
+            value = getattr(self, name)
+            if not (value is None and name == "seed") and not bound.admits(value):
+                raise RequestError(f"invalid {name} {value!r}: must be {bound.rule}")
+        if not (all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= MAX_STOPS):
+            raise RequestError(f"invalid stop {self.stop!r}: must be up to {MAX_STOPS} non-empty strings")
 
     @property
     def greedy(self) -> bool:
@@ -97,7 +136,7 @@ class Settings:
     thinking: bool = True
     sampling: SamplingParams = field(default_factory=SamplingParams)
     engine: str = "auto"  # auto (fast on CUDA where supported) | fast | hf (transformers generate)
-    max_seq_len: int = 16384  # per-request KV-cache capacity of the fast engine (prompt + answer)
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     # fast engine: prompt-lookup speculative decoding: auto (for prompts that carry text to copy: HTML edits,
     # refine rounds, OCR re-runs) | on | off
     speculate: str = "auto"

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ..settings import DEFAULT_MAX_SEQ_LEN
 from .gemv import GemvTuner, tuner_cache_file
 from .kernels import Kernels, install_fused_norms, rotate_pairs
 from .w4 import W4Linear, dequantize_w4, w4_linear
@@ -44,7 +45,7 @@ ALONE_CHUNKS = 4  # with no other request decoding, prefill runs in passes this 
 @dataclass
 class EngineConfig:
     max_batch: int = 8
-    max_seq_len: int = 16384
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     use_graphs: bool = True
     use_triton: bool = True
     n_splits: int = 16

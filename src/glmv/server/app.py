@@ -33,7 +33,7 @@ from ..errors import ContextLengthError, GlmvError, LimitError, MediaError, Requ
 from ..limits import Budget, Limits
 from ..parsing import PartialCall, ToolCall
 from ..prompts import Message
-from ..settings import SamplingParams
+from ..settings import DEFAULT_MAX_PIXELS, SamplingParams
 from .guard import RequestGuard, error_body
 from .schemas import (MAX_JSON_DEPTH, ChatCompletionRequest, ChatMessage, FilePart, ImagePart, TextPart, VideoPart,
                       json_depth)
@@ -47,7 +47,7 @@ class ServerConfig:
     allow_remote_media: bool = False
     max_queue: int = 64
     max_body_bytes: int = 64 * 1024 * 1024
-    max_pixels: int = 4_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     limits: Limits = field(default_factory=Limits)  # work per request, checked before decoding or tokenizing
 
 

@@ -24,6 +24,7 @@ from ..grounding import boxes_json, draw_boxes, find_boxes, find_prompt, no_boxe
 from ..media import LoadedImage, load_image
 from ..outputs import save_html, text_as_page, write_atomic
 from ..prompts import Message, user_message
+from ..settings import DEFAULT_MAX_PIXELS
 from .manager import ModelManager, estimate, gpu_free_gb
 from .slots import Slots
 
@@ -170,7 +171,7 @@ def messages_from_view(view: list[dict[str, Any]], max_pixels: int) -> list[Mess
 class WebApp:
     """The handlers behind the page. Each browser session has its own stop event and state."""
 
-    def __init__(self, manager: ModelManager, html_dir: Path, max_pixels: int = 4_000_000,
+    def __init__(self, manager: ModelManager, html_dir: Path, max_pixels: int = DEFAULT_MAX_PIXELS,
                  concurrency: int = 1, store: Any = None, examples: Path | None = None) -> None:
         self.manager = manager
         self.html_dir = Path(html_dir)
