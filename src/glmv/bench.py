@@ -17,6 +17,7 @@ and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -25,10 +26,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from .bench_options import DESCRIPTION, add_bench_arguments, resolve
+from .errors import GlmvError
 from .settings import tune_from_env, tuning_dir
 from .tiny import ensure_tiny_checkpoint
 
@@ -38,7 +41,6 @@ FLASH_TEXT = dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696, 
                                    "partial_rotary_factor": 0.5})
 FLASH_VISION = dict(depth=24, hidden_size=1536, num_heads=12, intermediate_size=13696, patch_size=14,
                     temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=4096, image_size=336)
-CONFIGS = ("tutorial-bf16", "tutorial-nf4", "glmv-bf16", "glmv-4bit")
 
 
 def _sync(device: str) -> None:
@@ -282,31 +284,45 @@ def engine_warmup(model: Any, args: argparse.Namespace, processor: Any, max_batc
 
 
 def main(argv: list[str] | None = None) -> int:
-    if "--serve" in (sys.argv[1:] if argv is None else argv):  # the load benchmark: the server under Poisson arrivals
-        from .bench_serve import main as serve_main
-
-        return serve_main(argv)
-    p = argparse.ArgumentParser(prog="glmv bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="full-random", help="full-random (default), tiny, or a checkpoint folder")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--image", default=str(Path(__file__).resolve().parents[2] / "input" / "image_3.png"))
-    p.add_argument("--tokens", type=int, default=None, help="forced output length (default 128; 8 on the CPU)")
-    p.add_argument("--batches", default=None, help="batch sizes (default 1,8,32; 1,2 on the CPU)")
-    p.add_argument("--configs", default=",".join(CONFIGS))
-    p.add_argument("--max-batch", type=int, default=None, help="(default: the largest batch)")
-    p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--json", dest="json_path", nargs="?", const="-", default=None, metavar="FILE",
-                   help="print the results as one JSON object instead of the table (or, as before, write them to FILE)")
-    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON object to FILE")
-    p.add_argument("--warmup-only", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--w4", action="store_true", help=argparse.SUPPRESS)  # with --warmup-only: the 4-bit mode
+    """``python -m glmv.bench``: the same options as ``glmv bench`` (declared in :mod:`glmv.bench_options`)."""
+    p = argparse.ArgumentParser(prog="glmv bench", description=DESCRIPTION)
+    add_bench_arguments(p)
     args = p.parse_args(argv)
-    # On the CPU (the tiny model's smoke run) small defaults finish in well under a minute on 2 cores.
-    on_cpu = not args.device.startswith("cuda")
-    args.tokens = args.tokens or (8 if on_cpu else 128)
-    args.batches = args.batches or ("1,2" if on_cpu else "1,8,32")
-    args.max_batch = args.max_batch or max(int(b) for b in args.batches.split(",") if b)
+    try:
+        return run(args)
+    except GlmvError as exc:
+        p.error(str(exc))
 
+
+def run(args: argparse.Namespace) -> int:
+    """Run the speed benchmark, or the load benchmark with ``--serve``. With a bare ``--json`` the report is the
+    only thing on stdout: whatever else is printed on the way (progress, library messages) goes to stderr."""
+    resolve(args, torch.cuda.is_available())
+    if args.json_path == "-":
+        with contextlib.redirect_stdout(sys.stderr):
+            report, table = _measure(args)
+    else:
+        report, table = _measure(args)
+    if report is None:  # --warmup-only: the fresh process has printed its lines
+        return 0
+    for path in (args.json_out, None if args.json_path == "-" else args.json_path):
+        if path:
+            Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report) if args.json_path == "-" else table(report), flush=True)
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> tuple[dict[str, Any] | None, Callable[[dict[str, Any]], str]]:
+    if args.serve:  # the load benchmark: the server under Poisson arrivals
+        from .bench_serve import format_table as load_table
+        from .bench_serve import run_load
+
+        return run_load(args), load_table
+    return speed(args), format_table
+
+
+def speed(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The speed benchmark's report (None with --warmup-only: that prints the fresh process's lines)."""
     from transformers import AutoProcessor
 
     os.environ.setdefault("TRITON_CACHE_DIR", str(Path(os.environ.get("GLMV_CACHE", Path.home() / ".cache" / "glmv")) / "triton"))
@@ -331,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FIRST_TTFT_S={runs[0]}")
         print(f"WARM_TTFT_S={statistics.median(runs[1:])}")
         print(f"MEM_GB={torch.cuda.memory_allocated() / 1e9}")
-        print(f"PEAK_GB={torch.cuda.max_memory_allocated() / 1e9}")
-        return 0
+        print(f"PEAK_GB={torch.cuda.max_memory_allocated() / 1e9}", flush=True)
+        return None
 
     image = Path(args.image)
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -410,11 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         if on_gpu:
             torch.cuda.empty_cache()
 
-    for path in (args.json_out, None if args.json_path == "-" else args.json_path):
-        if path:
-            Path(path).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report) if args.json_path == "-" else format_table(report))
-    return 0
+    return report
 
 
 def _w4(model: Any, args: argparse.Namespace, processor: Any, image: Path, batches: list[int]) -> dict[str, Any]:

@@ -23,9 +23,9 @@ import io
 import json
 import random
 import statistics
+import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -155,7 +155,8 @@ def build_backend(args: argparse.Namespace) -> Any:
                         tune=tune_from_env())
     processor = AutoProcessor.from_pretrained(ensure_tiny_checkpoint())
     model = build_model(args.model, args.device, torch.bfloat16 if on_gpu else torch.float32, processor)
-    return LocalBackend.from_model(model, processor, settings, log=print, max_batch=args.max_batch)
+    return LocalBackend.from_model(model, processor, settings, log=lambda line: print(line, file=sys.stderr),
+                                   max_batch=args.max_batch)
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -173,27 +174,12 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    on_gpu = torch.cuda.is_available()
-    p = argparse.ArgumentParser(prog="glmv bench --serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--serve", action="store_true", help="the load benchmark (this one)")
-    p.add_argument("--model", default="full-random" if on_gpu else "tiny", help="full-random (CUDA default), tiny, or a checkpoint")
-    p.add_argument("--device", default="cuda" if on_gpu else "cpu")
-    p.add_argument("--engine", choices=["fast"], default="fast", help="the server's engine (the fast engine only)")
-    p.add_argument("--image", default=str(Path(__file__).resolve().parents[2] / "input" / "image_3.png"))
-    p.add_argument("--rates", default=None, help="arrival rates in requests/s, comma-separated (GPU: 1,2,4,8; CPU: 2,4)")
-    p.add_argument("--requests", type=int, default=None, help="requests per rate (GPU: 32; CPU: 6)")
-    p.add_argument("--tokens", type=int, default=None, help="max_tokens of each request (GPU: 128; CPU: 12)")
-    p.add_argument("--mix", default="question:0.5,follow_up:0.3,edit:0.2", help="kind:weight, comma-separated")
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--max-seq-len", type=int, default=4096)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", dest="json_path", default=None, help="write results here")
-    args = p.parse_args(argv)
+def run_load(args: argparse.Namespace) -> dict[str, Any]:
+    """The report of the load benchmark; ``args`` as :func:`glmv.bench_options.resolve` leaves them. Progress
+    (one JSON line per rate) goes to stderr: stdout is for the table or, with ``--json``, the report."""
     gpu = args.device.startswith("cuda")
-    rates = [float(x) for x in (args.rates or ("1,2,4,8" if gpu else "2,4")).split(",")]
-    n = args.requests or (32 if gpu else 6)
-    tokens = args.tokens or (128 if gpu else 12)
+    rates = [float(x) for x in args.rates.split(",")]
+    n, tokens = args.requests, args.tokens
     mix = [(k, float(w)) for k, w in (part.split(":") for part in args.mix.split(","))]
 
     import openai
@@ -247,16 +233,20 @@ def main(argv: list[str] | None = None) -> int:
         }
         for i, rate in enumerate(rates):
             r = run_rate(url, client, png, rate, n, tokens, mix, args.seed + i)
-            print(json.dumps(r), flush=True)
+            print(json.dumps(r), file=sys.stderr, flush=True)
             report["rates"].append(r)
     finally:
         server.should_exit = True
         thread.join(10)
         backend.close()
-    print(format_table(report))
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(report, indent=1))
-    return 0
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m glmv.bench_serve``: ``glmv bench --serve`` (the options are glmv bench's)."""
+    from .bench import main as bench_main
+
+    return bench_main(["--serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -245,8 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgParser(
         prog="glmv",
         description="Run the GLM-4.6V vision-language models: describe images, read text, turn screenshots into HTML.",
-        epilog="Also: glmv bench (speed against the GPU's bandwidth limit; glmv bench --help). "
-               "With no command, glmv describes input/image_1.png like the original tutorial "
+        epilog="With no command, glmv describes input/image_1.png like the original tutorial "
                "(glmv --input IMAGE --prompt TEXT picks another). "
                "glmv start keeps a model loaded, so later commands answer in about a second.",
     )
@@ -359,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--cid", default=None, metavar="ID", help="only conversation ID")
     add_flags(logs, "json", help="print one JSON object on stdout: {\"entries\": [...]} (status: the state; path: {\"path\": ...})")
     add_flags(logs, "debug")
+    from .bench_options import DESCRIPTION, add_bench_arguments
+
+    bench = sub.add_parser("bench", help="speed against the GPU's bandwidth limit, or the server under load (--serve)",
+                           description=DESCRIPTION)
+    add_bench_arguments(bench)
+    add_flags(bench, "debug")
     parser.commands = sub.choices  # type: ignore[attr-defined]
     return parser
 
@@ -1225,9 +1230,11 @@ def run_logs(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     if args.action in ("on", "off"):
         history.set_enabled(args.action == "on")
         stderr.write(f"glmv: history logging is {args.action}\n")
+        if args.json:
+            stdout.write(json.dumps({"logging": args.action}) + "\n")
         return 0
     if args.action == "path":
-        stdout.write(f"{history.db_path()}\n")
+        stdout.write(json.dumps({"path": str(history.db_path())}) + "\n" if args.json else f"{history.db_path()}\n")
         return 0
     with history.History() as h:
         if args.action == "status":
@@ -1267,10 +1274,6 @@ def main(
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        from .bench import main as bench_main
-
-        return bench_main(argv[1:])
     tutorial = _is_tutorial_form(argv)
     argv = _normalize_argv(argv)
     parser = build_parser()
@@ -1308,6 +1311,10 @@ def main(
             return run_score(args, stdout)
         if args.command == "batch":
             return run_batch_command(args, settings, backend_factory, stdout, stderr)
+        if args.command == "bench":
+            from .bench import run as run_bench  # imports torch: only here
+
+            return run_bench(args)
         parser.print_help(stdout)
         return 0
     except GlmvError as exc:

@@ -59,8 +59,11 @@ class Bound:
 
     def json_schema(self) -> dict[str, Any]:
         """The bounds as JSON Schema keywords (for the server's OpenAPI description)."""
-        low = "exclusiveMinimum" if self.lo_open else "minimum"
-        return {low: self.lo, "maximum": self.hi, "description": f"must be {self.rule}"}
+        schema: dict[str, Any] = {"exclusiveMinimum" if self.lo_open else "minimum": self.lo,
+                                  "description": f"must be {self.rule}"}
+        if self.hi != float("inf"):
+            schema["maximum"] = self.hi
+        return schema
 
 
 # The one declaration of what each sampling parameter may be (the defaults are SamplingParams' fields below).

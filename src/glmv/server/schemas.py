@@ -3,7 +3,8 @@
 Unknown fields are refused (422 naming them), not ignored: a client that sends ``response_format`` or
 ``logprobs`` must learn that they do nothing here. Types are strict (``"0.5"`` is not a number, ``1.5``
 not an integer, ``"yes"`` not a boolean), as OpenAI's API has them. Values are range-checked by
-:class:`~glmv.settings.SamplingParams`, the same rules the CLI and the web app use.
+:class:`~glmv.settings.SamplingParams` against :data:`~glmv.settings.SAMPLING_BOUNDS`, the bounds the CLI and
+the web app's sliders use too (and that this schema documents).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..settings import SAMPLING_BOUNDS
 
 MAX_JSON_DEPTH = 64  # tool schemas and arguments nest this deep at most (the chat template recurses on them)
 MAX_MESSAGES = 2048  # bounds the work one request asks for: every message is validated and templated
@@ -126,19 +128,26 @@ class ChatTemplateKwargs(Strict):
     enable_thinking: bool | None = None
 
 
+def bounded(name: str) -> Any:
+    """A sampling field documented with its range from :data:`~glmv.settings.SAMPLING_BOUNDS`. The check itself
+    is :class:`~glmv.settings.SamplingParams`' (a 400 saying ``invalid NAME VALUE: must be RULE``), the same one
+    the CLI and the web app's sliders use: the bounds are declared once."""
+    return Field(None, json_schema_extra=SAMPLING_BOUNDS[name].json_schema())
+
+
 class ChatCompletionRequest(Strict):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    temperature: float | None = bounded("temperature")
+    top_p: float | None = bounded("top_p")
+    top_k: int | None = bounded("top_k")
+    repetition_penalty: float | None = bounded("repetition_penalty")
+    max_tokens: int | None = bounded("max_new_tokens")
+    max_completion_tokens: int | None = bounded("max_new_tokens")
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = bounded("seed")
     n: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None

@@ -24,7 +24,7 @@ from ..grounding import boxes_json, draw_boxes, find_boxes, find_prompt, no_boxe
 from ..media import LoadedImage, load_image
 from ..outputs import save_html, text_as_page, write_atomic
 from ..prompts import Message, user_message
-from ..settings import DEFAULT_MAX_PIXELS
+from ..settings import DEFAULT_MAX_PIXELS, SamplingParams
 from .manager import ModelManager, estimate, gpu_free_gb
 from .slots import Slots
 
@@ -168,6 +168,22 @@ def messages_from_view(view: list[dict[str, Any]], max_pixels: int) -> list[Mess
     return history
 
 
+@dataclass(frozen=True)
+class Knobs:
+    """The page's generation controls: the answer's length cap, temperature and top-p (None: the model's default).
+    Handlers take one where they take ``max_new`` (a plain number there means the length cap alone)."""
+
+    max_new_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+
+
+def sampling_for(defaults: SamplingParams, knobs: "int | float | Knobs") -> SamplingParams:
+    """The model's defaults with the page's controls applied (validated: the sliders' range is the model's)."""
+    k = knobs if isinstance(knobs, Knobs) else Knobs(int(knobs))
+    return defaults.merged(max_new_tokens=int(k.max_new_tokens), temperature=k.temperature, top_p=k.top_p)
+
+
 class WebApp:
     """The handlers behind the page. Each browser session has its own stop event and state."""
 
@@ -181,6 +197,11 @@ class WebApp:
         self.examples = sorted(Path(examples).glob("*.png")) if examples and Path(examples).is_dir() else []
         self._stops: dict[str, threading.Event] = {}
         self._downloads = Path(tempfile.mkdtemp(prefix="glmv-ui-"))
+
+    def default_sampling(self) -> SamplingParams:
+        """The loaded model's sampling defaults (the model card's until one is loaded): the sliders start there."""
+        backend = self.manager.backend
+        return backend.default_sampling if backend is not None else SamplingParams()
 
     # -- sessions and stop -----------------------------------------------------------------------
     def _new_stop(self, session: str) -> threading.Event:
@@ -217,11 +238,11 @@ class WebApp:
         yield ticket if admitted else Run(left_queue=True)
 
     # -- the streaming core --------------------------------------------------------------------------
-    def stream(self, messages: list[Message], thinking_on: bool, max_new_tokens: int, session: str,
+    def stream(self, messages: list[Message], thinking_on: bool, max_new_tokens: int | Knobs, session: str,
                tools: list | None = None) -> Iterator[Run]:
         backend = self.manager.require()
         defaults = backend.default_sampling
-        request = GenerationRequest(messages, sampling=defaults.merged(max_new_tokens=int(max_new_tokens)),
+        request = GenerationRequest(messages, sampling=sampling_for(defaults, max_new_tokens),
                                     thinking=bool(thinking_on), tools=tools)
         stop = self._new_stop(session)
         ticket = None
@@ -446,7 +467,7 @@ class WebApp:
         base = next((v for v in versions if v["label"] == current), versions[-1])
         target = self._image(image, "Image → HTML")
         backend = self.manager.require()
-        sampling = backend.default_sampling.merged(max_new_tokens=int(max_new))
+        sampling = sampling_for(backend.default_sampling, max_new)
         versions = list(versions)
         stop = self._new_stop(session)
         rounds = int(rounds)

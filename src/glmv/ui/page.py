@@ -18,7 +18,9 @@ from typing import Any, Iterator
 
 from ..errors import GlmvError
 from ..prompts import TASKS
-from .app import LEFT_QUEUE, MODEL_CHOICES, PRECISIONS, VIEWPORTS, ZOOMS, WebApp, iframe, messages_from_view
+from ..settings import SAMPLING_BOUNDS, SamplingParams
+from .app import (LEFT_QUEUE, MODEL_CHOICES, PRECISIONS, VIEWPORTS, ZOOMS, Knobs, WebApp, iframe,
+                  messages_from_view)
 from .store import new_id
 
 CSS = """
@@ -85,6 +87,17 @@ def _task_controls(name: str, task: str, run_label: str, image: Any, examples: A
     if examples:
         gr.Examples(examples, [image], label="Examples", elem_id=f"{name}-examples")
     return prompt, run, stop
+
+
+def sampling_slider(name: str, label: str, defaults: SamplingParams, info: str) -> Any:
+    """A slider over the range :data:`~glmv.settings.SAMPLING_BOUNDS` allows (what the server and the CLI accept
+    too), starting at the loaded model's default."""
+    import gradio as gr
+
+    bound = SAMPLING_BOUNDS[name]
+    lo, hi = bound.slider
+    return gr.Slider(lo, hi, value=getattr(defaults, name), step=bound.step, label=label, info=info,
+                     elem_id=name.replace("_", "-"), min_width=200)
 
 
 def _thinking_box(name: str) -> tuple[Any, Any]:
@@ -167,6 +180,10 @@ def build_ui(app: WebApp) -> Any:
             show_thinking = gr.Checkbox(True, label="Show thinking", min_width=170)
             thinking_on = gr.Checkbox(True, label="Think first (off: faster)", min_width=170)
             max_new = gr.Slider(16, 8192, value=2048, step=16, label="Max new tokens", elem_id="max-new", min_width=300)
+            defaults = app.default_sampling()
+            temperature = sampling_slider("temperature", "Temperature", defaults, "0 = greedy; starts at the model's default")
+            top_p = sampling_slider("top_p", "Top-p", defaults, "nucleus sampling; starts at the model's default")
+            sampling_seen = gr.State([defaults.temperature, defaults.top_p])
         browser = (gr.BrowserState("", storage_key="glmv-browser", secret=browser_secret(store.folder))
                    if store is not None else gr.State(""))
         seen_failures = gr.State(0)
@@ -254,17 +271,18 @@ def build_ui(app: WebApp) -> Any:
                     c_stop = gr.Button("Stop", variant="stop", scale=0, elem_id="chat-stop")
 
         # -- wiring ------------------------------------------------------------------------------
-        common = [thinking_on, max_new]
+        common = [thinking_on, max_new, temperature, top_p]
         run_opts: dict[str, Any] = {"concurrency_limit": None}  # the line in front of the model is app.slots
 
         def think_box(show: bool, text: str) -> Any:
             return gr.update(visible=bool(show and text))
 
-        def describe(img, mode, prompt, show, think, max_tokens, request: gr.Request):
+        def describe(img, mode, prompt, show, think, max_tokens, temp, top, request: gr.Request):
+            knobs = Knobs(max_tokens, temp, top)
             if mode == "Find":
-                gen = app.find(img, prompt, think, max_tokens, session(request))
+                gen = app.find(img, prompt, think, knobs, session(request))
             else:
-                gen = ((*out, None, None) for out in app.describe(img, prompt, think, max_tokens, session(request)))
+                gen = ((*out, None, None) for out in app.describe(img, prompt, think, knobs, session(request)))
             for th, answer, st, png, files in gen:
                 yield (think_box(show, th), th, answer, st, gr.update(value=png, visible=png is not None),
                        gr.update(value=files, visible=bool(files)))
@@ -277,8 +295,8 @@ def build_ui(app: WebApp) -> Any:
             return gr.update(label="Prompt", value=current if (current or "").strip() else TASKS["describe"].prompt,
                              placeholder=None)
 
-        def ocr(img, prompt, show, think, max_tokens, request: gr.Request):
-            for th, md, raw, st, files in app.ocr(img, prompt, think, max_tokens, session(request)):
+        def ocr(img, prompt, show, think, max_tokens, temp, top, request: gr.Request):
+            for th, md, raw, st, files in app.ocr(img, prompt, think, Knobs(max_tokens, temp, top), session(request)):
                 yield think_box(show, th), th, md, raw, st, files
 
         h_outputs = [h_think_box, h_think, h_code, h_stats, h_file, h_saved, h_preview, versions, h_versions]
@@ -292,18 +310,19 @@ def build_ui(app: WebApp) -> Any:
             if store is not None and bid and final:
                 store.save_studio(bid, kept(img), final)
 
-        def html(img, prompt, show, think, max_tokens, view, zoom, vers, bid, request: gr.Request):
-            yield from html_out(app.html(img, prompt, think, max_tokens, view, vers, session(request), zoom),
+        def html(img, prompt, show, think, max_tokens, temp, top, view, zoom, vers, bid, request: gr.Request):
+            yield from html_out(app.html(img, prompt, think, Knobs(max_tokens, temp, top), view, vers, session(request), zoom),
                                 show, img, bid)
 
-        def html_edit(img, instruction, show, think, max_tokens, view, zoom, vers, current, bid, request: gr.Request):
-            yield from html_out(app.html_edit(img, instruction, think, max_tokens, view, vers, current,
+        def html_edit(img, instruction, show, think, max_tokens, temp, top, view, zoom, vers, current, bid,
+                      request: gr.Request):
+            yield from html_out(app.html_edit(img, instruction, think, Knobs(max_tokens, temp, top), view, vers, current,
                                               session(request), zoom), show, img, bid)
 
-        def html_refine(img, rounds, think, max_tokens, view, zoom, vers, current, bid, request: gr.Request):
+        def html_refine(img, rounds, think, max_tokens, temp, top, view, zoom, vers, current, bid, request: gr.Request):
             final = None
             for code, st, path, prev, new_vers, choices, chosen, pair, table in app.html_refine(
-                    img, rounds, think, max_tokens, view, vers, current, session(request), zoom):
+                    img, rounds, think, Knobs(max_tokens, temp, top), view, vers, current, session(request), zoom):
                 if code is None:  # progress: only the status line changes
                     yield (gr.skip(), st, *[gr.skip()] * 7)
                     continue
@@ -323,9 +342,10 @@ def build_ui(app: WebApp) -> Any:
             chats = store.chats(bid) if store is not None and bid else []
             return gr.update(choices=[(title, cid) for cid, title, _ in chats], value=current)
 
-        def chat(message, hist, view, cid, show, tools_on, find_on, think, max_tokens, bid, request: gr.Request):
+        def chat(message, hist, view, cid, show, tools_on, find_on, think, max_tokens, temp, top, bid,
+                 request: gr.Request):
             last = None
-            for last in app.chat(message, hist, view, show, tools_on, think, max_tokens, session(request),
+            for last in app.chat(message, hist, view, show, tools_on, think, Knobs(max_tokens, temp, top), session(request),
                                  find=find_on):
                 yield (*last, gr.skip(), gr.skip())
             if last is None or store is None or not bid or last[2] == LEFT_QUEUE:
@@ -361,6 +381,13 @@ def build_ui(app: WebApp) -> Any:
             m = app.manager
             opened = gr.update(open=True) if m.failures != seen else gr.skip()
             return m.status_markdown(), m.header(), opened, m.failures
+
+        def sampling_tick(seen):
+            """A model loaded (or swapped) since this page showed the sliders: start them at its defaults."""
+            d = app.default_sampling()
+            if [d.temperature, d.top_p] == seen:
+                return gr.skip(), gr.skip(), gr.skip()
+            return d.temperature, d.top_p, [d.temperature, d.top_p]
 
         def on_load(bid, request: gr.Request):
             """Fill the status at once (no stale text from when the page was built) and restore this
@@ -434,6 +461,7 @@ def build_ui(app: WebApp) -> Any:
                    versions, h_versions, h_img, h_code, h_preview, h_file, h_saved])
         timer = gr.Timer(1.0)
         timer.tick(tick, seen_failures, [status, header, model_panel, seen_failures], queue=False)
+        timer.tick(sampling_tick, sampling_seen, [temperature, top_p, sampling_seen], queue=False)
     demo.queue(default_concurrency_limit=None)
     return demo
 
