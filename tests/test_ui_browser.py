@@ -63,7 +63,8 @@ class Served:
 
         self.root = root
         self.backend = ScriptedBackend(script, delay_s=0.01)
-        self.backend.default_sampling = Settings().sampling
+        # not the model card's 0.8 / 0.6: the sliders must show where their starting values come from
+        self.backend.default_sampling = Settings().sampling.merged(temperature=0.45, top_p=0.75)
         self.demo = None
         self.start()
 
@@ -313,6 +314,20 @@ def test_ocr_runs_on_enter_and_examples_load(served, browser):
     page.wait_for_function("document.querySelector('#ocr-image img') !== null", timeout=5000)
     page.press("#ocr-prompt textarea", "Enter")
     assert finished(page, "ocr-stats").startswith("✓")
+    page.context.close()
+
+
+def test_temperature_and_top_p_start_at_the_checkpoints_defaults_and_apply(served, browser):
+    page = open_page(browser, served.url)
+    for elem, wanted in (("#temperature", "0.45"), ("#top-p", "0.75")):  # the page was built before the load
+        page.wait_for_function("([s, w]) => document.querySelector(s + ' input[type=number]').value === w",
+                               arg=[elem, wanted], timeout=5000)
+    page.fill("#temperature input[type=number]", "0")
+    page.press("#temperature input[type=number]", "Enter")
+    upload(page, "describe-image", IMAGE_1)
+    assert result(page, "describe-stats", lambda: page.click("#describe-run")).startswith("✓")
+    sampling = served.backend.requests[-1].sampling
+    assert (sampling.temperature, sampling.top_p) == (0.0, 0.75)
     page.context.close()
 
 

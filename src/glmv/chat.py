@@ -43,8 +43,10 @@ class ChatSession:
     """The conversation so far, the images waiting for the next turn, and the settings that change mid-way."""
 
     def __init__(self, backend: Backend, args: argparse.Namespace, model: str, where: str, sampling: SamplingParams,
-                 conversation_id: str | None, messages: list[Message], stdout: TextIO, stderr: TextIO) -> None:
+                 conversation_id: str | None, messages: list[Message], stdout: TextIO, stderr: TextIO,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.backend, self.args, self.model, self.where, self.sampling = backend, args, model, where, sampling
+        self.max_pixels = max_pixels
         self.conversation_id = conversation_id
         self.messages = messages
         self.pending: list[Any] = []
@@ -56,7 +58,7 @@ class ChatSession:
         self.stderr.flush()
 
     def add_inputs(self, sources: list[str], loaded: list[list[Any]] | None = None) -> None:
-        for source, media in zip(sources, loaded or [load_input(self.args, s) for s in sources]):
+        for source, media in zip(sources, loaded or [load_input(self.args, s, self.max_pixels) for s in sources]):
             self.pending.extend(media)
             self.pending_sources.append(source)
             self.say(f"{source} goes with your next message ({len(media)} image(s))" if len(media) != 1 else
@@ -176,12 +178,12 @@ class ChatSession:
         return result
 
 
-def load_input(args: argparse.Namespace, source: str) -> list[Any]:
+def load_input(args: argparse.Namespace, source: str, max_pixels: int) -> list[Any]:
     """One image, document or video, measured against the limits before it is decoded."""
     from .documents import load_inputs
 
     return load_inputs(source, pages=args.pages, long_side=args.pdf_long_side, dpi=args.dpi,
-                       max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, budget=Budget(limits_from_args(args)))
+                       max_pixels=max_pixels, budget=Budget(limits_from_args(args)))
 
 
 def _read_line(stdin: TextIO, prompt: str, stdout: TextIO) -> str:
@@ -203,16 +205,17 @@ def run_chat(args: argparse.Namespace, settings: Settings, injected: BackendFact
     _check_document_flags(args, sources)
     if "-" in sources:
         raise UsageError("glmv chat reads your messages from standard input, so images cannot come from it ('-')")
-    conversation_id, prior = _conversation(args, stderr)
+    conversation_id, prior = _conversation(args, stderr, settings.max_pixels)
     if args.system:
         prior = [Message("system", [args.system]), *[m for m in prior if m.role != "system"]]
-    loaded = [load_input(args, s) for s in sources]  # before the model: a bad image never waits for a load
+    loaded = [load_input(args, s, settings.max_pixels) for s in sources]  # before the model: a bad image never waits for a load
     factory, where = _choose_backend(args, settings, injected, stderr)
     backend = factory(settings)
     try:
         model = backend.model if where == "openai" else settings.model  # type: ignore[attr-defined]
         sampling = (getattr(backend, "default_sampling", None) or SamplingParams()).merged(**overrides)
-        session = ChatSession(backend, args, model, where, sampling, conversation_id, prior, stdout, stderr)
+        session = ChatSession(backend, args, model, where, sampling, conversation_id, prior, stdout, stderr,
+                              settings.max_pixels)
         session.add_inputs(sources, loaded)
         continuing = f" (continuing {conversation_id})" if conversation_id else ""
         stderr.write(f"glmv: chatting with {model}{continuing}. "

@@ -593,7 +593,7 @@ def _logging(args: argparse.Namespace) -> bool:
     return not getattr(args, "no_log", False) and history.enabled()
 
 
-def _conversation(args: argparse.Namespace, stderr: TextIO) -> tuple[str | None, list[Message]]:
+def _conversation(args: argparse.Namespace, stderr: TextIO, max_pixels: int) -> tuple[str | None, list[Message]]:
     """-c / --cid: the conversation's id and its earlier turns (inputs loaded again from their paths)."""
     if not (args.cont or args.cid):
         return None, []
@@ -612,7 +612,7 @@ def _conversation(args: argparse.Namespace, stderr: TextIO) -> tuple[str | None,
                          else "there is no earlier conversation to continue: ask without -c first")
 
     def load(source: str, pages: str | None) -> list[Any]:
-        return load_inputs(source, pages=pages, max_pixels=args.max_pixels or Settings().max_pixels)
+        return load_inputs(source, pages=pages, max_pixels=max_pixels)
 
     def warn(line: str) -> None:
         stderr.write(f"glmv: warning: {line}\n")
@@ -675,7 +675,7 @@ def run_task(
     if sources.count("-") > 1:
         raise GlmvError("standard input ('-') can be read only once")
     _check_document_flags(args, sources)
-    conversation_id, prior = _conversation(args, stderr) if task == "ask" else (None, [])
+    conversation_id, prior = _conversation(args, stderr, settings.max_pixels) if task == "ask" else (None, [])
     from .documents import RenderOptions, load_all
 
     # Everything is measured (headers, page counts) and checked against the limits before anything is decoded.
