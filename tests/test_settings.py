@@ -151,6 +151,12 @@ def test_bench_is_a_described_subcommand():
     assert (code, out_text) == (2, "") and err == "error: --rates applies to the load benchmark: add --serve\n"
     code, _, err = run(["bench", "--serve", "--configs", "glmv-bf16"])
     assert code == 2 and "--configs applies to the speed benchmark" in err
+    for argv, message in ((["--batches", "1,x"], "--batches '1,x': give numbers above 0"),
+                          (["--serve", "--rates", "0"], "--rates '0': give numbers above 0"),
+                          (["--serve", "--mix", "chat:1"], "--mix 'chat:1': give kind:weight pairs"),
+                          (["--tokens", "0"], "--tokens must be at least 1")):
+        code, out_text, err = run(["bench", *argv])
+        assert (code, out_text) == (2, "") and err.startswith(f"error: {message}") and err.count("\n") == 1, err
 
 
 def test_json_is_one_object_on_stdout_in_every_command_that_has_it(tmp_path, monkeypatch, sample_png):

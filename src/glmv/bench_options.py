@@ -77,6 +77,16 @@ def resolve(args: argparse.Namespace, has_cuda: bool) -> argparse.Namespace:
         value = getattr(args, dest, None)
         if value is not None and value < 1:
             raise GlmvError(f"--{dest.replace('_', '-')} must be at least 1")
+    for dest, kind in (("batches", int), ("rates", float)):
+        if getattr(args, dest) is not None:
+            _positive_list(f"--{dest}", getattr(args, dest), kind)
+    if args.mix is not None:
+        try:
+            weights = dict((k.strip(), float(w)) for k, w in (part.split(":") for part in args.mix.split(",")))
+        except ValueError:
+            weights = {}
+        if not weights or not set(weights) <= {"question", "follow_up", "edit"} or min(weights.values()) < 0:
+            raise GlmvError(f"--mix '{args.mix}': give kind:weight pairs, e.g. {DEFAULT_MIX}")
     args.device = args.device or ("cuda" if has_cuda else "cpu")
     gpu = args.device.startswith("cuda")
     if serve:
@@ -97,3 +107,12 @@ def resolve(args: argparse.Namespace, has_cuda: bool) -> argparse.Namespace:
         args.max_batch = args.max_batch or max(int(b) for b in args.batches.split(",") if b)
         args.max_seq_len = args.max_seq_len or 2048
     return args
+
+
+def _positive_list(flag: str, text: str, kind: type) -> None:
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise GlmvError(f"{flag} '{text}': give numbers above 0 separated by commas, e.g. 1,8,32")

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from ..errors import GlmvError
 from ..prompts import TASKS
-from ..settings import SAMPLING_BOUNDS, SamplingParams
+from ..settings import DEFAULT_MAX_NEW_TOKENS, SAMPLING_BOUNDS, SamplingParams
 from .app import (LEFT_QUEUE, MODEL_CHOICES, PRECISIONS, VIEWPORTS, ZOOMS, Knobs, WebApp, iframe,
                   messages_from_view)
 from .store import new_id
@@ -179,7 +179,7 @@ def build_ui(app: WebApp) -> Any:
         with gr.Row(elem_classes="glmv-settings"):
             show_thinking = gr.Checkbox(True, label="Show thinking", min_width=170)
             thinking_on = gr.Checkbox(True, label="Think first (off: faster)", min_width=170)
-            max_new = gr.Slider(16, 8192, value=2048, step=16, label="Max new tokens", elem_id="max-new", min_width=300)
+            max_new = gr.Slider(16, DEFAULT_MAX_NEW_TOKENS, value=2048, step=16, label="Max new tokens", elem_id="max-new", min_width=300)
             defaults = app.default_sampling()
             temperature = sampling_slider("temperature", "Temperature", defaults, "0 = greedy; starts at the model's default")
             top_p = sampling_slider("top_p", "Top-p", defaults, "nucleus sampling; starts at the model's default")
