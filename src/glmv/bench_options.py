@@ -57,7 +57,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("load benchmark (--serve)")
     g.add_argument("--rates", default=None, metavar="R,R,...",
                    help="arrival rates in requests/s (default 1,2,4,8 on CUDA; 2,4 on the CPU)")
-    g.add_argument("--requests", type=int, default=None, metavar="N", help="requests per rate (default 32 on CUDA; 6 on the CPU)")
+    g.add_argument("--requests", type=int, default=None, metavar="N",
+                   help="requests per rate (default 32 on CUDA; 6 on the CPU)")
     g.add_argument("--mix", default=None, metavar="KIND:W,...",
                    help=f"request kinds and weights: question, follow_up, edit (default {DEFAULT_MIX})")
     g.add_argument("--seed", type=int, default=None, help="seed of the arrival times and the mix (default 0)")
@@ -72,7 +73,8 @@ def resolve(args: argparse.Namespace, has_cuda: bool) -> argparse.Namespace:
     for dest in SPEED_ONLY if serve else LOAD_ONLY:
         if getattr(args, dest) is not None:
             flag = "--" + dest.replace("_", "-")
-            raise GlmvError(f"{flag} applies to the {'speed benchmark (without --serve)' if serve else 'load benchmark: add --serve'}")
+            other = "speed benchmark (without --serve)" if serve else "load benchmark: add --serve"
+            raise GlmvError(f"{flag} applies to the {other}")
     for dest in ("tokens", "max_batch", "max_seq_len", "requests"):
         value = getattr(args, dest, None)
         if value is not None and value < 1:

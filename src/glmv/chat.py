@@ -208,7 +208,8 @@ def run_chat(args: argparse.Namespace, settings: Settings, injected: BackendFact
     conversation_id, prior = _conversation(args, stderr, settings.max_pixels)
     if args.system:
         prior = [Message("system", [args.system]), *[m for m in prior if m.role != "system"]]
-    loaded = [load_input(args, s, settings.max_pixels) for s in sources]  # before the model: a bad image never waits for a load
+    # before the model: a bad image never waits for a load
+    loaded = [load_input(args, s, settings.max_pixels) for s in sources]
     factory, where = _choose_backend(args, settings, injected, stderr)
     backend = factory(settings)
     try:

@@ -155,12 +155,13 @@ COMMON_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "max_new_tokens": (("--max-new-tokens",), dict(type=int, default=None, metavar="N",
                                                    help=f"answer length cap (default {DEFAULT_MAX_NEW_TOKENS})")),
     "out": (("--out",), dict(default=DEFAULT_HTML_DIR, metavar="DIR",
-                             help=f"folder for generated pages, generated_YYYYMMDD_HHMMSS.html (default: {DEFAULT_HTML_DIR})")),
+                             help=f"folder for generated pages, generated_YYYYMMDD_HHMMSS.html "
+                                  f"(default: {DEFAULT_HTML_DIR})")),
 }
 
 
 def add_flags(group: Any, *names: str, **changes: Any) -> None:
-    """Add the shared flags ``names`` to a parser or group; ``changes`` (help=..., required=...) apply to all of them."""
+    """Add the shared flags ``names`` to a parser or group; ``changes`` (help=..., required=...) apply to each."""
     for name in names:
         options, spec = COMMON_FLAGS[name]
         group.add_argument(*options, **{**spec, **changes})
@@ -199,7 +200,7 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base-url", default=None, help="the server's API root, e.g. http://gpu-box:8000/v1")
     g.add_argument("--remote-api-key", default=None, metavar="KEY",
                    help="the key glmv sends to --base-url (default: $OPENAI_API_KEY)")
-    g.add_argument("--api-key", dest="remote_api_key", help=argparse.SUPPRESS)  # its spelling before 0.3: still taken
+    g.add_argument("--api-key", dest="remote_api_key", help=argparse.SUPPRESS)  # the older spelling, still taken
     g.add_argument("--remote-model", default=None, help="model name on the server (default: the first it lists)")
 
 
@@ -210,11 +211,14 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     add_flags(g, "thinking")
     g.add_argument("--show-thinking", action="store_true", help="print the model's reasoning, marked, before the answer")
     add_flags(g, "max_new_tokens")
-    g.add_argument("--temperature", type=float, default=None, help=_sampling_help("temperature", "sampling temperature (0 = greedy)"))
+    g.add_argument("--temperature", type=float, default=None,
+                   help=_sampling_help("temperature", "sampling temperature (0 = greedy)"))
     g.add_argument("--top-p", type=float, default=None, help=_sampling_help("top_p", "nucleus sampling"))
     g.add_argument("--top-k", type=int, default=None, help=_sampling_help("top_k", "top-k sampling"))
-    g.add_argument("--repetition-penalty", type=float, default=None, help=_sampling_help("repetition_penalty", "penalty on repeats"))
-    g.add_argument("--seed", type=int, default=None, help=f"random seed for reproducible sampling, {SAMPLING_BOUNDS['seed'].rule}")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help=_sampling_help("repetition_penalty", "penalty on repeats"))
+    g.add_argument("--seed", type=int, default=None,
+                   help=f"random seed for reproducible sampling, {SAMPLING_BOUNDS['seed'].rule}")
     add_flags(g, "max_pixels")
     g.add_argument("--system", default=None, help="system prompt")
     g.add_argument("--pages", default=None, metavar="RANGE", help="PDF/deck pages, e.g. 1-5,9 (default: all)")
@@ -356,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-n", type=int, default=3, metavar="N", help="the N latest answers (default 3; 0 = all)")
     logs.add_argument("-q", "--query", default=None, metavar="TEXT", help="only answers whose prompt or answer contains TEXT")
     logs.add_argument("--cid", default=None, metavar="ID", help="only conversation ID")
-    add_flags(logs, "json", help="print one JSON object on stdout: {\"entries\": [...]} (status: the state; path: {\"path\": ...})")
+    add_flags(logs, "json", help="print one JSON object on stdout: {\"entries\": [...]} (status: the state; "
+                                 "path: {\"path\": ...})")
     add_flags(logs, "debug")
     from .bench_options import DESCRIPTION, add_bench_arguments
 
@@ -871,7 +876,8 @@ def _add_ground_parser(sub: Any) -> None:
     _add_backend_args(g)
 
 
-def run_ground(args: argparse.Namespace, settings: Settings, backend_factory: BackendFactory, stdout: TextIO, stderr: TextIO) -> int:
+def run_ground(args: argparse.Namespace, settings: Settings, backend_factory: BackendFactory, stdout: TextIO,
+               stderr: TextIO) -> int:
     import io
     import urllib.parse
 
@@ -942,8 +948,8 @@ def refine_html(backend: Backend, target_image: Any, first_html: str, first_path
 MAX_BATCH_SIZE = 256
 
 
-def run_batch_command(args: argparse.Namespace, settings: Settings, backend_factory: BackendFactory | None, stdout: TextIO,
-                      stderr: TextIO) -> int:
+def run_batch_command(args: argparse.Namespace, settings: Settings, backend_factory: BackendFactory | None,
+                      stdout: TextIO, stderr: TextIO) -> int:
     from .batch import Options, default_prompt, run_batch
 
     _refuse_ignored(args)

@@ -179,9 +179,11 @@ def build_ui(app: WebApp) -> Any:
         with gr.Row(elem_classes="glmv-settings"):
             show_thinking = gr.Checkbox(True, label="Show thinking", min_width=170)
             thinking_on = gr.Checkbox(True, label="Think first (off: faster)", min_width=170)
-            max_new = gr.Slider(16, DEFAULT_MAX_NEW_TOKENS, value=2048, step=16, label="Max new tokens", elem_id="max-new", min_width=300)
+            max_new = gr.Slider(16, DEFAULT_MAX_NEW_TOKENS, value=2048, step=16, label="Max new tokens",
+                                elem_id="max-new", min_width=300)
             defaults = app.default_sampling()
-            temperature = sampling_slider("temperature", "Temperature", defaults, "0 = greedy; starts at the model's default")
+            temperature = sampling_slider("temperature", "Temperature", defaults,
+                                          "0 = greedy; starts at the model's default")
             top_p = sampling_slider("top_p", "Top-p", defaults, "nucleus sampling; starts at the model's default")
             sampling_seen = gr.State([defaults.temperature, defaults.top_p])
         browser = (gr.BrowserState("", storage_key="glmv-browser", secret=browser_secret(store.folder))
@@ -311,12 +313,13 @@ def build_ui(app: WebApp) -> Any:
                 store.save_studio(bid, kept(img), final)
 
         def html(img, prompt, show, think, max_tokens, temp, top, view, zoom, vers, bid, request: gr.Request):
-            yield from html_out(app.html(img, prompt, think, Knobs(max_tokens, temp, top), view, vers, session(request), zoom),
-                                show, img, bid)
+            knobs = Knobs(max_tokens, temp, top)
+            yield from html_out(app.html(img, prompt, think, knobs, view, vers, session(request), zoom), show, img, bid)
 
         def html_edit(img, instruction, show, think, max_tokens, temp, top, view, zoom, vers, current, bid,
                       request: gr.Request):
-            yield from html_out(app.html_edit(img, instruction, think, Knobs(max_tokens, temp, top), view, vers, current,
+            knobs = Knobs(max_tokens, temp, top)
+            yield from html_out(app.html_edit(img, instruction, think, knobs, view, vers, current,
                                               session(request), zoom), show, img, bid)
 
         def html_refine(img, rounds, think, max_tokens, temp, top, view, zoom, vers, current, bid, request: gr.Request):
@@ -345,7 +348,8 @@ def build_ui(app: WebApp) -> Any:
         def chat(message, hist, view, cid, show, tools_on, find_on, think, max_tokens, temp, top, bid,
                  request: gr.Request):
             last = None
-            for last in app.chat(message, hist, view, show, tools_on, think, Knobs(max_tokens, temp, top), session(request),
+            knobs = Knobs(max_tokens, temp, top)
+            for last in app.chat(message, hist, view, show, tools_on, think, knobs, session(request),
                                  find=find_on):
                 yield (*last, gr.skip(), gr.skip())
             if last is None or store is None or not bid or last[2] == LEFT_QUEUE:
