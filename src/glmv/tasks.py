@@ -164,7 +164,8 @@ def ask(backend: Backend, messages: list[Message], sampling: SamplingParams, *, 
     ``ctx`` (default: the images of the last message). Ends with one :class:`Finished`."""
     cancel = cancel or threading.Event()
     if tools is None:
-        result = yield from _generate(backend, GenerationRequest(messages, sampling=sampling, thinking=thinking), cancel)
+        request = GenerationRequest(messages, sampling=sampling, thinking=thinking)
+        result = yield from _generate(backend, request, cancel)
         yield Finished(result, [], list(messages))
         return
     if max_steps < 1:
