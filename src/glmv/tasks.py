@@ -186,6 +186,8 @@ def ask(backend: Backend, messages: list[Message], sampling: SamplingParams, *, 
         messages.append(Message("assistant", [result.output.answer] if result.output.answer else [], tool_calls=calls,
                                 reasoning=result.output.thinking))
         for call in calls:
+            if cancel.is_set():  # Stop: no more tools; the next round ends at once, reported as stopped
+                break
             t0 = time.perf_counter()
             content, error = tools.call(call, ctx)
             images = [c for c in content if isinstance(c, LoadedImage)]
