@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     batch = sub.add_parser("batch", help="run a task over files, folders, PDFs and decks; resumable")
     batch.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders (recursive)")
-    batch.add_argument("--task", choices=["ocr", "describe", "html", "ask"], default="ocr")
+    batch.add_argument("--task", choices=[*TASKS, "ask"], default="ocr")  # a preset added to TASKS is a choice
     batch.add_argument("-p", "--prompt", default=None, help="the prompt (required for --task ask)")
     batch.add_argument("--out", required=True, help="output folder (results, manifest.jsonl)")
     batch.add_argument("--format", choices=["md", "json", "both"], default="md")
