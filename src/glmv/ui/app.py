@@ -250,7 +250,7 @@ class WebApp:
                     run.answer += item.text
                 run.tokens = item.usage.completion_tokens
                 now = time.perf_counter()
-                if now - last > 0.05:
+                if now - last > 0.05:  # at most ~20 page updates a second
                     last = now
                     yield run
             elif isinstance(item, tasks.ToolStep):  # the next round writes a new answer
