@@ -18,7 +18,7 @@ from glmv import tasks
 from glmv.backends.base import Chunk
 from glmv.media import load_image
 from glmv.prompts import TASKS, user_message
-from glmv.settings import SamplingParams, Settings
+from glmv.settings import SamplingParams
 from glmv.testing.scripted import ScriptedBackend
 
 needs_score = pytest.mark.skipif(shutil.which("chromium") is None or shutil.which("tesseract") is None,
@@ -123,8 +123,7 @@ def test_the_tool_loop_shows_each_step_and_stops_at_the_limit(image):
 
 def test_the_cli_and_the_web_app_share_the_tool_step_limit(tmp_path):
     from glmv.cli import build_parser, main
-    from glmv.ui.app import WebApp
-    from glmv.ui.manager import ModelManager
+    from test_ui import make_app
 
     def script(req):
         return call("crop", box=[100, 100, 600, 600]) if req.tools else "Done looking."
@@ -136,12 +135,7 @@ def test_the_cli_and_the_web_app_share_the_tool_step_limit(tmp_path):
     assert code == 0, err.getvalue()
     assert len(json.loads(out.getvalue())["trace"]) == tasks.MAX_TOOL_STEPS
 
-    ui_backend = ScriptedBackend(script)
-    ui_backend.default_sampling = Settings().sampling
-    manager = ModelManager(Settings(model="scripted"), lambda s, log: ui_backend)
-    manager.load_async()
-    manager.wait(10)
-    app = WebApp(manager, tmp_path / "html")
+    app, ui_backend = make_app(tmp_path, script)
     message = {"text": "zoom", "files": [str(_png(tmp_path / "c.png", (300, 200)))]}
     for view, _, stats, _ in app.chat(message, [], [], False, True, True, 64, "s1"):
         pass
