@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from . import __version__, tasks
-from .backends.base import Backend, Chunk, GenerationRequest, Result, collect
+from .backends.base import Backend, Chunk, Result
 from .errors import GlmvError
 from .limits import Budget, add_limit_arguments, limits_from_args
 from .prompts import TASKS, Message, user_message
@@ -826,10 +826,10 @@ def run_ground(args: argparse.Namespace, backend_factory: BackendFactory, stdout
         backend_factory = _remote_backend(args)
     backend = backend_factory(settings)
     defaults = getattr(backend, "default_sampling", None) or SamplingParams()
-    request = GenerationRequest([user_message(find_prompt(what), [image])],
-                                sampling=defaults.merged(max_new_tokens=sampling.max_new_tokens), thinking=args.thinking)
     try:
-        result = collect(backend.generate(request))
+        result = tasks.finish(tasks.ask(backend, [user_message(find_prompt(what), [image])],
+                                        defaults.merged(max_new_tokens=sampling.max_new_tokens),
+                                        thinking=args.thinking)).result
     finally:
         backend.close()
     boxes = find_boxes(result.output.answer, what)
