@@ -175,8 +175,9 @@ def test_cancel_during_a_tool_loop_runs_no_more_tools(image):
             cancel.set()
         elif isinstance(event, tasks.Finished):
             done = event
-    # no further tool runs; the round after the Stop ends at its first token, reported as stopped
-    assert steps == 1 and len(backend.requests) == 2 and done.result.finish_reason == "cancelled"
+    # the second call of the round is not run, nor another round; the answer so far is reported as stopped
+    assert steps == 1 and len(backend.requests) == 1 and done.result.finish_reason == "cancelled"
+    assert [t["tool"] for t in done.result.trace] == ["crop"]
 
 
 @needs_score

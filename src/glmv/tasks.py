@@ -179,15 +179,18 @@ def ask(backend: Backend, messages: list[Message], sampling: SamplingParams, *, 
                                     tools=schemas if round_ < max_steps else None)
         result = yield from _generate(backend, request, cancel)
         calls = result.output.tool_calls
-        if not calls or round_ == max_steps or result.finish_reason == "cancelled" or cancel.is_set():
+        if not calls or round_ == max_steps or result.finish_reason == "cancelled":
             result.trace = [s.to_dict() for s in steps]
             yield Finished(result, steps, messages)
             return
         messages.append(Message("assistant", [result.output.answer] if result.output.answer else [], tool_calls=calls,
                                 reasoning=result.output.thinking))
         for call in calls:
-            if cancel.is_set():  # Stop: no more tools; the next round ends at once, reported as stopped
-                break
+            if cancel.is_set():  # Stop: no more tools, no next round; the answer so far is the result
+                result.finish_reason = "cancelled"
+                result.trace = [s.to_dict() for s in steps]
+                yield Finished(result, steps, messages)
+                return
             t0 = time.perf_counter()
             content, error = tools.call(call, ctx)
             images = [c for c in content if isinstance(c, LoadedImage)]
