@@ -24,7 +24,8 @@ from glmv.parsing import StreamParser, parse_output
 from glmv.prompts import Message, to_template_messages, user_message
 from glmv.settings import SamplingParams
 from glmv.testing.scripted import ScriptedBackend
-from glmv.tools import Tool, ToolContext, ToolRegistry, run_tool_loop
+from glmv.tasks import run_tool_loop
+from glmv.tools import Tool, ToolContext, ToolRegistry
 
 FIXTURES = Path(__file__).parent / "fixtures" / "templates"
 GLM_OCR = (FIXTURES / "glm_ocr.jinja").read_text()
@@ -114,7 +115,7 @@ def test_the_fixes_the_issue_names(processor):
 
 
 def test_the_tool_loop_keeps_the_models_reasoning_in_the_prompt(processor, tiny_path):
-    """tools.py hands the reasoning on; the template renders it for the turn after the last user message."""
+    """The tool loop (tasks.py) hands the reasoning on; the template renders it for the turn after the last user message."""
     script = ["<think>need tool</think>Zooming.<tool_call>echo\n<arg_key>text</arg_key>\n<arg_value>hi</arg_value>\n</tool_call>",
               "<think>done</think>It says hi."]
     backend = ScriptedBackend(lambda request: script[len(backend.requests) - 1])

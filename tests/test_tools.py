@@ -18,7 +18,8 @@ from glmv.media import load_image
 from glmv.prompts import user_message
 from glmv.settings import SamplingParams
 from glmv.testing.scripted import ScriptedBackend
-from glmv.tools import Tool, ToolContext, ToolRegistry, default_registry, run_tool_loop
+from glmv.tasks import run_tool_loop
+from glmv.tools import Tool, ToolContext, ToolRegistry, default_registry
 
 needs_browser = pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 needs_ocr = pytest.mark.skipif(shutil.which("tesseract") is None, reason="tesseract-ocr is not installed")

@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
-from .backends.base import Backend, GenerationRequest, Result, collect
+from . import tasks
+from .backends.base import Backend, Result
 from .documents import check_resolution, kind_of, load_video, office_to_pdf, parse_pages, pdf_page_count, render_pdf
 from .errors import GlmvError, MediaError
 from .media import load_image
-from .outputs import ensure_writable_dir, json_text, text_as_page, write_atomic
+from .outputs import ensure_writable_dir, json_text, write_atomic
 from .prompts import TASKS, user_message
 from .settings import DEFAULT_LONG_SIDE, DEFAULT_MAX_PIXELS, SamplingParams
 
@@ -568,15 +569,14 @@ class _Run:
         assert self.backend is not None
         try:
             media = _load(item, self.opts)
-            request = GenerationRequest([user_message(self.opts.prompt, media)], sampling=self.sampling,
-                                        thinking=self.opts.thinking)
             cancel = threading.Event()
             with self._lock:
                 if self.stop.is_set():
                     return None, None
                 self._cancels.add(cancel)
             try:
-                result = collect(self.backend.generate(request, cancel))
+                result = tasks.finish(tasks.ask(self.backend, [user_message(self.opts.prompt, media)], self.sampling,
+                                                thinking=self.opts.thinking, cancel=cancel)).result
             finally:
                 with self._lock:
                     self._cancels.discard(cancel)
@@ -638,7 +638,7 @@ def _write(out: Path, item: Item, result: Result, opts: Options) -> list[str]:
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         if rel.endswith(".html"):
-            data = result.output.html or text_as_page(result.output.answer)
+            data = tasks.page_of(result.output)[0]
         elif rel.endswith(".md"):
             data = result.output.answer.rstrip() + "\n"
         else:

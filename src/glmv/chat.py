@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
-from .backends.base import Backend, Chunk, GenerationRequest, Result, collect
+from . import tasks
+from .backends.base import Backend, Chunk, Result
 from .cli import (BackendFactory, Printer, UsageError, _check_document_flags, _check_utf8, _choose_backend,
                   _conversation, _log_answer, _refuse_ignored, _sampling_from_args, summary_line)
 from .errors import GlmvError
@@ -127,9 +128,7 @@ class ChatSession:
         """One user message and the streamed answer."""
         message = user_message(text, self.pending)
         sources, self.pending, self.pending_sources = self.pending_sources, [], []
-        request = GenerationRequest(messages=[*self.messages, message], sampling=self.sampling,
-                                    thinking=self.args.thinking)
-        result = self.stream(request)
+        result = self.stream([*self.messages, message])
         self.messages += [message, Message("assistant", [result.output.answer])]
         self.stderr.write(summary_line(result) + "\n")
         payload = {"answer": result.output.answer, "thinking": result.output.thinking, "usage": result.usage.to_dict(),
@@ -138,28 +137,30 @@ class ChatSession:
         self.conversation_id = _log_answer(self.args, self.conversation_id, self.model, self.where, text, sources,
                                            payload, self.sampling, self.stderr) or self.conversation_id
 
-    def stream(self, request: GenerationRequest) -> Result:
-        """Print the answer as it comes; Ctrl-C cancels the generation and keeps what was written.
+    def stream(self, messages: list[Message]) -> Result:
+        """Ask (:func:`glmv.tasks.ask`), printing the answer as it comes; Ctrl-C cancels the generation and
+        keeps what was written.
 
-        The stream is read on a helper thread and handed over through a queue, so Ctrl-C lands in this thread
-        between chunks and never inside the backend's generator (which would end it without a result)."""
+        The task runs on a helper thread and hands its events over through a queue, so Ctrl-C lands in this
+        thread between chunks and never inside the backend's generator (which would end it without a result)."""
         cancel = threading.Event()
         printer = Printer(self.stdout, self.stderr, self.args.show_thinking)
         handover: queue.Queue[Any] = queue.Queue()
 
         def pump() -> None:
             try:
-                for chunk in self.backend.generate(request, cancel):
-                    handover.put(chunk)
+                for event in tasks.ask(self.backend, messages, self.sampling, thinking=self.args.thinking,
+                                       cancel=cancel):
+                    handover.put(event)
             except BaseException as exc:  # handed to the reading thread, which raises it
                 handover.put(exc)
             handover.put(None)
 
-        def received() -> Iterator[Chunk]:
+        def received() -> Iterator[tasks.Event]:
             while (item := handover.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                if item.type in ("thinking", "answer"):
+                if isinstance(item, Chunk) and item.type in ("thinking", "answer"):
                     printer.write(item.type, item.text)
                 yield item
 
@@ -169,7 +170,7 @@ class ChatSession:
             try:
                 if thread.ident is None:
                     thread.start()
-                result = collect(received())
+                result = tasks.finish(received()).result
             except KeyboardInterrupt:
                 cancel.set()  # the backend ends the stream at the next token, with what it had written
         printer.end()

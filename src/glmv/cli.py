@@ -23,16 +23,16 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
-from . import __version__
-from .backends.base import Backend, GenerationRequest, Result, collect
+from . import __version__, tasks
+from .backends.base import Backend, Chunk, Result
 from .errors import GlmvError
 from .limits import Budget, add_limit_arguments, limits_from_args
-from .outputs import save_html, text_as_page
 from .prompts import TASKS, Message, user_message
 from .settings import (DEFAULT_LONG_SIDE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PIXELS, SAMPLING_BOUNDS, TINY_MODEL,
                        SamplingParams, Settings)
+from .tools import default_registry
 
 DEFAULT_IMAGE = "input/image_1.png"
 SUBCOMMANDS = ("ask", "ocr", "html")
@@ -228,7 +228,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     add_flags(g, "json", help="print one JSON object (answer, thinking, usage, timings) on stdout instead of text")
     g.add_argument("--tools", action="store_true",
                    help="let the model call tools (crop/zoom into the images, render HTML and look at it)")
-    g.add_argument("--max-steps", type=int, default=5, help="at most this many tool rounds (default 5)")
+    g.add_argument("--max-steps", type=int, default=tasks.MAX_TOOL_STEPS,
+                   help=f"at most this many tool rounds (default {tasks.MAX_TOOL_STEPS})")
     add_flags(g, "debug")
 
 
@@ -292,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     batch = sub.add_parser("batch", help="run a task over files, folders, PDFs and decks; resumable")
     batch.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders (recursive)")
-    batch.add_argument("--task", choices=["ocr", "describe", "html", "ask"], default="ocr")
+    batch.add_argument("--task", choices=[*TASKS, "ask"], default="ocr")  # a preset added to TASKS is a choice
     batch.add_argument("-p", "--prompt", default=None, help="the prompt (required for --task ask)")
     add_flags(batch, "out", required=True, default=None, help="output folder (results, manifest.jsonl)")
     batch.add_argument("--format", choices=["md", "json", "both"], default="md")
@@ -427,18 +428,10 @@ class Printer:
 
 
 def summary_line(result: Result) -> str:
-    t, u = result.timings, result.usage
-    tps = t.tokens_per_s(u.completion_tokens)
-    parts = [
-        f"{u.completion_tokens} tokens",
-        f"prompt {u.prompt_tokens}",
-        f"TTFT {t.ttft_s:.2f} s" if t.ttft_s is not None else "TTFT -",
-        f"{tps:.1f} tok/s" if tps is not None else "- tok/s",
-        f"total {t.total_s:.2f} s",
-    ]
+    line = tasks.stats_line(result.usage, result.timings)
     if result.finish_reason != "stop":
-        parts.append(f"finish: {result.finish_reason}")
-    return "glmv: " + ", ".join(parts)
+        line += f", finish: {result.finish_reason}"
+    return "glmv: " + line
 
 
 def _sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -692,8 +685,6 @@ def run_task(
         from .outputs import ensure_writable_dir
 
         ensure_writable_dir(Path(args.out))
-    # OCR reads one page (or image) per prompt; other tasks put everything in one prompt.
-    groups = [[m] for m in media] if task == "ocr" and len(media) > 1 else [media]
 
     backend_factory, where = _choose_backend(args, settings, backend_factory, stderr)
     backend = backend_factory(settings)
@@ -704,57 +695,67 @@ def run_task(
     if args.json:
         stream = False
 
-    results: list[tuple[Any, Result]] = []
-    for group in groups:
-        messages: list[Message] = [m for m in prior if not (args.system and m.role == "system")]
-        if args.system:
-            messages.insert(0, Message("system", [args.system]))
-        messages.append(user_message(prompt, group))
-        if len(groups) > 1 and not args.json:
-            stdout.write(f"\n<!-- {group[0].source} -->\n\n" if results else f"<!-- {group[0].source} -->\n\n")
-        trace: list[Any] = []
-        if args.tools:
-            result, trace = _generate_with_tools(backend, messages, group, sampling, args, stream, stdout, stderr)
-        else:
-            request = GenerationRequest(messages=messages, sampling=sampling, thinking=args.thinking)
-            result = _generate(backend, request, stream, args.show_thinking, stdout, stderr)
-        if result is None:
-            return 130
-        result.trace = [step.to_dict() for step in trace]
-        images = [m for m in group if hasattr(m, "original_size")]
-        if len(images) == 1:  # grounding boxes in the input file's pixels (boxes are on a 0-1000 scale)
-            result.output.with_image_size(*images[0].original_size)
-        results.append((group, result))
-        if not args.json:
-            if not stream:
-                printer = Printer(stdout, stderr, args.show_thinking)
-                if result.output.thinking:
-                    printer.write("thinking", result.output.thinking)
-                printer.write("answer", result.output.answer)
-                printer.end()
-            stderr.write(summary_line(result) + "\n")
+    before: list[Message] = [m for m in prior if not (args.system and m.role == "system")]
+    if args.system:
+        before.insert(0, Message("system", [args.system]))
+    if args.tools and args.max_steps < 1:
+        raise GlmvError("--max-steps must be at least 1")
+    cancel = threading.Event()
+    common: dict[str, Any] = {"thinking": args.thinking, "cancel": cancel, "max_steps": args.max_steps,
+                              "tools": default_registry() if args.tools else None}
+    if task == "ocr":  # one page (or image) per prompt; other tasks put everything in one prompt
+        events = tasks.ocr(backend, media, sampling, prompt=prompt, before=before, **common)
+    elif task == "html":
+        events = tasks.html(backend, [*before, user_message(prompt, media)], sampling, Path(args.out), **common)
+    else:
+        events = tasks.ask(backend, [*before, user_message(prompt, media)], sampling, **common)
 
-    html_path = None
-    refine_versions: list[dict[str, Any]] = []
-    result = results[-1][1]
-    if task == "html":
-        page = result.output.html
-        if page is None:
-            stderr.write("glmv: warning: the answer contained no HTML; saved the answer as text in a page\n")
-            page = text_as_page(result.output.answer)
-        html_path = save_html(page, Path(args.out))
-        if args.refine > 0:
-            if result.output.html is None:
+    results: list[tuple[Any, Result]] = []
+    group, saved, refine_versions = media, None, []
+    try:
+        for event in _follow(events, stream, args.show_thinking, stdout, stderr):
+            if isinstance(event, tasks.PageStarted):
+                group = [media[event.index]]
+                if event.count > 1 and not args.json:
+                    stdout.write(f"\n<!-- {group[0].source} -->\n\n" if results else f"<!-- {group[0].source} -->\n\n")
+            elif isinstance(event, tasks.Finished):
+                result = event.result
+                images = [m for m in group if hasattr(m, "original_size")]
+                if len(images) == 1:  # grounding boxes in the input file's pixels (boxes are on a 0-1000 scale)
+                    result.output.with_image_size(*images[0].original_size)
+                results.append((group, result))
+                if not args.json:
+                    if not stream:
+                        printer = Printer(stdout, stderr, args.show_thinking)
+                        if result.output.thinking:
+                            printer.write("thinking", result.output.thinking)
+                        printer.write("answer", result.output.answer)
+                        printer.end()
+                    stderr.write(summary_line(result) + "\n")
+            elif isinstance(event, tasks.Saved):
+                saved = event
+                if not event.html_found:
+                    stderr.write("glmv: warning: the answer contained no HTML; saved the answer as text in a page\n")
+        if saved is not None and args.refine > 0:
+            if not saved.html_found:
                 stderr.write("glmv: warning: no HTML to refine\n")
             else:
                 from .media import LoadedImage
 
                 target = next(m for m in media if isinstance(m, LoadedImage))
-                versions = refine_html(backend, target, page, html_path, args.refine, sampling, args.thinking,
-                                       Path(args.out), stderr)
-                best = max(versions, key=lambda v: v["score"])
-                html_path = Path(best["path"])
-                refine_versions = versions
+                refine_versions = refine_html(backend, target, saved.page, saved.path, args.refine, sampling,
+                                              args.thinking, Path(args.out), stderr, cancel)
+    except KeyboardInterrupt:
+        cancel.set()
+        stderr.write("\nglmv: cancelled\n")
+        return 130
+
+    html_path = None
+    result = results[-1][1]
+    if saved is not None:
+        html_path = saved.path
+        if refine_versions:
+            html_path = max(refine_versions, key=lambda v: v["score"])["path"]
         if not args.json:
             stdout.write(f"{html_path}\n")
 
@@ -775,7 +776,7 @@ def run_task(
         payload["html_path"] = str(html_path)
         payload["html_found"] = result.output.html is not None
         if refine_versions:
-            payload["versions"] = [{k: v[k] for k in ("version", "path", "score")} for v in refine_versions]
+            payload["versions"] = refine_versions
     _emit_json(args, payload, stdout)
     stdout.flush()
     return 0
@@ -806,62 +807,27 @@ def _check_json_out(args: argparse.Namespace) -> None:
         ensure_writable_dir(target.parent if str(target.parent) else Path("."))
 
 
-def _generate_with_tools(backend: Backend, messages: list[Message], media: list[Any], sampling: SamplingParams,
-                         args: argparse.Namespace, stream: bool, stdout: TextIO, stderr: TextIO):
-    from .media import LoadedImage
-    from .tools import ToolContext, default_registry, run_tool_loop
-
-    if args.max_steps < 1:
-        raise GlmvError("--max-steps must be at least 1")
-    printer = Printer(stdout, stderr, args.show_thinking) if stream else None
-
-    def on_chunk(chunk: Any) -> None:
-        if printer is not None and chunk.type in ("thinking", "answer"):
-            printer.write(chunk.type, chunk.text)
-
-    def on_step(step: Any) -> None:
-        if printer is not None:
+def _follow(events: Iterator[tasks.Event], stream: bool, show_thinking: bool, stdout: TextIO,
+            stderr: TextIO) -> Iterator[tasks.Event]:
+    """Show a task's progress as it comes (its text when streaming, each tool step, status lines) and pass
+    its events on."""
+    printer = None
+    for event in events:
+        if isinstance(event, Chunk):
+            if stream and event.type in ("thinking", "answer"):
+                printer = printer or Printer(stdout, stderr, show_thinking)
+                printer.write(event.type, event.text)
+            elif stream and event.type == "status":
+                stderr.write(f"glmv: {event.text}\n")
+        elif isinstance(event, tasks.ToolStep):
+            if printer is not None:
+                printer.end()
+            stderr.write(f"glmv: {event.step.line()}\n")
+            stderr.flush()
+        elif isinstance(event, tasks.Finished) and printer is not None:
             printer.end()
-        stderr.write(f"glmv: {step.line()}\n")
-        stderr.flush()
-
-    ctx = ToolContext(images=[m for m in media if isinstance(m, LoadedImage)])
-    try:
-        result, trace, _ = run_tool_loop(backend, messages, default_registry(), ctx, sampling, thinking=args.thinking,
-                                         max_steps=args.max_steps, on_step=on_step, on_chunk=on_chunk)
-    except KeyboardInterrupt:
-        stderr.write("\nglmv: cancelled\n")
-        return None, []
-    if printer is not None:
-        printer.end()
-    return result, trace
-
-
-def _generate(backend: Backend, request: GenerationRequest, stream: bool, show_thinking: bool, stdout: TextIO,
-              stderr: TextIO) -> Result | None:
-    """Run one request, printing tokens as they come when streaming; None if interrupted."""
-    cancel = threading.Event()
-    try:
-        chunks = backend.generate(request, cancel)
-        if not stream:
-            return collect(chunks)
-        printer = Printer(stdout, stderr, show_thinking)
-
-        def tee():
-            for chunk in chunks:
-                if chunk.type in ("thinking", "answer"):
-                    printer.write(chunk.type, chunk.text)
-                elif chunk.type == "status":
-                    stderr.write(f"glmv: {chunk.text}\n")
-                yield chunk
-
-        result = collect(tee())
-        printer.end()
-        return result
-    except KeyboardInterrupt:
-        cancel.set()
-        stderr.write("\nglmv: cancelled\n")
-        return None
+            printer = None  # the next page (OCR) starts its own sections
+        yield event
 
 
 # -- glmv ground: find things in an image, draw the model's boxes, print them ------------------------------
@@ -900,10 +866,10 @@ def run_ground(args: argparse.Namespace, settings: Settings, backend_factory: Ba
         backend_factory = _remote_backend(args)
     backend = backend_factory(settings)
     defaults = getattr(backend, "default_sampling", None) or SamplingParams()
-    request = GenerationRequest([user_message(find_prompt(what), [image])],
-                                sampling=defaults.merged(max_new_tokens=sampling.max_new_tokens), thinking=args.thinking)
     try:
-        result = collect(backend.generate(request))
+        result = tasks.finish(tasks.ask(backend, [user_message(find_prompt(what), [image])],
+                                        defaults.merged(max_new_tokens=sampling.max_new_tokens),
+                                        thinking=args.thinking)).result
     finally:
         backend.close()
     boxes = find_boxes(result.output.answer, what)
@@ -933,15 +899,17 @@ def run_score(args: argparse.Namespace, stdout: TextIO) -> int:
 
 
 def refine_html(backend: Backend, target_image: Any, first_html: str, first_path: Path, rounds: int,
-                sampling: SamplingParams, thinking: bool, out_dir: Path, stderr: TextIO) -> list[dict[str, Any]]:
-    from .refine import refine
-
+                sampling: SamplingParams, thinking: bool, out_dir: Path, stderr: TextIO,
+                cancel: threading.Event | None = None) -> list[dict[str, Any]]:
+    """Run the refine task, one line per scored version; the versions as {version, path, score}."""
     versions = []
-    for v in refine(backend, target_image, first_html, first_path, rounds, sampling, thinking, out_dir):
-        versions.append(v)
-        stderr.write(f"glmv: version {v['version']}: overall {v['score']:.3f} -> {v['path']}\n")
-        if v.get("stop"):
-            stderr.write(f"glmv: {v['stop']}\n")
+    for event in tasks.refine(backend, target_image, first_html, first_path, rounds, sampling, thinking=thinking,
+                              out_dir=out_dir, cancel=cancel):
+        if isinstance(event, tasks.RoundFinished):
+            versions.append({"version": event.version, "path": str(event.path), "score": event.score})
+            stderr.write(f"glmv: version {event.version}: overall {event.score:.3f} -> {event.path}\n")
+        elif isinstance(event, tasks.RefineStopped) and event.reason:
+            stderr.write(f"glmv: {event.reason}\n")
     return versions
 
 

@@ -1,7 +1,8 @@
 """Task presets and conversation building.
 
 A conversation is a list of :class:`Message` objects whose content interleaves text and images. This
-module knows the default prompts of the three tutorial jobs (describe, OCR, image to HTML), validates
+module knows the default prompts of the three tutorial jobs (describe, OCR, image to HTML) and of the refine
+loop, validates
 a conversation before any model work, and turns it into the message format chat templates expect
 (``{"type": "image"}`` placeholders plus the images in order).
 """
@@ -43,6 +44,14 @@ TASKS: dict[str, Task] = {
         "turn a screenshot into a self-contained HTML page",
     ),
 }
+
+# The refine loop's question (:func:`glmv.tasks.refine`): the target first, then the render of the code below.
+REFINE_PROMPT = (
+    "The first image is the target screenshot. The second image is how your HTML below renders.\n"
+    "```html\n{html}\n```\n"
+    "Compare them carefully (layout, sizes, colours, text) and output the corrected complete page as one "
+    "```html block."
+)
 
 
 @dataclass

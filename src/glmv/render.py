@@ -1,7 +1,7 @@
 """HTML rendering in headless Chromium (Debian's ``chromium`` through Playwright), with the network blocked.
 
 A core module: the ``render_html`` tool (:mod:`glmv.tools`), the visual score (:mod:`glmv.score`) and the
-refine loop (:mod:`glmv.refine`) all render through it, so a metric never imports the tool registry.
+refine loop (:func:`glmv.tasks.refine`) all render through it, so a metric never imports the tool registry.
 """
 
 from __future__ import annotations

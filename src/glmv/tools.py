@@ -1,32 +1,30 @@
-"""Native multimodal tool calling: a small tool registry, the built-in tools, and the tool loop.
+"""Native multimodal tool calling: a small tool registry and the built-in tools.
 
 GLM-4.6V calls tools in its ``<tool_call>`` format (parsed by :mod:`glmv.parsing`) and reads what tools
-return, images included, as ``tool`` messages. :func:`run_tool_loop` generates, runs each call, feeds the
-result back and continues, up to ``max_steps``. A bad call (unknown tool, malformed arguments, a box outside
-the image, a tool that fails) becomes an error message fed back to the model, never a crash.
+return, images included, as ``tool`` messages. The loop that generates, runs each call, feeds the result
+back and continues is a task (:func:`glmv.tasks.ask` with ``tools``); this module only knows the tools. A bad
+call (unknown tool, malformed arguments, a box outside the image, a tool that fails) becomes an error message
+fed back to the model, never a crash.
 
 Built-in tools:
 - ``crop``: a box in the model's 0-1000 coordinates on one of the input images (or PDF pages), returned
   enlarged, for reading small print and checking details;
 - ``render_html``: renders HTML in headless Chromium (:mod:`glmv.render`) at a desktop or phone viewport,
   with the network blocked, and returns the screenshot.
-Users add their own with :meth:`ToolRegistry.register`.
+Users add their own with :meth:`ToolRegistry.register`; a built-in tool is a :class:`Tool` here, listed in
+:func:`default_registry` (every front end's tool loop gets it from there).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .backends.base import Backend, GenerationRequest, Result, collect
 from .errors import GlmvError
 from .media import LoadedImage
 from .parsing import ToolCall
-from .prompts import Message
 from .render import render_html
-from .settings import SamplingParams
 
 
 
@@ -163,9 +161,11 @@ def default_registry() -> ToolRegistry:
     return ToolRegistry([CROP, RENDER_HTML])
 
 
-# -- the loop ---------------------------------------------------------------------------------------------
+# -- what the loop records of each call ------------------------------------------------------------------
 @dataclass
 class Step:
+    """One tool call as carried out: what was asked, what came back (text, image sizes), how long it took."""
+
     name: str
     arguments: dict[str, Any]
     error: str | None
@@ -183,42 +183,3 @@ class Step:
             args = args[:117] + "..."
         out = self.error or (self.text + "".join(f" [image {w}x{h}]" for w, h in self.images))
         return f"⚙ {self.name}({args}) → {out}"
-
-
-def run_tool_loop(backend: Backend, messages: list[Message], registry: ToolRegistry, ctx: ToolContext,
-                  sampling: SamplingParams, thinking: bool = True, max_steps: int = 5,
-                  on_step: Callable[[Step], None] | None = None,
-                  on_chunk: Callable[[Any], None] | None = None) -> tuple[Result, list[Step], list[Message]]:
-    """Generate; while the model calls tools (at most ``max_steps`` rounds), run them and continue."""
-    messages = list(messages)
-    trace: list[Step] = []
-    tools = registry.schemas()
-    for round_ in range(max_steps + 1):
-        request = GenerationRequest(messages, sampling=sampling, thinking=thinking,
-                                    tools=tools if round_ < max_steps else None)
-        chunks = backend.generate(request)
-        if on_chunk is not None:
-            chunks = _tap(chunks, on_chunk)
-        result = collect(chunks)
-        calls = result.output.tool_calls
-        if not calls or round_ == max_steps:
-            return result, trace, messages
-        messages.append(Message("assistant", [result.output.answer] if result.output.answer else [], tool_calls=calls,
-                                reasoning=result.output.thinking))
-        for call in calls:
-            t0 = time.perf_counter()
-            content, error = registry.call(call, ctx)
-            images = [c for c in content if isinstance(c, LoadedImage)]
-            text = " ".join(c for c in content if isinstance(c, str))
-            step = Step(call.name, call.arguments, error, text, [i.size for i in images], time.perf_counter() - t0)
-            trace.append(step)
-            if on_step is not None:
-                on_step(step)
-            messages.append(Message("tool", content))
-    raise AssertionError("unreachable")
-
-
-def _tap(chunks, fn):
-    for c in chunks:
-        fn(c)
-        yield c

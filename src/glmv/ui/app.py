@@ -16,13 +16,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from ..backends.base import Chunk, GenerationRequest
+from .. import tasks
+from ..backends.base import Chunk, Result
 from ..errors import GlmvError
 from ..grounding import boxes_json, draw_boxes, find_boxes, find_prompt, no_boxes_note
 from ..media import LoadedImage, load_image
-from ..outputs import save_html, text_as_page, write_atomic
+from ..outputs import write_atomic
 from ..prompts import Message, user_message
 from ..settings import DEFAULT_MAX_PIXELS, SamplingParams
 from .manager import ModelManager, estimate, gpu_free_gb
@@ -61,10 +62,12 @@ class Run:
     answer: str = ""
     tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
-    done: Chunk | None = None
+    done: Result | None = None
     stopped: bool = False
     waiting: tuple[int, int] | None = None  # (place in line, people waiting) while queued
     left_queue: bool = False  # Stop pressed while waiting: it never ran
+    steps: list[tasks.ToolStep] = field(default_factory=list)  # tool calls made so far (the tool loop)
+    saved: tasks.Saved | None = None  # the page written (Image → HTML)
 
     def stats(self) -> str:
         if self.left_queue:
@@ -75,16 +78,8 @@ class Run:
         if self.done is None:
             elapsed = max(time.perf_counter() - self.started, 1e-6)
             return f"… {self.tokens} tokens · {self.tokens / elapsed:.1f} tok/s"
-        u, t = self.done.usage, self.done.timings
-        tps = t.tokens_per_s(u.completion_tokens)
-        parts = [f"{u.completion_tokens} tokens", f"prompt {u.prompt_tokens}"]
-        if t.ttft_s is not None:
-            parts.append(f"first token {t.ttft_s:.2f} s")
-        if tps:
-            parts.append(f"{tps:.1f} tok/s")
-        parts.append(f"{t.total_s:.1f} s")
         head = "■ stopped" if self.stopped else ("✓" if self.done.finish_reason != "length" else "✓ (length limit)")
-        return f"{head} · " + " · ".join(parts)
+        return f"{head} · " + tasks.stats_line(self.done.usage, self.done.timings, sep=" · ")
 
     @property
     def over(self) -> bool:
@@ -238,12 +233,12 @@ class WebApp:
         yield ticket if admitted else Run(left_queue=True)
 
     # -- the streaming core --------------------------------------------------------------------------
-    def stream(self, messages: list[Message], thinking_on: bool, max_new_tokens: int | Knobs, session: str,
-               tools: list | None = None) -> Iterator[Run]:
+    def _task(self, session: str, max_new_tokens: Any,
+              start: Callable[[Any, Any, threading.Event], Iterator[tasks.Event]]) -> Iterator[Run | tasks.Event]:
+        """Wait for a slot (yielding waiting :class:`Run` items), then run the task ``start(backend, sampling,
+        stop)`` and pass its events on. Stop, a new run from the same browser or the page going away cancels it."""
         backend = self.manager.require()
-        defaults = backend.default_sampling
-        request = GenerationRequest(messages, sampling=sampling_for(defaults, max_new_tokens),
-                                    thinking=bool(thinking_on), tools=tools)
+        sampling = sampling_for(backend.default_sampling, max_new_tokens)
         stop = self._new_stop(session)
         ticket = None
         for item in self._queue(stop):
@@ -253,37 +248,52 @@ class WebApp:
                 ticket = item
         if ticket is None:
             return
+        finished = False
         try:
-            yield from self._generate(backend, request, stop)
+            yield from start(backend, sampling, stop)  # validation errors surface here, before any GPU work
+            finished = True
         finally:
+            if not finished:
+                stop.set()
             self.slots.leave(ticket)
 
     @staticmethod
-    def _generate(backend: Any, request: GenerationRequest, stop: threading.Event) -> Iterator[Run]:
+    def _follow(items: Iterator[Run | tasks.Event]) -> Iterator[Run]:
+        """What a task has produced so far, as a :class:`Run`, at most ~20 times a second while text streams."""
         run = Run()
-        chunks = backend.generate(request, stop)  # validation errors surface here, before any GPU work
         last = 0.0
-        try:
-            for chunk in chunks:
-                if chunk.type == "thinking":
-                    run.thinking += chunk.text
-                elif chunk.type == "answer":
-                    run.answer += chunk.text
-                elif chunk.type == "done":
-                    run.done = chunk
-                    run.stopped = chunk.finish_reason == "cancelled"
-                    assert chunk.result is not None
-                    run.thinking, run.answer = chunk.result.thinking, chunk.result.answer
-                    yield run
-                    return
-                run.tokens = chunk.usage.completion_tokens
+        for item in items:
+            if isinstance(item, Run):  # still waiting in line, or left it
+                yield item
+            elif isinstance(item, Chunk):
+                if item.type == "thinking":
+                    run.thinking += item.text
+                elif item.type == "answer":
+                    run.answer += item.text
+                run.tokens = item.usage.completion_tokens
                 now = time.perf_counter()
                 if now - last > 0.05:  # at most ~20 page updates a second
                     last = now
                     yield run
-        finally:
-            if run.done is None:
-                stop.set()
+            elif isinstance(item, tasks.ToolStep):  # the next round writes a new answer
+                run.steps.append(item)
+                run.thinking = run.answer = ""
+                yield run
+            elif isinstance(item, tasks.Finished):
+                run.done = item.result
+                run.stopped = item.result.finish_reason == "cancelled"
+                run.thinking, run.answer = item.result.output.thinking, item.result.output.answer
+                yield run
+            elif isinstance(item, tasks.Saved):
+                run.saved = item
+                yield run
+
+    def stream(self, messages: list[Message], thinking_on: bool, max_new_tokens: int | Knobs, session: str,
+               tools: Any = None, ctx: Any = None, max_steps: int = tasks.MAX_TOOL_STEPS) -> Iterator[Run]:
+        """Ask (with ``tools``: the tool loop), in line with the other users."""
+        return self._follow(self._task(session, max_new_tokens, lambda backend, sampling, stop: tasks.ask(
+            backend, messages, sampling, thinking=bool(thinking_on), cancel=stop, tools=tools, ctx=ctx,
+            max_steps=max_steps)))
 
     def _image(self, image: Any, where: str) -> LoadedImage:
         if image is None:
@@ -336,7 +346,9 @@ class WebApp:
     def ocr(self, image, prompt, thinking_on, max_new, session) -> Iterator[tuple[str, str, str, str, list[str] | None]]:
         img = self._image(image, "OCR")
         text = self._prompt(prompt, "OCR", "read all the text")
-        for run in self.stream([user_message(text, [img])], thinking_on, max_new, session):
+        read = self._task(session, max_new, lambda backend, sampling, stop: tasks.ocr(
+            backend, [img], sampling, prompt=text, thinking=bool(thinking_on), cancel=stop))
+        for run in self._follow(read):
             files = None
             if run.done is not None and run.answer:
                 stamp = time.strftime("%Y%m%d_%H%M%S")
@@ -365,16 +377,16 @@ class WebApp:
 
     def _html_run(self, messages, thinking_on, max_new, viewport, versions, session, what, zoom):
         choices = [v["label"] for v in versions]
-        for run in self.stream(messages, thinking_on, max_new, session):
-            if run.done is None:
+        write = self._task(session, max_new, lambda backend, sampling, stop: tasks.html(
+            backend, messages, sampling, self.html_dir, thinking=bool(thinking_on), cancel=stop))
+        for run in self._follow(write):
+            if run.saved is None:
                 yield run.thinking, run.answer, run.stats(), None, iframe(None), versions, choices, None
                 continue
-            page = run.done.result.html if run.done.result else None
-            code = page if page is not None else text_as_page(run.answer)
-            path = save_html(code, self.html_dir)
+            code, path = run.saved.page, run.saved.path
             label = f"v{len(versions) + 1} · {what} · {time.strftime('%H:%M:%S')}"
             versions = [*versions, {"label": label, "code": code, "path": str(path)}]
-            stats = run.stats() + ("" if page is not None else " · warning: no HTML in the answer, saved it as text")
+            stats = run.stats() + ("" if run.saved.html_found else " · warning: no HTML in the answer, saved it as text")
             yield (run.thinking, code, stats, str(path), iframe(code, viewport, zoom), versions,
                    [v["label"] for v in versions], label)
 
@@ -386,7 +398,7 @@ class WebApp:
         return "", None, iframe(None), None, ""
 
     def chat(self, message: dict, history: list[Message], chat_view: list, show_thinking: bool, use_tools: bool,
-             thinking_on: bool, max_new, session, max_steps: int = 4, find: bool = False):
+             thinking_on: bool, max_new, session, max_steps: int = tasks.MAX_TOOL_STEPS, find: bool = False):
         """One chat turn. ``message`` is a MultimodalTextbox value: {"text": ..., "files": [...]}.
         With ``use_tools`` the model may crop/zoom the conversation's images and render HTML; each step shows
         up in the chat as a collapsible message followed by the image the tool returned. With ``find`` the
@@ -412,46 +424,44 @@ class WebApp:
         for p in paths:
             view.append({"role": "user", "content": {"path": p}})
         view.append({"role": "user", "content": text})
-        registry = default_registry()
-        ctx = ToolContext(images=[i for m in history for i in m.images])
-        convo = list(history)
+        registry = default_registry() if use_tools else None
+        ctx = ToolContext(images=[i for m in history for i in m.images])  # crop may look at every image so far
         steps: list[dict] = []
-        for round_ in range(max_steps + 1):
-            tools = registry.schemas() if use_tools and round_ < max_steps else None
-            run = None
-            for run in self.stream(convo, thinking_on, max_new, session, tools=tools):
-                if run.left_queue and round_ == 0:  # stopped before it ran: as if it was never sent
-                    yield list(chat_view or []), history[:-1], run.stats(), message
-                    return
-                turn = []
-                if show_thinking and run.thinking:
-                    turn.append({"role": "assistant", "content": run.thinking, "metadata": {
-                        "title": "Thinking", "status": "done" if run.answer or run.done else "pending"}})
-                turn.append({"role": "assistant", "content": run.answer or ("…" if run.done is None else "")})
-                new_history = history
-                stats = run.stats()
-                if run.done is not None:
-                    new_history = [*history, Message("assistant", [run.answer])]
-                    if find:
-                        png, _, note = self._annotate(images[-1], run.answer, text)
-                        stats += note
-                        if png:
-                            turn.append({"role": "assistant", "content": {"path": png}})
-                yield view + steps + turn, new_history, stats, {"text": "", "files": []}
-            calls = run.done.result.tool_calls if run is not None and run.done is not None and run.done.result else []
-            if not tools or not calls or run.stopped:
+        shown = 0
+        for run in self.stream(history, thinking_on, max_new, session, tools=registry, ctx=ctx, max_steps=max_steps):
+            if run.left_queue:  # stopped before it ran: as if it was never sent
+                yield list(chat_view or []), history[:-1], run.stats(), message
                 return
-            convo.append(Message("assistant", [run.answer] if run.answer else [], tool_calls=calls, reasoning=run.thinking))
-            for call in calls:
-                content, error = registry.call(call, ctx)
-                convo.append(Message("tool", content))
-                args = ", ".join(f"{k}={json.dumps(v)[:60]}" for k, v in call.arguments.items())
-                note = error or " ".join(c for c in content if isinstance(c, str))
-                steps.append({"role": "assistant", "content": note, "metadata": {"title": f"⚙ {call.name}({args})"}})
-                for img in (c for c in content if isinstance(c, LoadedImage)):
-                    path = self._download_dir() / f"{call.name}.png"
-                    img.image.save(path)
-                    steps.append({"role": "assistant", "content": {"path": str(path)}})
+            for step in run.steps[shown:]:
+                steps += self._step_view(step)
+            shown = len(run.steps)
+            turn = []
+            if show_thinking and run.thinking:
+                turn.append({"role": "assistant", "content": run.thinking, "metadata": {
+                    "title": "Thinking", "status": "done" if run.answer or run.done else "pending"}})
+            turn.append({"role": "assistant", "content": run.answer or ("…" if run.done is None else "")})
+            new_history = history
+            stats = run.stats()
+            if run.done is not None:
+                new_history = [*history, Message("assistant", [run.answer])]
+                if find:
+                    png, _, note = self._annotate(images[-1], run.answer, text)
+                    stats += note
+                    if png:
+                        turn.append({"role": "assistant", "content": {"path": png}})
+            yield view + steps + turn, new_history, stats, {"text": "", "files": []}
+
+    def _step_view(self, event: tasks.ToolStep) -> list[dict]:
+        """A tool step as the chat shows it: a titled message with what came back, then any image it returned."""
+        step = event.step
+        args = ", ".join(f"{k}={json.dumps(v)[:60]}" for k, v in step.arguments.items())
+        shown = [{"role": "assistant", "content": step.error or step.text,
+                  "metadata": {"title": f"⚙ {step.name}({args})"}}]
+        for img in (c for c in event.content if isinstance(c, LoadedImage)):
+            path = self._download_dir() / f"{step.name}.png"
+            img.image.save(path)
+            shown.append({"role": "assistant", "content": {"path": str(path)}})
+        return shown
 
     # -- Image → HTML: the visual feedback loop ------------------------------------------------------
     def html_refine(self, image, rounds, thinking_on, max_new, viewport, versions, current, session,
@@ -460,18 +470,13 @@ class WebApp:
 
         Yields (code, status, file, preview, versions, choices, chosen, comparison, scores) after each step,
         with the round and its token count while the model writes; Stop ends the round in progress."""
-        from ..refine import refine
-
         if not versions:
             raise GlmvError("Image → HTML: generate a page first, then refine it")
         base = next((v for v in versions if v["label"] == current), versions[-1])
         target = self._image(image, "Image → HTML")
-        backend = self.manager.require()
-        sampling = sampling_for(backend.default_sampling, max_new)
         versions = list(versions)
-        stop = self._new_stop(session)
         rounds = int(rounds)
-        entry = base
+        entry, done = base, 0
 
         def progress(status: str) -> tuple:  # only the status line changes (None: leave it as it is)
             return (None, status, *(None,) * 7)
@@ -480,43 +485,41 @@ class WebApp:
             return (entry["code"], status, entry["path"], iframe(entry["code"], viewport, zoom), versions,
                     [x["label"] for x in versions], entry["label"], self.comparison(image, entry), scores_table(entry))
 
-        ticket = None
-        for item in self._queue(stop):
-            if isinstance(item, Run):
+        def scored(mark: str) -> str:
+            score = f": visual score {entry['score']:.3f}" if "score" in entry else ""
+            return f"{mark} round {done} of {rounds} · {entry['label']}{score}"
+
+        started = last = time.perf_counter()
+        for item in self._task(session, max_new, lambda backend, sampling, stop: tasks.refine(
+                backend, target, base["code"], Path(base["path"]), rounds, sampling, thinking=bool(thinking_on),
+                out_dir=self.html_dir, cancel=stop)):
+            now = time.perf_counter()
+            if isinstance(item, Run):  # waiting in line
                 yield progress(item.stats())
-            else:
-                ticket = item
-        if ticket is None:
-            return
-        started = time.perf_counter()
-        try:
-            for v in refine(backend, target, base["code"], Path(base["path"]), rounds, sampling, bool(thinking_on),
-                            self.html_dir, cancel=stop, progress=True):
-                if v.get("progress"):
-                    what = ("scoring the render" if v["phase"] == "scoring"
-                            else f"the model is writing the correction: {v['tokens']} tokens")
-                    r = v["round"] - 1
-                    head = "scoring the starting version" if r == 0 else f"round {r} of {rounds}: {what}"
-                    yield progress(f"… {head} · {time.perf_counter() - started:.0f} s")
-                    continue
-                render_path = self._download_dir() / f"render-v{v['version']}.png"
-                v["render"].save(render_path)
-                if v["version"] == 1:  # the starting version: attach its score and render
-                    base.update(score=v["score"], report=_short_report(v["report"]), render=str(render_path))
+            elif isinstance(item, tasks.Scoring):
+                head = (f"round {item.round} of {rounds}: scoring the render" if item.round
+                        else "scoring the starting version")
+                yield progress(f"… {head} · {now - started:.0f} s")
+            elif isinstance(item, tasks.RoundStarted) or (isinstance(item, Chunk) and now - last > 0.1):
+                last = now
+                tokens = item.usage.completion_tokens if isinstance(item, Chunk) else 0
+                yield progress(f"… round {done + 1} of {rounds}: the model is writing the correction: {tokens} tokens"
+                               f" · {now - started:.0f} s")
+            elif isinstance(item, tasks.RoundFinished):
+                render_path = self._download_dir() / f"render-v{item.version}.png"
+                item.render.save(render_path)
+                if item.round == 0:  # the starting version: attach its score and render
+                    base.update(score=item.score, report=_short_report(item.report), render=str(render_path))
                     entry = base
                 else:
-                    entry = {"label": f"v{len(versions) + 1} · refined · score {v['score']:.2f}", "code": v["html"],
-                             "path": v["path"], "score": v["score"], "report": _short_report(v["report"]),
+                    entry = {"label": f"v{len(versions) + 1} · refined · score {item.score:.2f}", "code": item.html,
+                             "path": str(item.path), "score": item.score, "report": _short_report(item.report),
                              "render": str(render_path)}
                     versions.append(entry)
-                done = v["version"] - 1
-                status = (f"{'■' if v.get('stop') == 'stopped' else '✓' if v.get('stop') or done == rounds else '…'} "
-                          f"round {done} of {rounds} · {entry['label']}: visual score {v['score']:.3f}")
-                if v.get("stop"):
-                    status += f" · {v['stop']}"
-                yield shown(status)
-        finally:
-            self.slots.leave(ticket)
+                done = item.round
+                yield shown(scored("✓" if done == rounds else "…"))
+            elif isinstance(item, tasks.RefineStopped):
+                yield shown(scored("■" if item.cancelled else "✓") + (f" · {item.reason}" if item.reason else ""))
 
     @staticmethod
     def comparison(image, entry) -> tuple[str, str] | None:
