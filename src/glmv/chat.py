@@ -212,7 +212,7 @@ def run_chat(args: argparse.Namespace, injected: BackendFactory | None, stdin: T
     backend = factory(settings)
     try:
         model = backend.model if where == "openai" else settings.model  # type: ignore[attr-defined]
-        sampling = (getattr(backend, "default_sampling", None) or SamplingParams()).merged(**overrides)
+        sampling = backend.default_sampling.merged(**overrides)
         session = ChatSession(backend, args, model, where, sampling, conversation_id, prior, stdout, stderr)
         session.add_inputs(sources, loaded)
         continuing = f" (continuing {conversation_id})" if conversation_id else ""
