@@ -55,13 +55,12 @@ class ScriptedBackend(BackendBase):
         out = ChunkAssembler(prompt_tokens=sum(len(m.text.split()) + 256 * len(m.images) for m in request.messages),
                              max_new_tokens=request.sampling.max_new_tokens, stops=request.sampling.stop,
                              tools=request.tools, t0=t0)
-        ended: Ended = "stop"  # the script ran out: the model's own stop
+        ended: Ended = None  # the script ran out: a stop token if one still fits, else the limit (as for a model)
         for piece in pieces:
             if cancel.is_set():
                 ended = "cancelled"
                 break
             if out.usage.completion_tokens >= request.sampling.max_new_tokens:
-                ended = "length"
                 break
             if self.delay_s:
                 time.sleep(self.delay_s)
