@@ -3,9 +3,9 @@
 One thread owns the model (CUDA graphs and caches keep thread-local state); callers hand it jobs
 through a queue and read token ids back through a per-job queue. Media processing and validation run
 on the caller's thread, before the job is queued, so a bad request never reaches the GPU. The caller
-side turns token ids into text incrementally (keeping special tokens, which the output parser needs)
-and into typed chunks. Cancelling (an event, or closing the iterator) stops generation at the next
-token.
+side turns token ids into text incrementally (keeping special tokens, which the output parser needs) and
+hands it to the chunk assembler (``stream.py``), like every backend. Cancelling (an event, or closing the
+iterator) stops generation at the next token.
 """
 
 from __future__ import annotations

@@ -86,10 +86,8 @@ class ChunkAssembler:
     # -- input -----------------------------------------------------------------------------------
     def push(self, text: str, tokens: int = 0) -> list[Chunk]:
         """Model output: ``text`` decoded from ``tokens`` newly generated tokens (either may be empty)."""
-        self._count(tokens)
-        if not text or self.stopped:
+        if not self._accept(text, tokens):
             return []
-        self._first_output()
         self._raw.append(text)
         pending = self._pending + text
         if self._stops:
@@ -105,10 +103,8 @@ class ChunkAssembler:
 
     def push_thinking(self, text: str, tokens: int = 0) -> list[Chunk]:
         """Reasoning a server already split off (``reasoning_content``): thinking as is, no parsing."""
-        self._count(tokens)
-        if not text or self.stopped:
+        if not self._accept(text, tokens):
             return []
-        self._first_output()
         self._reasoning.append(text)
         return [self._chunk(Delta("thinking", text))]
 
@@ -153,14 +149,13 @@ class ChunkAssembler:
         return "stop"
 
     # -- internals -------------------------------------------------------------------------------
-    def _count(self, tokens: int) -> None:
+    def _accept(self, text: str, tokens: int) -> bool:
+        """Count the tokens (the first one is the time to first token); whether there is text to show."""
         if tokens:
             self.usage.completion_tokens += tokens
-            self._first_output()
-
-    def _first_output(self) -> None:
-        if self.timings.ttft_s is None:
+        if (tokens or text) and self.timings.ttft_s is None:
             self.timings.ttft_s = time.perf_counter() - self._t0
+        return bool(text) and not self.stopped
 
     def _chunk(self, delta: Delta) -> Chunk:
         if delta.part == "tool":
