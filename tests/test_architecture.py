@@ -71,7 +71,8 @@ def glmv_imports(path: Path, text: str | None = None) -> list[tuple[int, str]]:
                 continue
             for alias in node.names:  # `from . import x` and `from .pkg import mod` name modules
                 sub = f"{target}.{alias.name}"
-                is_module = (SRC / sub.replace(".", "/")).with_suffix(".py").exists() or (SRC / sub.replace(".", "/")).is_dir()
+                where = SRC / sub.replace(".", "/")
+                is_module = where.with_suffix(".py").exists() or where.is_dir()
                 found.append((node.lineno, sub if is_module else target))
     return found
 
@@ -91,7 +92,8 @@ def test_imports_point_down_only():
         for line, target in glmv_imports(path):
             theirs = layer_of(target)
             if mine is not None and theirs is not None and LAYERS.index(theirs) > LAYERS.index(mine):
-                upward.append(f"{path.relative_to(SRC)}:{line}: {module_name(path)} ({mine}) imports {target} ({theirs})")
+                upward.append(f"{path.relative_to(SRC)}:{line}: {module_name(path)} ({mine}) "
+                              f"imports {target} ({theirs})")
     assert not upward, "imports that point up a layer:\n" + "\n".join(upward)
 
 
@@ -107,10 +109,11 @@ def test_front_ends_use_the_backend_protocol_not_getattr():
         if layer_of(module_name(path)) not in ("tasks", "front ends"):
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
-                    and node.args and _mentions_backend(node.args[0])):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in ("getattr", "hasattr") and node.args and _mentions_backend(node.args[0])):
                 probes.append(f"{path.relative_to(SRC)}:{node.lineno}: {ast.unparse(node)}")
-    assert not probes, "front ends probing a backend (add the member to the Backend protocol instead):\n" + "\n".join(probes)
+    assert not probes, ("front ends probing a backend (add the member to the Backend protocol instead):\n"
+                        + "\n".join(probes))
 
 
 @pytest.mark.parametrize("source, expect", [
