@@ -132,3 +132,16 @@ def test_the_checker_sees_an_upward_import():
     (line, target), = glmv_imports(PACKAGE / "parsing.py", "from .backends.local import LocalBackend\n")
     assert target == "glmv.backends.local"
     assert LAYERS.index(layer_of(target)) > LAYERS.index(layer_of("glmv.parsing"))
+
+
+def test_every_backend_has_the_whole_protocol():
+    from glmv.backends.base import Backend
+    from glmv.backends.local import LocalBackend
+    from glmv.backends.remote import RemoteBackend
+    from glmv.testing.scripted import ScriptedBackend
+
+    members = {n for n in vars(Backend) if not n.startswith("_")} | set(Backend.__annotations__)
+    assert {"default_sampling", "load", "max_batch", "queue_depth", "context_length", "serving_stats"} <= members
+    missing = {cls.__name__: sorted(m for m in members if not hasattr(cls, m))
+               for cls in (LocalBackend, RemoteBackend, ScriptedBackend)}
+    assert missing == {"LocalBackend": [], "RemoteBackend": [], "ScriptedBackend": []}
