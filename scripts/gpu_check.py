@@ -175,7 +175,7 @@ def teacher_forced() -> bool:
     from transformers import AutoProcessor
 
     from glmv.bench import build_model
-    from glmv.engine.fast import EngineConfig, FastEngine
+    from glmv.engine.fast import GREEDY, EngineConfig, FastEngine
     from glmv.engine.w4 import quantize_text_decoder
     from glmv.tiny import ensure_tiny_checkpoint
 
@@ -200,8 +200,7 @@ def teacher_forced() -> bool:
                     got[i].append(t)
                 return False
 
-            engine.generate(rows[:batch], {"max_new_tokens": n_new, "do_sample": False, "repetition_penalty": 1.0},
-                            on_tokens)
+            engine.generate(rows[:batch], GREEDY, n_new, on_tokens)
             worst_rank, worst_gap = 0, 0.0
             for r in range(batch):
                 inp = {k: v.to("cuda") for k, v in rows[r].items()}

@@ -303,9 +303,10 @@ def test_video_is_never_batched_with_images():
     import threading
 
     from glmv.backends.scheduler import Job, _batch_key
+    from glmv.settings import SamplingParams
 
     def job(*keys):
-        return Job(inputs={k: None for k in ("input_ids", *keys)}, gen_kwargs={"max_new_tokens": 8},
+        return Job(inputs={k: None for k in ("input_ids", *keys)}, sampling=SamplingParams(), max_new_tokens=8,
                     cancel=threading.Event(), seed=None)
 
     text, image, video, mixed = job(), job("pixel_values"), job("pixel_values_videos"), job("pixel_values", "pixel_values_videos")

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from glmv.backends.base import GenerationRequest, collect
-from glmv.backends.local import IncrementalDecoder
+from glmv.backends.stream import IncrementalDecoder
 from glmv.errors import ContextLengthError, RequestError
 from glmv.media import load_image
 from glmv.prompts import Message, user_message

@@ -489,7 +489,7 @@ class _Run:
                     self._record(item, "a failure", status="failed", error=error)
             if todo:
                 self.backend = backend_factory()
-                defaults = getattr(self.backend, "default_sampling", None) or SamplingParams()
+                defaults = self.backend.default_sampling
                 self.sampling = defaults.merged(**opts.sampling_overrides)
                 interrupted = self._run_items(todo)
             joined = 0 if self.stop.is_set() else self._join_documents({i.rel for i in todo})

@@ -155,6 +155,9 @@ def time_hf(model: Any, inputs: dict[str, Any], n_tokens: int, device: str, stat
 
 
 def time_engine(engine: Any, inputs: dict[str, Any], n_tokens: int, device: str) -> dict[str, float]:
+    """Time one lock-step generation of n_tokens greedy tokens for every row of inputs."""
+    from .engine.fast import GREEDY
+
     b = inputs["input_ids"].shape[0]
     rows = []
     for i in range(b):
@@ -175,7 +178,7 @@ def time_engine(engine: Any, inputs: dict[str, Any], n_tokens: int, device: str)
 
     _sync(device)
     t0 = time.perf_counter()
-    steps = engine.generate(rows, {"max_new_tokens": n_tokens, "do_sample": False, "repetition_penalty": 1.0}, on_tokens)
+    steps = engine.generate(rows, GREEDY, n_tokens, on_tokens)
     _sync(device)
     total = time.perf_counter() - t0
     ttft = stamps[0] - t0
@@ -265,7 +268,7 @@ def engine_warmup(model: Any, args: argparse.Namespace, processor: Any, max_batc
     one for a screenshot-sized image (so the first real request pays no first-call costs)."""
     from PIL import Image
 
-    from .engine.fast import EngineConfig, FastEngine
+    from .engine.fast import GREEDY, EngineConfig, FastEngine
 
     t0 = time.perf_counter()
     engine = FastEngine(model, EngineConfig(max_batch=max_batch or args.max_batch,
@@ -274,11 +277,11 @@ def engine_warmup(model: Any, args: argparse.Namespace, processor: Any, max_batc
     engine.capture()
     inputs = dict(processor(text=["[gMASK]<sop><|user|>\nhi<|assistant|>"], return_tensors="pt"))
     inputs.pop("token_type_ids", None)
-    engine.generate([inputs], {"max_new_tokens": 4, "do_sample": False}, lambda ids: False)
+    engine.generate([inputs], GREEDY, 4, lambda ids: False)
     gray = Image.new("RGB", (1288, 728), (128, 128, 128))
     img_inputs, _ = make_inputs(processor, gray, 1, args.device)
     if engine.fits([img_inputs], 4):
-        engine.generate([img_inputs], {"max_new_tokens": 4, "do_sample": False}, lambda ids: False)
+        engine.generate([img_inputs], GREEDY, 4, lambda ids: False)
     _sync(args.device)
     return engine, time.perf_counter() - t0
 

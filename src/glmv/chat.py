@@ -215,7 +215,7 @@ def run_chat(args: argparse.Namespace, settings: Settings, injected: BackendFact
     backend = factory(settings)
     try:
         model = backend.model if where == "openai" else settings.model  # type: ignore[attr-defined]
-        sampling = (getattr(backend, "default_sampling", None) or SamplingParams()).merged(**overrides)
+        sampling = backend.default_sampling.merged(**overrides)
         session = ChatSession(backend, args, model, where, sampling, conversation_id, prior, stdout, stderr,
                               settings.max_pixels)
         session.add_inputs(sources, loaded)

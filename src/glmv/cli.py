@@ -689,7 +689,7 @@ def run_task(
     backend_factory, where = _choose_backend(args, settings, backend_factory, stderr)
     backend = backend_factory(settings)
     model_name = backend.model if where == "openai" else settings.model  # the name the server reports
-    defaults = getattr(backend, "default_sampling", None) or SamplingParams()
+    defaults = backend.default_sampling
     sampling = defaults.merged(**sampling_overrides)
     stream = args.stream if args.stream is not None else (stdout.isatty() and not args.json)
     if args.json:
@@ -865,7 +865,7 @@ def run_ground(args: argparse.Namespace, settings: Settings, backend_factory: Ba
     if getattr(args, "backend", "local") == "openai":
         backend_factory = _remote_backend(args)
     backend = backend_factory(settings)
-    defaults = getattr(backend, "default_sampling", None) or SamplingParams()
+    defaults = backend.default_sampling
     try:
         result = tasks.finish(tasks.ask(backend, [user_message(find_prompt(what), [image])],
                                         defaults.merged(max_new_tokens=sampling.max_new_tokens),
@@ -935,8 +935,7 @@ def run_batch_command(args: argparse.Namespace, settings: Settings, backend_fact
 
     def factory() -> Backend:
         backend = chosen(settings)
-        if hasattr(backend, "max_batch"):
-            backend.max_batch = max(backend.max_batch, args.batch_size)
+        backend.max_batch = max(backend.max_batch, args.batch_size)
         return backend
 
     code = run_batch(args.inputs, opts, factory, stderr)
@@ -1069,8 +1068,7 @@ def run_serve(args: argparse.Namespace, settings: Settings, backend_factory: Bac
         raise GlmvError("a resident server (glmv start) listens on 127.0.0.1 only")
     _check_port_free(args.host, args.port)  # before the load, which takes minutes for the real model
     backend = backend_factory(settings)
-    if hasattr(backend, "max_batch"):
-        backend.max_batch = args.max_batch
+    backend.max_batch = args.max_batch
     config = ServerConfig(model_name=args.served_model_name or settings.model, api_key=api_key,
                           allowed_media_dir=media_dir, allow_remote_media=args.allow_remote_media,
                           max_queue=args.max_queue, max_pixels=settings.max_pixels,
@@ -1083,10 +1081,9 @@ def run_serve(args: argparse.Namespace, settings: Settings, backend_factory: Bac
         stderr.write(f"glmv: serving {config.model_name} on http://{args.host}:{port}/v1 (Ctrl-C stops)\n")
         stderr.flush()
         if state_file is not None:
-            placement = getattr(backend, "placement", None)
+            placement = backend.placement
             resolved = {"device": placement.device, "dtype": str(placement.dtype).replace("torch.", "")} if placement else {}
-            defaults = getattr(backend, "default_sampling", None)
-            sampling = {k: v for k, v in defaults.__dict__.items() if k != "stop"} if defaults else {}
+            sampling = {k: v for k, v in backend.default_sampling.__dict__.items() if k != "stop"}
             record = resident.Resident(
                 pid=os.getpid(), port=port, model=resident.normalize_model(settings.model), api_key=api_key or "",
                 settings={f: getattr(settings, f) for f in resident.MATCH_FIELDS}, started=time.time(),

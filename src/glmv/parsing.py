@@ -25,34 +25,15 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .tokens import (ARG_VALUE_CLOSE, ARG_VALUE_OPEN, BOX_CLOSE, BOX_OPEN, NOTHINK, SPECIAL_TOKENS, THINK_CLOSE,
+                     THINK_OPEN, TOOL_CLOSE, TOOL_OPEN)
+
 Part = Literal["thinking", "answer", "tool"]
 
 # Markers that switch state. Everything else that looks like a special token is dropped.
-_THINK_OPEN = "<think>"
-_THINK_CLOSE = "</think>"
-_TOOL_OPEN = "<tool_call>"
-_TOOL_CLOSE = "</tool_call>"
-_BOX_MARKERS = ("<|begin_of_box|>", "<|end_of_box|>")
-_DROPPED = (
-    "<answer>",
-    "</answer>",
-    "<|endoftext|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|system|>",
-    "<|observation|>",
-    "[gMASK]",
-    "<sop>",
-    "<eop>",
-    "/nothink",
-    "<|begin_of_image|>",
-    "<|end_of_image|>",
-    "<|begin_of_video|>",
-    "<|end_of_video|>",
-    "<|image|>",
-    "<|video|>",
-)
-_ALL_TAGS = (_THINK_OPEN, _THINK_CLOSE, _TOOL_OPEN, _TOOL_CLOSE, *_BOX_MARKERS, *_DROPPED)
+_BOX_MARKERS = (BOX_OPEN, BOX_CLOSE)
+_DROPPED = ("<answer>", "</answer>", NOTHINK, *SPECIAL_TOKENS)  # GLM-4.5V's answer tags and the control tokens
+_ALL_TAGS = (THINK_OPEN, THINK_CLOSE, TOOL_OPEN, TOOL_CLOSE, *_BOX_MARKERS, *_DROPPED)
 _TAG_RE = re.compile("|".join(re.escape(t) for t in sorted(_ALL_TAGS, key=len, reverse=True)))
 _LONGEST_TAG = max(len(t) for t in _ALL_TAGS)
 
@@ -273,25 +254,25 @@ class StreamParser:
     def _tag(self, tag: str, out: list[Delta]) -> None:
         state = self._state
         if state == "tool":
-            if tag == _TOOL_CLOSE:
+            if tag == TOOL_CLOSE:
                 self._tool_done(out)
             else:
                 self._tool_buf += tag
             return
-        if tag in (_TOOL_OPEN, _TOOL_CLOSE) and not self._tools_enabled and state != "thinking":
+        if tag in (TOOL_OPEN, TOOL_CLOSE) and not self._tools_enabled and state != "thinking":
             self._text(tag, out)  # no tools in this request: the markup is just text
             return
-        if tag == _THINK_OPEN:
+        if tag == THINK_OPEN:
             if state in ("start", "answer"):
                 self._state = "thinking"
                 if self._parts["thinking"]:
                     self._emit("thinking", "\n\n", out)
             return
-        if tag == _THINK_CLOSE:
+        if tag == THINK_CLOSE:
             if state in ("thinking", "start"):
                 self._state = "answer"
             return
-        if tag == _TOOL_OPEN:
+        if tag == TOOL_OPEN:
             if state == "thinking":
                 return  # reasoning that mentions the tag is still reasoning
             self._state = "tool"
@@ -361,7 +342,7 @@ class StreamParser:
                 # Cut off before the name was complete: nothing was streamed as a call, so it stays text.
                 self._state = "answer"
                 self._cut_text = True
-                self._emit("answer", _TOOL_OPEN + self._tool_buf, out)
+                self._emit("answer", TOOL_OPEN + self._tool_buf, out)
                 self._call = None
         else:
             cut = _partial_tag_start(rest)
@@ -378,8 +359,8 @@ def parse_output(text: str, thinking_open: bool | None = None, tools: list[dict[
     the prompt opened the reasoning. ``image_size`` (width, height) fills in the boxes' pixel coordinates.
     """
     if thinking_open is None:
-        close = text.find(_THINK_CLOSE)
-        opened = text.find(_THINK_OPEN)
+        close = text.find(THINK_CLOSE)
+        opened = text.find(THINK_OPEN)
         thinking_open = close != -1 and (opened == -1 or opened > close)
     parser = StreamParser(thinking_open=thinking_open, tools=tools, tools_enabled=tools_enabled)
     parser.feed(text)
@@ -392,7 +373,6 @@ def parse_output(text: str, thinking_open: bool | None = None, tools: list[dict[
 # Between a key and its value: whitespace, or GLM-4.6's literal backslash-n (SGLang's raw-output case).
 _ARG_RE = re.compile(r"<arg_key>(.*?)</arg_key>(?:\s|\\n)*<arg_value>(.*?)</arg_value>", re.S)
 _ARG_KEY_RE = re.compile(r"<arg_key>(.*?)</arg_key>", re.S)
-_ARG_VALUE_OPEN, _ARG_VALUE_CLOSE = "<arg_value>", "</arg_value>"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
 _LITERAL_EVAL_MAX = 100_000  # ast.literal_eval on huge text is slow and can exhaust the stack
 
@@ -480,13 +460,13 @@ def _arguments_so_far(name: str, body: str, tools: list[dict[str, Any]] | None) 
     string parameter (escaped, without its closing quote). Only ever grows, so it can be streamed."""
     parts = [f"{json.dumps(k.strip(), ensure_ascii=False)}: "
              f"{json.dumps(_argument(tools, name, k.strip(), v), ensure_ascii=False)}" for k, v in _ARG_RE.findall(body)]
-    opened = body.rfind(_ARG_VALUE_OPEN)
-    if opened > body.rfind(_ARG_VALUE_CLOSE):
+    opened = body.rfind(ARG_VALUE_OPEN)
+    if opened > body.rfind(ARG_VALUE_CLOSE):
         keys = _ARG_KEY_RE.findall(body[:opened])
         key = keys[-1].strip() if keys else None
         if key is not None and _is_string_param(tools, name, key):
-            value = body[opened + len(_ARG_VALUE_OPEN) :]
-            value = value[: len(value) - _overlap(value, _ARG_VALUE_CLOSE)]
+            value = body[opened + len(ARG_VALUE_OPEN) :]
+            value = value[: len(value) - _overlap(value, ARG_VALUE_CLOSE)]
             parts.append(f'{json.dumps(key, ensure_ascii=False)}: "{json.dumps(value, ensure_ascii=False)[1:-1]}')
     return "{" + ", ".join(parts)
 
@@ -528,11 +508,11 @@ def parse_tool_call(body: str, tools: list[dict[str, Any]] | None = None) -> Too
 
 def format_tool_call(name: str, arguments: dict[str, Any]) -> str:
     """Render a call in GLM's format (the inverse of :func:`parse_tool_call`)."""
-    lines = [f"{_TOOL_OPEN}{name}"]
+    lines = [f"{TOOL_OPEN}{name}"]
     for key, value in arguments.items():
         val = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         lines.append(f"<arg_key>{key}</arg_key>\n<arg_value>{val}</arg_value>")
-    return "\n".join(lines) + f"\n{_TOOL_CLOSE}"
+    return "\n".join(lines) + f"\n{TOOL_CLOSE}"
 
 
 # -- grounding boxes ------------------------------------------------------------------------------

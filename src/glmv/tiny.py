@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from .settings import cache_root
+from .tokens import PLAIN_TOKENS, SPECIAL_TOKENS  # the real tokenizer's special and plain single tokens
 
 # Bump when the layout changes, so cached copies are rebuilt (4: think/box/tool tags no longer special,
 # released pixel bounds, the template that strips reasoning from history; 5: sampling defaults distinct
@@ -29,43 +30,6 @@ TINY_VERSION = "5"
 # The released processor configs of the family (GLM-OCR, GLM-4.1V) bound images to 12544..9633792 pixels
 # (at most ~6144 visual tokens); transformers' class defaults (longest_edge 11760000) differ.
 IMAGE_SIZE = {"shortest_edge": 12544, "longest_edge": 9633792}
-
-# Control tokens: special (``skip_special_tokens=True`` removes them), as in the released tokenizer.
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "[MASK]",
-    "[gMASK]",
-    "[sMASK]",
-    "<sop>",
-    "<eop>",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|observation|>",
-    "<|begin_of_image|>",
-    "<|end_of_image|>",
-    "<|begin_of_video|>",
-    "<|end_of_video|>",
-    "<|image|>",
-    "<|video|>",
-]
-
-# Single tokens that are NOT special in the released tokenizers: they survive ``skip_special_tokens=True``.
-PLAIN_TOKENS = [
-    "<think>",
-    "</think>",
-    "<tool_call>",
-    "</tool_call>",
-    "<tool_response>",
-    "</tool_response>",
-    "<arg_key>",
-    "</arg_key>",
-    "<arg_value>",
-    "</arg_value>",
-    "/nothink",
-    "<|begin_of_box|>",
-    "<|end_of_box|>",
-]
 
 _CORPUS = """
 describe this image. Extract all text in reading order; render tables as Markdown.

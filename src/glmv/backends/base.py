@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Protocol
 
 from ..errors import GlmvError
-from ..parsing import Delta, ParsedOutput, ToolCall
+from ..parsing import ParsedOutput, ToolCall
 from ..prompts import Message
 from ..settings import SamplingParams
 
@@ -125,23 +125,74 @@ class Chunk:
     raw_text: str = ""
 
 
-def delta_chunk(delta: Delta, usage: Usage, timings: Timings) -> Chunk:
-    """The chunk for one parser delta (every backend streams through :class:`~glmv.parsing.StreamParser`)."""
-    if delta.part == "tool":
-        return Chunk("tool_args", text=delta.text, index=delta.index, name=delta.name, usage=usage, timings=timings)
-    return Chunk(delta.part, text=delta.text, usage=usage, timings=timings)
-
-
 class Backend(Protocol):
-    """What a front end needs from a model runner."""
+    """What a front end needs from a model runner. Front ends use these with plain attribute access; every
+    backend has all of them (:class:`BackendBase` gives the defaults a backend without a local model has)."""
 
     name: str
+    default_sampling: SamplingParams  # the model's own defaults (a checkpoint's generation config)
+    max_batch: int  # requests decoded together at most (settable: serve --max-batch, batch --batch-size)
+    placement: Any  # where a local model runs (glmv.loading.Placement), None elsewhere
+    served_model: str | None  # the model name a remote server reports, None for a local model
+    base_url: str | None  # the server a remote backend talks to
+
+    def load(self) -> Any:
+        """Load the model (or check the server answers) and return the backend; front ends call it up front
+        to show progress."""
+        ...
 
     def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Chunk]:
         """Stream the answer. Raises :class:`GlmvError` subclasses for bad requests before any model work."""
         ...
 
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting or running."""
+        ...
+
+    @property
+    def context_length(self) -> int | None:
+        """Prompt plus answer tokens the model takes at most (None: not known here, e.g. not loaded yet)."""
+        ...
+
+    def serving_stats(self) -> dict[str, float]:
+        """Engine counters for /metrics (prefix cache, speculation); empty when there are none."""
+        ...
+
     def close(self) -> None: ...
+
+
+class BackendBase:
+    """Defaults for the :class:`Backend` members a backend has no use for. A new backend subclasses it,
+    implements ``generate`` by handing its text to :class:`~glmv.backends.stream.ChunkAssembler`, and
+    overrides what it knows better."""
+
+    name = "backend"
+    default_sampling: SamplingParams = SamplingParams()
+    max_batch = 1
+    placement: Any = None
+    served_model: str | None = None
+    base_url: str | None = None
+
+    def load(self) -> Any:
+        return self
+
+    def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        raise NotImplementedError
+
+    @property
+    def queue_depth(self) -> int:
+        return 0
+
+    @property
+    def context_length(self) -> int | None:
+        return None
+
+    def serving_stats(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass

@@ -3,9 +3,9 @@
 One thread owns the model (CUDA graphs and caches keep thread-local state); callers hand it jobs
 through a queue and read token ids back through a per-job queue. Media processing and validation run
 on the caller's thread, before the job is queued, so a bad request never reaches the GPU. The caller
-side turns token ids into text incrementally (keeping special tokens, which the output parser needs)
-and into typed chunks. Cancelling (an event, or closing the iterator) stops generation at the next
-token.
+side turns token ids into text incrementally (keeping special tokens, which the output parser needs) and
+hands it to the chunk assembler (``stream.py``), like every backend. Cancelling (an event, or closing the
+iterator) stops generation at the next token.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from typing import Any, Iterator
 
 from ..errors import ContextLengthError, GlmvError, ModelLoadError
 from ..loading import Log, _stderr_log, choose_placement, load_checkpoint, resolve_model
-from ..parsing import StreamParser
 from ..prompts import template_videos, to_template_messages, validate_messages
 from ..settings import SamplingParams, Settings, tuning_dir
-from .base import Chunk, GenerationRequest, Timings, Usage, delta_chunk
+from .base import BackendBase, Chunk, GenerationRequest
 from .mixed_media import separate_image_and_video_tokens
-from .scheduler import BatchStreamer, CancelCriteria, Job, Scheduler, collate
+from .scheduler import BatchStreamer, CancelCriteria, Job, Scheduler, collate, hf_generate_kwargs
+from .stream import ChunkAssembler, IncrementalDecoder
 
 
 WITHDRAW_POLL_S = 0.1  # how often a waiting caller checks whether its request was cancelled
@@ -32,40 +32,7 @@ IMAGE_CACHE_SIZE = 8  # processed images kept for the next turn about the same i
 SPECULATE_MIN_CHARS = 400  # a prompt text this long (code, a page, an earlier transcript) turns speculation on
 
 
-class IncrementalDecoder:
-    """Token ids in, text deltas out, without re-decoding the whole sequence each step.
-
-    Decodes a short window (``prefix`` .. end) and emits only what is new, holding back text that ends
-    in an incomplete UTF-8 sequence (the same scheme vLLM and TGI use).
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tok = tokenizer
-        self.ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    def push(self, new_ids: list[int]) -> str:
-        self.ids.extend(new_ids)
-        prefix_text = self._decode(self.ids[self._prefix : self._read])
-        full = self._decode(self.ids[self._prefix :])
-        if len(full) > len(prefix_text) and not full.endswith("\ufffd"):
-            self._prefix = self._read
-            self._read = len(self.ids)
-            return full[len(prefix_text) :]
-        return ""
-
-    def flush(self) -> str:
-        prefix_text = self._decode(self.ids[self._prefix : self._read])
-        full = self._decode(self.ids[self._prefix :])
-        self._prefix = self._read = len(self.ids)
-        return full[len(prefix_text) :]
-
-
-class LocalBackend:
+class LocalBackend(BackendBase):
     """Runs a checkpoint in this process. ``load()`` is explicit so front ends can show progress."""
 
     name = "local"
@@ -192,6 +159,8 @@ class LocalBackend:
         tower's and prefill's first calls, kernel compilation)."""
         from PIL import Image
 
+        from ..engine.fast import GREEDY
+
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe this image"}]}]
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         image = Image.new("RGB", (1288, 728), (128, 128, 128))  # screenshot-sized: the common first request
@@ -200,7 +169,7 @@ class LocalBackend:
         if not self.engine.fits([inputs], 4):  # a tiny cache (tests): warm up on text alone
             inputs = dict(self.processor(text=["[gMASK]<sop><|user|>\nhi<|assistant|>"], return_tensors="pt"))
             inputs.pop("token_type_ids", None)
-        self.engine.generate([inputs], {"max_new_tokens": 4, "do_sample": False}, lambda ids: False)
+        self.engine.generate([inputs], GREEDY, 4, lambda ids: False)
 
     def _image_device(self) -> dict[str, str]:
         """Resize and normalise images on the GPU when the model is on one (~2 ms instead of ~14 ms on the
@@ -237,10 +206,17 @@ class LocalBackend:
             pass
 
     @property
-    def context_length(self) -> int:
+    def context_length(self) -> int | None:
+        if self.model is None:
+            return None
         cfg = self.model.config
         text_cfg = getattr(cfg, "text_config", cfg)
         return int(getattr(text_cfg, "max_position_embeddings", 131072))
+
+    def _context(self) -> int:
+        limit = self.context_length
+        assert limit is not None, "the model is loaded before requests are prepared"
+        return limit
 
     @property
     def queue_depth(self) -> int:
@@ -295,7 +271,7 @@ class LocalBackend:
         inputs = dict(inputs)
         inputs.pop("token_type_ids", None)
         n_prompt = int(inputs["input_ids"].shape[1])
-        limit = self.context_length
+        limit = self._context()
         if n_prompt >= limit:
             raise ContextLengthError(
                 f"the prompt is {n_prompt} tokens (text plus images) but the model's context is {limit}: "
@@ -339,23 +315,6 @@ class LocalBackend:
         inputs["image_grid_thw"] = torch.cat([grid for _, grid in processed])
         return inputs
 
-    def _generation_kwargs(self, sampling: SamplingParams, n_prompt: int) -> dict[str, Any]:
-        max_new = min(sampling.max_new_tokens, self.context_length - n_prompt)
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new,
-            "repetition_penalty": sampling.repetition_penalty,
-        }
-        if sampling.greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(
-                do_sample=True,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k or None,
-            )
-        return kwargs
-
     def serving_stats(self) -> dict[str, float]:
         """Prefix-cache and speculation counters of the fast engine (empty without it)."""
         return self.batcher.stats() if self.batcher is not None else {}
@@ -375,7 +334,7 @@ class LocalBackend:
         with torch.inference_mode():
             self.model.generate(
                 **inputs,
-                **live[0].gen_kwargs,
+                **hf_generate_kwargs(live[0].sampling, live[0].max_new_tokens),
                 streamer=streamer,
                 stopping_criteria=[CancelCriteria([j.cancel for j in live])],
             )
@@ -384,7 +343,7 @@ class LocalBackend:
     def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Chunk]:
         t0 = time.perf_counter()
         inputs, prompt = self.prepare(request)  # raises before any GPU work
-        n_prompt, limit = int(inputs["input_ids"].shape[1]), self.context_length
+        n_prompt, limit = int(inputs["input_ids"].shape[1]), self._context()
         if request.exact_max_tokens and n_prompt + request.sampling.max_new_tokens > limit:
             raise ContextLengthError(
                 f"max_tokens is too large: the prompt is {n_prompt} tokens and the model's context is {limit}, "
@@ -398,34 +357,16 @@ class LocalBackend:
     ) -> Iterator[Chunk]:
         sampling = request.sampling
         n_prompt = int(inputs["input_ids"].shape[1])
-        gen_kwargs = self._generation_kwargs(sampling, n_prompt)
+        max_new = min(sampling.max_new_tokens, self._context() - n_prompt)
         eos = self.eos_ids()
-        job = Job(inputs=inputs, gen_kwargs=gen_kwargs, cancel=cancel, seed=sampling.seed,
-                   speculate=self._speculate(request))
+        job = Job(inputs=inputs, sampling=sampling, max_new_tokens=max_new, cancel=cancel, seed=sampling.seed,
+                  speculate=self._speculate(request))
         ahead = self.scheduler.submit(job)
-
         decoder = IncrementalDecoder(self.processor.tokenizer)
-        parser = StreamParser(thinking_open=prompt.rstrip().endswith("<think>"), tools=request.tools,
-                              tools_enabled=bool(request.tools))
-        stops = sampling.stop
-        hold = max((len(s) for s in stops), default=1) - 1
-        usage = Usage(prompt_tokens=n_prompt)
-        timings = Timings()
-        raw: list[str] = []
-        pending = ""  # decoded text not yet fed to the parser (held back for stop strings)
+        out = ChunkAssembler(prompt_tokens=n_prompt, max_new_tokens=max_new, stops=sampling.stop, tools=request.tools,
+                             thinking_open=prompt.rstrip().endswith("<think>"), t0=t0)
         last_id: int | None = None
-        stopped_by_string = False
         finished = False
-
-        def feed(text: str) -> Iterator[Chunk]:
-            for delta in parser.feed(text):
-                yield delta_chunk(delta, usage, timings)
-            while len(parser.tool_calls) > emitted_calls[0]:
-                call = parser.tool_calls[emitted_calls[0]]
-                emitted_calls[0] += 1
-                yield Chunk("tool_call", tool_call=call, usage=usage, timings=timings)
-
-        emitted_calls = [0]
         try:
             if ahead:
                 yield Chunk("status", text=f"waiting: {ahead} request(s) ahead")
@@ -439,63 +380,24 @@ class LocalBackend:
                     kind, payload = "done", {"cancelled": True, "prefill_s": None,
                                              "queued_s": time.perf_counter() - job.queued_at}
                 if kind == "tokens":
-                    if timings.ttft_s is None:
-                        timings.ttft_s = time.perf_counter() - t0
-                    usage.completion_tokens += len(payload)
                     last_id = payload[-1]
-                    text = decoder.push([i for i in payload if i not in eos])
-                    if not text or stopped_by_string:
-                        continue
-                    raw.append(text)
-                    pending += text
-                    if stops:
-                        hit = min((i for i in (pending.find(s) for s in stops) if i != -1), default=-1)
-                        if hit != -1:
-                            pending = pending[:hit]
-                            stopped_by_string = True
-                            cancel.set()
-                        cut = len(pending) if stopped_by_string else max(0, len(pending) - hold)
-                        text, pending = pending[:cut], pending[cut:]
-                    else:
-                        text, pending = pending, ""
-                    yield from feed(text)
+                    yield from out.push(decoder.push([i for i in payload if i not in eos]), tokens=len(payload))
+                    if out.stopped:
+                        cancel.set()  # a stop string: the inference thread drops the row at its next token
                 elif kind == "error":
                     raise payload
                 else:  # done
-                    tail = "" if stopped_by_string else decoder.flush()
-                    raw.append(tail)
-                    yield from feed(pending + tail)
-                    for delta in parser.finish():
-                        yield delta_chunk(delta, usage, timings)
-                    timings.total_s = time.perf_counter() - t0
-                    timings.prefill_s = payload["prefill_s"]
-                    timings.queued_s = payload["queued_s"]
+                    yield from out.push(decoder.flush())
+                    out.timings.prefill_s = payload["prefill_s"]
+                    out.timings.queued_s = payload["queued_s"]
+                    usage = out.usage
                     usage.cached_tokens = payload.get("cached_tokens", 0)
                     usage.accepted_prediction_tokens = payload.get("accepted", 0)
                     usage.rejected_prediction_tokens = payload.get("drafted", 0) - payload.get("accepted", 0)
                     usage.speculative_steps = payload.get("verify_steps", 0)
-                    result = parser.result()
-                    if stopped_by_string:
-                        reason = "stop"
-                    elif payload["cancelled"]:
-                        reason = "cancelled"
-                    elif result.tool_calls:
-                        reason = "tool_calls"
-                    elif last_id is not None and last_id in eos:
-                        reason = "stop"
-                    elif usage.completion_tokens >= gen_kwargs["max_new_tokens"]:
-                        reason = "length"
-                    else:
-                        reason = "stop"
+                    ended = "cancelled" if payload["cancelled"] else "stop" if last_id in eos else None
                     finished = True
-                    yield Chunk(
-                        "done",
-                        usage=usage,
-                        timings=timings,
-                        result=result,
-                        finish_reason=reason,  # type: ignore[arg-type]
-                        raw_text="".join(raw),
-                    )
+                    yield from out.done(ended)
                     return
         finally:
             if not finished:

@@ -2,9 +2,9 @@
 
 vLLM or SGLang serving GLM-4.6V across GPUs and nodes, the hosted API, or another ``glmv serve``.
 Images travel as data URIs. Reasoning may arrive as ``reasoning_content`` (vLLM's glm45 parser) or
-inline as ``<think>`` in the content; both end up as ``thinking`` chunks, through the same parser as
-the local backend. Tool calls may arrive as OpenAI ``tool_calls`` or as GLM text; both become
-:class:`~glmv.parsing.ToolCall` objects.
+inline as ``<think>`` in the content; both end up as ``thinking`` chunks, through the same chunk
+assembler as the local backend (:class:`~glmv.backends.stream.ChunkAssembler`). Tool calls may arrive
+as OpenAI ``tool_calls`` or as GLM text; both become :class:`~glmv.parsing.ToolCall` objects.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from typing import Any, Iterator
 
 from ..errors import GenerationError, ModelLoadError, RequestError
 from ..media import LoadedImage, image_to_data_uri
-from ..parsing import Delta, StreamParser, ToolCall
+from ..parsing import ToolCall
 from ..prompts import Message, validate_messages
 from ..settings import SamplingParams
-from .base import Chunk, GenerationRequest, Timings, Usage, delta_chunk
+from .base import BackendBase, Chunk, GenerationRequest
+from .stream import ChunkAssembler
 
 
 def to_openai_messages(messages: list[Message]) -> list[dict[str, Any]]:
@@ -54,7 +55,7 @@ def to_openai_messages(messages: list[Message]) -> list[dict[str, Any]]:
     return out
 
 
-class RemoteBackend:
+class RemoteBackend(BackendBase):
     """Talks to ``base_url`` with the official ``openai`` client."""
 
     name = "openai"
@@ -90,6 +91,10 @@ class RemoteBackend:
                 raise ModelLoadError(f"the server at {self.base_url} lists no models; pass --remote-model NAME")
             self.model = models[0]
         return self
+
+    @property
+    def served_model(self) -> str | None:  # type: ignore[override]
+        return self.model
 
     def close(self) -> None:
         self.client.close()
@@ -132,19 +137,15 @@ class RemoteBackend:
             raise GenerationError(f"cannot reach the server at {self.base_url}: {exc}") from None
         except self._openai.APIStatusError as exc:
             raise GenerationError(f"the server at {self.base_url} answered {exc.status_code}: {_message(exc)}") from None
-        return self._stream(stream, cancel or threading.Event(), t0)
+        return self._stream(request, stream, cancel or threading.Event(), t0)
 
-    def _stream(self, stream: Any, cancel: threading.Event, t0: float) -> Iterator[Chunk]:
-        usage = Usage()
-        timings = Timings()
-        parser = StreamParser()
-        reasoning_parts: list[str] = []
-        raw: list[str] = []
+    def _stream(self, request: GenerationRequest, stream: Any, cancel: threading.Event, t0: float) -> Iterator[Chunk]:
+        out = ChunkAssembler(max_new_tokens=request.sampling.max_new_tokens, stops=request.sampling.stop,
+                             tools=request.tools, t0=t0)
+        usage = out.usage
         calls: dict[int, dict[str, str]] = {}
         finish = None
-        emitted = 0
-        deltas = 0  # servers send usage only at the end: until then each streamed delta counts as a token
-        reported = False
+        reported = False  # servers send usage only at the end: until then each streamed delta counts as a token
         try:
             for event in stream:
                 if cancel.is_set():
@@ -159,31 +160,20 @@ class RemoteBackend:
                 for choice in event.choices or []:
                     delta = choice.delta
                     reasoning = getattr(delta, "reasoning_content", None) or (delta.model_extra or {}).get("reasoning_content")
-                    pieces: list[Delta] = []
-                    if reasoning:
-                        reasoning_parts.append(reasoning)
-                        pieces.append(Delta("thinking", reasoning))
-                    if delta.content:
-                        raw.append(delta.content)
-                        pieces.extend(parser.feed(delta.content))
+                    counted = 0 if reported or not (reasoning or delta.content) else 1
+                    yield from out.push_thinking(reasoning or "", tokens=counted)
+                    yield from out.push(delta.content or "")
                     for tc in delta.tool_calls or []:
                         slot = calls.setdefault(tc.index, {"name": "", "arguments": ""})
                         if tc.function and tc.function.name:
                             slot["name"] += tc.function.name
                         if tc.function and tc.function.arguments:
                             slot["arguments"] += tc.function.arguments
-                    if (reasoning or delta.content) and not reported:
-                        deltas += 1
-                        usage.completion_tokens = deltas
-                    for piece in pieces:
-                        if timings.ttft_s is None:
-                            timings.ttft_s = time.perf_counter() - t0
-                        yield delta_chunk(piece, usage, timings)
-                    while len(parser.tool_calls) > emitted:
-                        yield Chunk("tool_call", tool_call=parser.tool_calls[emitted], usage=usage, timings=timings)
-                        emitted += 1
                     if choice.finish_reason:
                         finish = choice.finish_reason
+                if out.stopped:  # a stop string the server did not apply
+                    finish = "stop"
+                    break
         except self._openai.APIError as exc:
             raise GenerationError(f"the server at {self.base_url} failed mid-answer: {exc}") from None
         except OSError as exc:  # httpx's transport errors (the official client does not wrap them mid-stream)
@@ -197,24 +187,13 @@ class RemoteBackend:
         if finish is None:  # every OpenAI-style stream ends with a finish_reason: without one, the answer is cut
             raise GenerationError(f"the server at {self.base_url} stopped sending before the answer was complete "
                                   f"(no finish_reason): it may have crashed or been stopped")
-        for d in parser.finish():
-            yield delta_chunk(d, usage, timings)
-        result = parser.result()
-        if reasoning_parts:  # reasoning split off by the server, plus any inline <think> the parser found
-            result.thinking = ("".join(reasoning_parts).strip() + "\n\n" + result.thinking).strip()
         for slot in calls.values():
             try:
                 args = json.loads(slot["arguments"] or "{}")
             except ValueError:
                 args = {"_raw": slot["arguments"]}
-            call = ToolCall(slot["name"], args if isinstance(args, dict) else {"value": args})
-            result.tool_calls.append(call)
-            yield Chunk("tool_call", tool_call=call, usage=usage, timings=timings)
-        timings.total_s = time.perf_counter() - t0
-        reason = {"tool_calls": "tool_calls", "length": "length", "cancelled": "cancelled"}.get(finish or "stop", "stop")
-        if result.tool_calls and reason == "stop":
-            reason = "tool_calls"
-        yield Chunk("done", usage=usage, timings=timings, result=result, finish_reason=reason, raw_text="".join(raw))  # type: ignore[arg-type]
+            out.add_tool_call(ToolCall(slot["name"], args if isinstance(args, dict) else {"value": args}))
+        yield from out.done("length" if finish == "length" else "cancelled" if finish == "cancelled" else "stop")
 
 
 def _message(exc: Any) -> str:

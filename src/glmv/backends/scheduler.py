@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..errors import GenerationError
+from ..settings import SamplingParams
 
 OOM_MESSAGE = "out of GPU memory: lower --max-pixels, --max-new-tokens or the number of images"
 
@@ -28,7 +29,8 @@ OOM_MESSAGE = "out of GPU memory: lower --max-pixels, --max-new-tokens or the nu
 @dataclass(eq=False)  # identity: the queue removes jobs by identity (comparing tensors would raise)
 class Job:
     inputs: dict[str, Any]
-    gen_kwargs: dict[str, Any]
+    sampling: SamplingParams
+    max_new_tokens: int  # the request's, already cut to the room the context leaves
     cancel: threading.Event
     seed: int | None
     speculate: bool = False
@@ -43,7 +45,19 @@ def _media_kind(inputs: dict[str, Any]) -> str:
 
 def _batch_key(job: Job) -> tuple:
     # Video is never batched with images: one generate call takes one kind of visual input.
-    return (_media_kind(job.inputs), *sorted((k, repr(v)) for k, v in job.gen_kwargs.items()))
+    gen = hf_generate_kwargs(job.sampling, job.max_new_tokens)
+    return (_media_kind(job.inputs), *sorted((k, repr(v)) for k, v in gen.items()))
+
+
+def hf_generate_kwargs(sampling: SamplingParams, max_new_tokens: int) -> dict[str, Any]:
+    """The sampling settings as transformers' ``generate`` takes them (its greedy mode when sampling is off)."""
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "repetition_penalty": sampling.repetition_penalty}
+    if sampling.greedy:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                      top_k=sampling.top_k or None)
+    return kwargs
 
 
 def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
@@ -290,7 +304,7 @@ class Scheduler:
         if job.cancel.is_set():
             job.out.put(("done", {"cancelled": True, "prefill_s": None, "queued_s": started - job.queued_at}))
             return
-        if not runner.engine.fits([job.inputs], job.gen_kwargs["max_new_tokens"]):
+        if not runner.engine.fits([job.inputs], job.max_new_tokens):
             streamer = BatchStreamer([job], runner.eos_ids(), started)
             try:
                 runner.hf_generate([job], streamer)
@@ -302,11 +316,11 @@ class Scheduler:
         def finish(info: dict[str, Any]) -> None:
             job.out.put(("done", {**info, "queued_s": started - job.queued_at}))
 
-        runner.batcher.add(Sequence(inputs=job.inputs, params=RowParams.from_gen(job.gen_kwargs),
+        runner.batcher.add(Sequence(inputs=job.inputs, params=RowParams.from_sampling(job.sampling, job.max_new_tokens),
                                     emit=lambda ids: job.out.put(("tokens", ids)), finish=finish,
                                     cancelled=job.cancel.is_set, eos=frozenset(runner.eos_ids()),
                                     speculate=job.speculate, seed=job.seed, tag=job,
                                     fail=lambda exc: job.out.put(("error", _failure(exc)))))
 
 
-__all__ = ["BatchStreamer", "CancelCriteria", "Job", "Runner", "Scheduler", "collate"]
+__all__ = ["BatchStreamer", "CancelCriteria", "Job", "Runner", "Scheduler", "collate", "hf_generate_kwargs"]

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..settings import DEFAULT_MAX_SEQ_LEN
+from ..settings import DEFAULT_MAX_SEQ_LEN, SamplingParams
 from .gemv import GemvTuner, tuner_cache_file
 from .kernels import Kernels, install_fused_norms, rotate_pairs
 from .w4 import W4Linear, dequantize_w4, w4_linear
@@ -40,6 +40,8 @@ if TYPE_CHECKING:  # the scheduler imports this module; at run time the engine i
 W4_KERNEL_ROWS = 32  # the int4 kernels serve up to this many rows (decode, drafts); longer inputs dequantize
 TOPK_CAP = 256  # candidates kept for top-k/top-p sampling (top_k=0 means "all": approximated by these)
 ALONE_CHUNKS = 4  # with no other request decoding, prefill runs in passes this many chunks long
+# Plain greedy decoding (no repetition penalty): warm-up, benchmarks and correctness checks
+GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.0)
 
 
 @dataclass
@@ -581,8 +583,8 @@ class FastEngine:
         longest = max(int(r["input_ids"].shape[1]) for r in rows)
         return len(rows) <= self.config.max_batch and longest + max_new_tokens <= self.config.max_seq_len
 
-    def generate(self, rows: list[dict[str, Any]], gen: dict[str, Any], on_tokens: Callable[[list[int]], bool],
-                 seed: int | None = None) -> int:
+    def generate(self, rows: list[dict[str, Any]], sampling: SamplingParams, max_new_tokens: int,
+                 on_tokens: Callable[[list[int]], bool], seed: int | None = None) -> int:
         """Generate for up to ``max_batch`` prompts in lock step (benchmarks and warm-up; serving goes through
         :class:`glmv.engine.scheduler.Batcher`). ``on_tokens`` gets each step's new ids (one per row) and
         returns True when every row is finished. Returns the number of steps run."""
@@ -593,7 +595,7 @@ class FastEngine:
             raise ValueError(f"batch of {b} exceeds the engine's max_batch {self.config.max_batch}")
         if seed is not None:
             torch.manual_seed(seed)
-        params = RowParams.from_gen(gen)
+        params = RowParams.from_sampling(sampling, max_new_tokens)
         self._reset_dummy(self._bucket(b))
         with torch.inference_mode():
             first, kv, pos = [], [], []
@@ -610,8 +612,7 @@ class FastEngine:
             tok = self.sample_rows(torch.cat(first), list(range(b)))
             for r in range(b):
                 self.set_row(r, tok[r], kv[r], pos[r])
-            max_new = int(gen["max_new_tokens"])
-            max_new = max(1, min(max_new, self.config.max_seq_len - max(kv)))
+            max_new = max(1, min(max_new_tokens, self.config.max_seq_len - max(kv)))
             steps = 1
             if on_tokens(tok) or max_new == 1:
                 return steps

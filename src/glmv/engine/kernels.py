@@ -88,15 +88,19 @@ def decode_attention_ref(q, k_cache, v_cache, seq_lens, scale):
 if HAVE_TRITON:
 
     @triton.jit
+    def _normed(x, W, OUT, offs, mask, N, eps):
+        """A float32 row RMS-normalised, cast to OUT's dtype, times the weights (the model's RMSNorm order)."""
+        r = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+        w = tl.load(W + offs, mask=mask, other=0.0)
+        return (x * r).to(OUT.dtype.element_ty) * w
+
+    @triton.jit
     def _rmsnorm_kernel(X, W, Y, stride, N, eps, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < N
         x = tl.load(X + row * stride + offs, mask=mask, other=0.0).to(tl.float32)
-        r = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
-        w = tl.load(W + offs, mask=mask, other=0.0)
-        y = (x * r).to(Y.dtype.element_ty) * w
-        tl.store(Y + row * stride + offs, y, mask=mask)
+        tl.store(Y + row * stride + offs, _normed(x, W, Y, offs, mask, N, eps), mask=mask)
 
     @triton.jit
     def _add_rmsnorm2_kernel(R, A, W1, W2, H, Y, stride, N, eps, BLOCK: tl.constexpr):
@@ -104,15 +108,10 @@ if HAVE_TRITON:
         offs = tl.arange(0, BLOCK)
         mask = offs < N
         a = tl.load(A + row * stride + offs, mask=mask, other=0.0).to(tl.float32)
-        ra = tl.rsqrt(tl.sum(a * a, axis=0) / N + eps)
-        w1 = tl.load(W1 + offs, mask=mask, other=0.0)
         res = tl.load(R + row * stride + offs, mask=mask, other=0.0)
-        h = res + (a * ra).to(H.dtype.element_ty) * w1
+        h = res + _normed(a, W1, H, offs, mask, N, eps)
         tl.store(H + row * stride + offs, h, mask=mask)
-        hf = h.to(tl.float32)
-        rh = tl.rsqrt(tl.sum(hf * hf, axis=0) / N + eps)
-        w2 = tl.load(W2 + offs, mask=mask, other=0.0)
-        tl.store(Y + row * stride + offs, (hf * rh).to(Y.dtype.element_ty) * w2, mask=mask)
+        tl.store(Y + row * stride + offs, _normed(h.to(tl.float32), W2, Y, offs, mask, N, eps), mask=mask)
 
     @triton.jit
     def _rope_cache_kernel(QKV, QOUT, KC, VC, POS, WIDX, INVF, qkv_stride,

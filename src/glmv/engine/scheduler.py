@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..settings import SamplingParams
 from .fast import ALONE_CHUNKS, FastEngine
 from .prefix_cache import PrefixCache, media_digests, media_spans
 from .speculate import NgramIndex, verify
@@ -41,11 +42,11 @@ class RowParams:
     max_new_tokens: int = 256
 
     @classmethod
-    def from_gen(cls, gen: dict[str, Any]) -> "RowParams":
-        return cls(greedy=not gen.get("do_sample", False), temperature=float(gen.get("temperature") or 1.0),
-                   top_k=int(gen.get("top_k") or 0), top_p=float(gen.get("top_p") or 1.0),
-                   repetition_penalty=float(gen.get("repetition_penalty") or 1.0),
-                   max_new_tokens=int(gen.get("max_new_tokens") or 256))
+    def from_sampling(cls, sampling: SamplingParams, max_new_tokens: int) -> "RowParams":
+        if sampling.greedy:  # temperature, top-k and top-p play no part (as in transformers' greedy mode)
+            return cls(greedy=True, repetition_penalty=sampling.repetition_penalty, max_new_tokens=max_new_tokens)
+        return cls(greedy=False, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                   repetition_penalty=sampling.repetition_penalty, max_new_tokens=max_new_tokens)
 
 
 @dataclass

@@ -349,7 +349,7 @@ def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     app = FastAPI(title="glmv", version="1", docs_url=None, redoc_url=None)
     state = {"admitted": 0}
-    metrics = Metrics(lambda: getattr(backend, "queue_depth", 0), getattr(backend, "serving_stats", None))
+    metrics = Metrics(lambda: backend.queue_depth, backend.serving_stats)
     app.state.metrics = metrics
     app.state.config = config
 
@@ -380,7 +380,7 @@ def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": config.model_name, "queue_depth": getattr(backend, "queue_depth", 0)}
+        return {"status": "ok", "model": config.model_name, "queue_depth": backend.queue_depth}
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
@@ -392,7 +392,7 @@ def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        check_request_size(body, config, getattr(backend, "context_length", None))
+        check_request_size(body, config, backend.context_length)
         if state["admitted"] >= config.max_queue:
             raise APIError(429, f"server busy: {state['admitted']} requests in progress; retry shortly",
                            "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
@@ -423,10 +423,10 @@ def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
 
         watcher = asyncio.create_task(watch_client())
         try:
-            defaults = getattr(backend, "default_sampling", None) or SamplingParams()
+            defaults = backend.default_sampling
             try:
                 gen_request = await asyncio.to_thread(to_generation_request, body, config, defaults,
-                                                      getattr(backend, "context_length", None))
+                                                      backend.context_length)
                 if cancel.is_set():  # the client left while its media was read: no tokenizing, no queueing
                     watcher.cancel()
                     return Response(status_code=499)

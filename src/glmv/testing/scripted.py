@@ -1,4 +1,4 @@
-"""A scripted backend for front-end tests: it streams text a test chooses through the real parser.
+"""A scripted backend for front-end tests: text a test chooses, streamed through the real chunk assembler.
 
 It behaves like a real backend from the outside (validation, typed chunks, usage, timings, cancel)
 but the "model output" is given by the test, so front ends can be tested on thinking, HTML, tool
@@ -11,22 +11,21 @@ import threading
 import time
 from typing import Callable, Iterator
 
-from ..backends.base import Chunk, GenerationRequest, Timings, Usage, delta_chunk
+from ..backends.base import BackendBase, Chunk, GenerationRequest
+from ..backends.stream import ChunkAssembler, Ended
 from ..errors import GlmvError
-from ..parsing import StreamParser
 from ..prompts import validate_messages
 
 Script = Callable[[GenerationRequest], "str | list[str] | GlmvError"]
 
 
-class ScriptedBackend:
+class ScriptedBackend(BackendBase):
     name = "scripted"
 
     def __init__(self, script: "str | list[str] | Script", delay_s: float = 0.0) -> None:
         self._script = script
         self.delay_s = delay_s
         self.requests: list[GenerationRequest] = []
-        self.default_sampling = None
         self.closed = False
 
     def load(self) -> "ScriptedBackend":
@@ -51,36 +50,22 @@ class ScriptedBackend:
         return self._stream(request, pieces, cancel or threading.Event())
 
     def _stream(self, request: GenerationRequest, pieces: list[str], cancel: threading.Event) -> Iterator[Chunk]:
+        # The text goes through the same assembler as every real backend's: only the "model" is scripted.
         t0 = time.perf_counter()
-        usage = Usage(prompt_tokens=sum(len(m.text.split()) + 256 * len(m.images) for m in request.messages))
-        timings = Timings()
-        parser = StreamParser(tools=request.tools, tools_enabled=bool(request.tools))
-        raw = []
-        reason = "stop"
-        n_calls = 0
-        for i, piece in enumerate(pieces):
+        out = ChunkAssembler(prompt_tokens=sum(len(m.text.split()) + 256 * len(m.images) for m in request.messages),
+                             max_new_tokens=request.sampling.max_new_tokens, stops=request.sampling.stop,
+                             tools=request.tools, t0=t0)
+        ended: Ended = None  # the script ran out: a stop token if one still fits, else the limit (as for a model)
+        for piece in pieces:
             if cancel.is_set():
-                reason = "cancelled"
+                ended = "cancelled"
                 break
-            if usage.completion_tokens >= request.sampling.max_new_tokens:
-                reason = "length"
+            if out.usage.completion_tokens >= request.sampling.max_new_tokens:
                 break
             if self.delay_s:
                 time.sleep(self.delay_s)
-            if i == 0:
-                timings.ttft_s = time.perf_counter() - t0
-                timings.prefill_s = timings.ttft_s
-            usage.completion_tokens += 1
-            raw.append(piece)
-            for d in parser.feed(piece):
-                yield delta_chunk(d, usage, timings)
-            while len(parser.tool_calls) > n_calls:
-                yield Chunk("tool_call", tool_call=parser.tool_calls[n_calls], usage=usage, timings=timings)
-                n_calls += 1
-        for d in parser.finish():
-            yield delta_chunk(d, usage, timings)
-        result = parser.result()
-        if reason == "stop" and result.tool_calls:
-            reason = "tool_calls"
-        timings.total_s = time.perf_counter() - t0
-        yield Chunk("done", usage=usage, timings=timings, result=result, finish_reason=reason, raw_text="".join(raw))  # type: ignore[arg-type]
+            yield from out.push(piece, tokens=1)
+            out.timings.prefill_s = out.timings.ttft_s
+            if out.stopped:
+                break
+        yield from out.done(ended)

@@ -242,8 +242,6 @@ class ModelManager:
 
 def display_name(backend: Any, settings: Settings) -> str:
     """The model as a user should see it: a remote server's own model name, else the checkpoint's."""
-    served = getattr(backend, "model", None)
-    base_url = getattr(backend, "base_url", None)
-    if isinstance(served, str) and base_url:
-        return f"{served} (served by {base_url})"
+    if backend.served_model and backend.base_url:
+        return f"{backend.served_model} (served by {backend.base_url})"
     return settings.model
