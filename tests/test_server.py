@@ -150,6 +150,28 @@ def test_thinking_off_changes_the_prompt(client):
     on = prompt_tokens()
     off = prompt_tokens(extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert off > on  # "/nothink" and the pre-filled "<think></think>" are in the prompt
+    # OpenAI's reasoning_effort: GLM has one level, so "none"/"minimal" are off and the rest on
+    assert prompt_tokens(reasoning_effort="none") == prompt_tokens(reasoning_effort="minimal") == off
+    assert prompt_tokens(reasoning_effort="low") == prompt_tokens(reasoning_effort="high") == on
+    with pytest.raises(openai.BadRequestError, match="contradicts") as e:
+        prompt_tokens(reasoning_effort="high", extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert e.value.body["param"] == "reasoning_effort"
+
+
+def test_fields_clients_send_by_default_are_accepted_or_refused_by_name(client):
+    """Was: 422 for store, presence_penalty and reasoning_effort, which the openai client and others send as a
+    matter of course. Informational fields are accepted; a penalty glmv cannot apply is a 400 naming it."""
+    msgs = [{"role": "user", "content": "hello"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, store=False, metadata={"run": "a"},
+                                       presence_penalty=0, frequency_penalty=0.0)
+    assert r.usage.completion_tokens == 2
+    assert client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, store=True).choices
+    for name in ("presence_penalty", "frequency_penalty"):
+        with pytest.raises(openai.BadRequestError, match=f"{name} is not supported.*repetition_penalty") as e:
+            client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, **{name: 0.5})
+        assert e.value.body["param"] == name and e.value.body["code"] == "unsupported_parameter"
+    with pytest.raises(openai.UnprocessableEntityError, match="reasoning_effort"):
+        client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, reasoning_effort="extreme")
 
 
 def test_models_health_metrics(server, client):
