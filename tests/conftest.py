@@ -3,6 +3,8 @@ from __future__ import annotations
 import io
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -46,6 +48,26 @@ def tiny_backend(tiny_path):
     backend = LocalBackend(Settings(model=str(tiny_path)), log=lambda m: None).load()
     yield backend
     backend.close()
+
+
+def glmv_in_process(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    """``glmv ARGS`` run by ``glmv.cli.main`` in this process, from the checkout's root, the backend chosen as a
+    user's command chooses it (the tiny model loads in a fraction of a second once torch is imported). The same
+    code as the console script without a new interpreter and its imports; a few tests keep real processes for
+    the entry point itself. ``stdin``: the bytes an image read from ``-`` comes from."""
+    from glmv.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old_cwd, old_stdin = os.getcwd(), sys.stdin
+    os.chdir(REPO)
+    if stdin is not None:
+        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin))
+    try:
+        code = main(list(args), stdout=out, stderr=err)
+    finally:
+        os.chdir(old_cwd)
+        sys.stdin = old_stdin
+    return subprocess.CompletedProcess(["glmv", *args], code, out.getvalue(), err.getvalue())
 
 
 def png_bytes(size=(64, 48), color=(200, 30, 30), mode="RGB") -> bytes:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, bomb_png
+from conftest import REPO, bomb_png, glmv_in_process
 from glmv.cli import main
 from glmv.testing.scripted import ScriptedBackend
 
@@ -217,47 +217,25 @@ def test_tiny_ask_json_end_to_end(tiny_path):
     assert "loading tiny" in p.stderr  # progress on stderr
 
 
-def run_tiny(args, tiny_backend, stdin=None):
-    """main() in this process on the real tiny model (the session's, loaded once): what a real process does
-    after loading, without paying for a new interpreter, torch and the load on every test."""
-    made = []
-
-    def factory(settings):
-        made.append(settings)
-        return tiny_backend
-
-    out, err = io.StringIO(), io.StringIO()
-    old_stdin = sys.stdin
-    if stdin is not None:  # images from "-" are read from sys.stdin.buffer
-        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin))
-    try:
-        code = main(args, backend_factory=factory, stdout=out, stderr=err)
-    finally:
-        sys.stdin = old_stdin
-    assert all(s.model == "tiny" for s in made)
-    return Run(code, out.getvalue(), err.getvalue(), tiny_backend)
-
-
 @pytest.mark.slow
-def test_tiny_streamed_ocr_and_html(tiny_backend, tmp_path):
-    r = run_tiny(["ocr", str(REPO / "input" / "image_2.png"), "--model", "tiny", "--max-new-tokens", "8", "--stream"], tiny_backend)
-    assert r.code == 0, r.err
-    assert r.out.strip()
-    assert "8 tokens" in r.err and "tok/s" in r.err  # the summary line
-    r = run_tiny(["html", str(REPO / "input" / "image_3.png"), "--model", "tiny", "--max-new-tokens", "8", "--no-stream",
-                  "--out", str(tmp_path)], tiny_backend)
-    assert r.code == 0, r.err
+def test_tiny_streamed_ocr_and_html(tiny_path, tmp_path):
+    p = glmv_in_process("ocr", "input/image_2.png", "--model", "tiny", "--max-new-tokens", "8", "--stream")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip()
+    assert "8 tokens" in p.stderr and "tok/s" in p.stderr  # the summary line
+    p = glmv_in_process("html", "input/image_3.png", "--model", "tiny", "--max-new-tokens", "8", "--no-stream",
+                        "--out", str(tmp_path))
+    assert p.returncode == 0, p.stderr
     (page,) = tmp_path.glob("generated_*.html")
-    assert str(page) == r.out.strip().splitlines()[-1]
+    assert str(page) == p.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
-def test_tiny_image_from_stdin_and_no_thinking(tiny_backend):
+def test_tiny_image_from_stdin_and_no_thinking(tiny_path):
     data = (REPO / "input" / "image_1.png").read_bytes()
-    r = run_tiny(["ask", "-", "--model", "tiny", "--max-new-tokens", "5", "--no-thinking", "--json"], tiny_backend,
-                 stdin=data)
-    assert r.code == 0, r.err
-    result = json.loads(r.out)
+    p = glmv_in_process("ask", "-", "--model", "tiny", "--max-new-tokens", "5", "--no-thinking", "--json", stdin=data)
+    assert p.returncode == 0, p.stderr
+    result = json.loads(p.stdout)
     assert result["usage"]["completion_tokens"] == 5 and result["usage"]["prompt_tokens"] > 500  # the image went in
 
 
@@ -278,10 +256,9 @@ def test_unreachable_hub_and_unknown_model(tmp_path):
 
 @pytest.mark.slow
 def test_int4_without_cuda_is_refused(tiny_path):
-    out, err = io.StringIO(), io.StringIO()
-    code = main(["ask", str(REPO / "input" / "image_1.png"), "--model", "tiny", "--int4", "--no-server"], stdout=out, stderr=err)
-    assert code == 2 and out.getvalue() == ""
-    assert "--int4" in err.getvalue() and "CUDA" in err.getvalue() and "Traceback" not in err.getvalue()
+    p = glmv_in_process("ask", "input/image_1.png", "--model", "tiny", "--int4")
+    assert p.returncode == 2 and p.stdout == ""
+    assert "--int4" in p.stderr and "CUDA" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_debug_shows_traceback(tmp_path):
