@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
@@ -55,18 +56,29 @@ def glmv_in_process(*args: str, stdin: bytes | None = None) -> subprocess.Comple
     user's command chooses it (the tiny model loads in a fraction of a second once torch is imported). The same
     code as the console script without a new interpreter and its imports; a few tests keep real processes for
     the entry point itself. ``stdin``: the bytes an image read from ``-`` comes from."""
-    from glmv.cli import main
+    import glmv.cli as cli
+
+    built, real_default = [], cli._default_backend
+
+    def default_backend(settings):  # the real one; recorded so that its inference thread ends with the command
+        built.append(real_default(settings))
+        return built[-1]
 
     out, err = io.StringIO(), io.StringIO()
     old_cwd, old_stdin = os.getcwd(), sys.stdin
     os.chdir(REPO)
     if stdin is not None:
         sys.stdin = io.TextIOWrapper(io.BytesIO(stdin))
-    try:
-        code = main(list(args), stdout=out, stderr=err)
+    cli._default_backend = default_backend
+    try:  # what the core logs to sys.stderr (loading, "fast engine ready") lands where a process would print it
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(list(args), stdout=out, stderr=err)
     finally:
+        cli._default_backend = real_default
         os.chdir(old_cwd)
         sys.stdin = old_stdin
+        for backend in built:
+            backend.close()
     return subprocess.CompletedProcess(["glmv", *args], code, out.getvalue(), err.getvalue())
 
 
