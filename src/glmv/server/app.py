@@ -8,7 +8,8 @@ reaches the GPU. Admission is bounded (``--max-queue``; beyond it 429 with Retry
 batches what waits together. Bodies are limited while they arrive and the API key checked by a pure
 ASGI middleware (``guard.py``), which leaves the client's disconnect visible: a client that leaves,
 streamed or not, frees its slot at once, and its generation stops at the next token (or, still queued,
-leaves the queue).
+leaves the queue). Routes delegate in one line (the chat route to :class:`ChatCompletions`); what they answer
+is built in ``responses.py`` from the ``openai`` package's own types.
 """
 
 from __future__ import annotations
@@ -352,6 +353,59 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+# -- the app -------------------------------------------------------------------------------------
+def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
+    config = config or ServerConfig()
+    app = FastAPI(title="glmv", version="1", docs_url=None, redoc_url=None)
+    metrics = Metrics(lambda: getattr(backend, "queue_depth", 0), getattr(backend, "serving_stats", None))
+    chat = ChatCompletions(backend, config, metrics)
+    app.state.metrics = metrics
+    app.state.config = config
+
+    def error_response(exc: APIError) -> JSONResponse:
+        metrics.requests.labels(str(exc.status)).inc()
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_validation_error(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            return error_response(APIError(400, INVALID_JSON))  # not UTF-8, nested too deep, a 5000-digit number
+        return error_response(APIError(exc.status_code, str(exc.detail), "invalid_request_error"))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(APIError(500, "internal server error", "server_error"))
+
+    app.add_middleware(RequestGuard, max_body_bytes=config.max_body_bytes, api_key=config.api_key,
+                       count=lambda status: metrics.requests.labels(str(status)).inc())
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": config.model_name, "queue_depth": getattr(backend, "queue_depth", 0)}
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return model_list(config.model_name)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await chat.handle(body, request)
+
+    return app
+
+
 class ChatCompletions:
     """``POST /v1/chat/completions``: admission (``--max-queue``, then 429), the request converted and its
     media processed off the event loop, the client's disconnect watched, and the backend's chunks answered
@@ -430,60 +484,6 @@ class ChatCompletions:
             return Response(status_code=499)
         _record(done, metrics, t0)
         return JSONResponse(dump(completion(done, cid, created, config.model_name)))
-
-
-
-# -- the app -------------------------------------------------------------------------------------
-def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
-    config = config or ServerConfig()
-    app = FastAPI(title="glmv", version="1", docs_url=None, redoc_url=None)
-    metrics = Metrics(lambda: getattr(backend, "queue_depth", 0), getattr(backend, "serving_stats", None))
-    chat = ChatCompletions(backend, config, metrics)
-    app.state.metrics = metrics
-    app.state.config = config
-
-    def error_response(exc: APIError) -> JSONResponse:
-        metrics.requests.labels(str(exc.status)).inc()
-        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(_validation_error(exc.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
-            return error_response(APIError(400, INVALID_JSON))  # not UTF-8, nested too deep, a 5000-digit number
-        return error_response(APIError(exc.status_code, str(exc.detail), "invalid_request_error"))
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(APIError(500, "internal server error", "server_error"))
-
-    app.add_middleware(RequestGuard, max_body_bytes=config.max_body_bytes, api_key=config.api_key,
-                       count=lambda status: metrics.requests.labels(str(status)).inc())
-
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": config.model_name, "queue_depth": getattr(backend, "queue_depth", 0)}
-
-    @app.get("/metrics")
-    async def metrics_endpoint() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return model_list(config.model_name)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await chat.handle(body, request)
-
-    return app
 
 
 class _ChunkStream:
