@@ -3,8 +3,9 @@
 Unknown fields are refused (422 naming them), not ignored: a client that sends ``response_format`` or
 ``logprobs`` must learn that they do nothing here. A few OpenAI fields that clients send by default are
 accepted: ``store`` and ``metadata`` (informational; glmv stores nothing), ``reasoning_effort`` (thinking on
-or off) and ``presence_penalty``/``frequency_penalty`` at 0 (any other value is a 400 naming the field). Types are strict (``"0.5"`` is not a number, ``1.5``
-not an integer, ``"yes"`` not a boolean), as OpenAI's API has them. Values are range-checked by
+or off) and ``presence_penalty``/``frequency_penalty`` at 0 (any other value is a 400 naming the field).
+Types are strict (``"0.5"`` is not a number, ``1.5`` not an integer, ``"yes"`` not a boolean), as OpenAI's
+API has them. Values are range-checked by
 :class:`~glmv.settings.SamplingParams`, the same rules the CLI and the web app use.
 """
 
