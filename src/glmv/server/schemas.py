@@ -5,8 +5,8 @@ Unknown fields are refused (422 naming them), not ignored: a client that sends `
 accepted: ``store`` and ``metadata`` (informational; glmv stores nothing), ``reasoning_effort`` (thinking on
 or off) and ``presence_penalty``/``frequency_penalty`` at 0 (any other value is a 400 naming the field).
 Types are strict (``"0.5"`` is not a number, ``1.5`` not an integer, ``"yes"`` not a boolean), as OpenAI's
-API has them. Values are range-checked by
-:class:`~glmv.settings.SamplingParams`, the same rules the CLI and the web app use.
+API has them. Values are range-checked by :class:`~glmv.settings.SamplingParams`, the same rules the CLI and
+the web app use.
 """
 
 from __future__ import annotations
