@@ -1043,7 +1043,8 @@ def run_serve(args: argparse.Namespace, backend_factory: BackendFactory, stderr:
 
         from .server.app import ServerConfig, build_app
     except ImportError:
-        raise GlmvError("glmv serve needs fastapi, uvicorn and openai (its response types): pip install 'glmv[server]'") from None
+        raise GlmvError("glmv serve needs fastapi, uvicorn and openai (its response types): "
+                        "pip install 'glmv[server]'") from None
     settings = _settings_from_args(args)
     api_key = args.api_key or os.environ.get("GLMV_API_KEY")
     media_dir = None
