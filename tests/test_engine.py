@@ -195,9 +195,8 @@ def test_triton_kernels_match_references_in_the_interpreter():
 
 def test_bench_runs_on_the_tiny_model(tmp_path):
     out = tmp_path / "bench.json"
-    p = subprocess.run([sys.executable, "-m", "glmv.cli", "bench", "--model", "tiny", "--device", "cpu", "--tokens", "6",
-                        "--batches", "1,2", "--max-batch", "2", "--json", "--json-out", str(out)],
-                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    p = glmv_in_process("bench", "--model", "tiny", "--device", "cpu", "--tokens", "6", "--batches", "1,2",
+                        "--max-batch", "2", "--json", "--json-out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["configs"]) == {"tutorial-bf16", "tutorial-nf4", "glmv-bf16", "glmv-4bit"}
