@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -46,6 +49,37 @@ def tiny_backend(tiny_path):
     backend = LocalBackend(Settings(model=str(tiny_path)), log=lambda m: None).load()
     yield backend
     backend.close()
+
+
+def glmv_in_process(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    """``glmv ARGS`` run by ``glmv.cli.main`` in this process, from the checkout's root, the backend chosen as a
+    user's command chooses it (the tiny model loads in a fraction of a second once torch is imported). The same
+    code as the console script without a new interpreter and its imports; a few tests keep real processes for
+    the entry point itself. ``stdin``: the bytes an image read from ``-`` comes from."""
+    import glmv.cli as cli
+
+    built, real_default = [], cli._default_backend
+
+    def default_backend(settings):  # the real one; recorded so that its inference thread ends with the command
+        built.append(real_default(settings))
+        return built[-1]
+
+    out, err = io.StringIO(), io.StringIO()
+    old_cwd, old_stdin = os.getcwd(), sys.stdin
+    os.chdir(REPO)
+    if stdin is not None:
+        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin))
+    cli._default_backend = default_backend
+    try:  # what the core logs to sys.stderr (loading, "fast engine ready") lands where a process would print it
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(list(args), stdout=out, stderr=err)
+    finally:
+        cli._default_backend = real_default
+        os.chdir(old_cwd)
+        sys.stdin = old_stdin
+        for backend in built:
+            backend.close()
+    return subprocess.CompletedProcess(["glmv", *args], code, out.getvalue(), err.getvalue())
 
 
 def png_bytes(size=(64, 48), color=(200, 30, 30), mode="RGB") -> bytes:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, bomb_png
+from conftest import REPO, bomb_png, glmv_in_process
 from glmv.cli import main
 from glmv.testing.scripted import ScriptedBackend
 
@@ -219,11 +219,12 @@ def test_tiny_ask_json_end_to_end(tiny_path):
 
 @pytest.mark.slow
 def test_tiny_streamed_ocr_and_html(tiny_path, tmp_path):
-    p = glmv("ocr", "input/image_2.png", "--model", "tiny", "--max-new-tokens", "8", "--stream")
+    p = glmv_in_process("ocr", "input/image_2.png", "--model", "tiny", "--max-new-tokens", "8", "--stream")
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip()
     assert "8 tokens" in p.stderr and "tok/s" in p.stderr  # the summary line
-    p = glmv("html", "input/image_3.png", "--model", "tiny", "--max-new-tokens", "8", "--no-stream", "--out", str(tmp_path))
+    p = glmv_in_process("html", "input/image_3.png", "--model", "tiny", "--max-new-tokens", "8", "--no-stream",
+                        "--out", str(tmp_path))
     assert p.returncode == 0, p.stderr
     (page,) = tmp_path.glob("generated_*.html")
     assert str(page) == p.stdout.strip().splitlines()[-1]
@@ -232,11 +233,10 @@ def test_tiny_streamed_ocr_and_html(tiny_path, tmp_path):
 @pytest.mark.slow
 def test_tiny_image_from_stdin_and_no_thinking(tiny_path):
     data = (REPO / "input" / "image_1.png").read_bytes()
-    e = dict(os.environ)
-    p = subprocess.run([sys.executable, "-m", "glmv.cli", "ask", "-", "--model", "tiny", "--max-new-tokens", "5",
-                        "--no-thinking", "--json"], input=data, capture_output=True, env=e, cwd=REPO, timeout=300)
+    p = glmv_in_process("ask", "-", "--model", "tiny", "--max-new-tokens", "5", "--no-thinking", "--json", stdin=data)
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["usage"]["completion_tokens"] == 5
+    result = json.loads(p.stdout)
+    assert result["usage"]["completion_tokens"] == 5 and result["usage"]["prompt_tokens"] > 500  # the image went in
 
 
 @pytest.mark.slow
@@ -256,8 +256,8 @@ def test_unreachable_hub_and_unknown_model(tmp_path):
 
 @pytest.mark.slow
 def test_int4_without_cuda_is_refused(tiny_path):
-    p = glmv("ask", "input/image_1.png", "--model", "tiny", "--int4")
-    assert p.returncode == 2
+    p = glmv_in_process("ask", "input/image_1.png", "--model", "tiny", "--int4")
+    assert p.returncode == 2 and p.stdout == ""
     assert "--int4" in p.stderr and "CUDA" in p.stderr and "Traceback" not in p.stderr
 
 

@@ -38,14 +38,24 @@ def run(args):
     return code, out.getvalue(), err.getvalue()
 
 
+STARTS: list[subprocess.CompletedProcess] = []  # the module server's two `glmv start` processes
+
+
 @pytest.fixture(scope="module")
 def server(tiny_path):
-    p = glmv("start", "--model", "tiny", "--idle-timeout", "10m", "--json", timeout=300)
-    assert p.returncode == 0, p.stderr
-    record = json.loads(p.stdout)
-    yield record
-    if resident._alive(record["pid"]):  # a failed test left it running
-        os.kill(record["pid"], signal.SIGTERM)
+    """One resident tiny server for the module, started by two `glmv start` processes at once (one of them must
+    find the other's server: test_two_starts_at_once_load_the_model_once checks how they ended)."""
+    cmd = [sys.executable, "-m", "glmv.cli", "start", "--model", "tiny", "--idle-timeout", "10m", "--json"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+             for _ in range(2)]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+        STARTS[:] = [subprocess.CompletedProcess(cmd, p.returncode, *out) for p, out in zip(procs, outputs)]
+        assert STARTS[0].returncode == 0, STARTS[0].stderr
+        yield json.loads(STARTS[0].stdout)
+    finally:
+        for r in resident.list_residents():  # a failed test left it (or a second one) running
+            resident.stop(r)
 
 
 def test_start_records_the_server_and_ps_lists_it(server):
@@ -271,21 +281,7 @@ def test_a_stale_record_whose_pid_now_belongs_to_another_process_is_dropped_neve
         other.wait()
 
 
-def test_two_starts_at_once_load_the_model_once(tiny_path):
-    import threading
-
-    results: list[tuple[int, str, str]] = []
-    threads = [threading.Thread(target=lambda: results.append(run(["start", "--model", "tiny", "--json"])))
-               for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    try:
-        assert [code for code, _, _ in results] == [0, 0], results
-        pids = {json.loads(out)["pid"] for _, out, _ in results}
-        assert len(pids) == 1 and [r.pid for r in resident.list_residents()] == list(pids)
-        assert any("already loaded" in err for _, _, err in results)
-    finally:
-        for r in resident.list_residents():
-            resident.stop(r)
+def test_two_starts_at_once_load_the_model_once(server):
+    assert [p.returncode for p in STARTS] == [0, 0], [p.stderr for p in STARTS]
+    assert {json.loads(p.stdout)["pid"] for p in STARTS} == {server["pid"]}  # one server, found by both
+    assert sum("already loaded" in p.stderr for p in STARTS) == 1

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from conftest import REPO, png_bytes
+from conftest import REPO, glmv_in_process, png_bytes
 from glmv.documents import inspect_pdf, load_inputs, load_video, office_to_pdf, parse_pages, pdf_page_count, render_pdf
 from glmv.errors import MediaError
 
@@ -330,23 +330,23 @@ def glmv(*args, timeout=300):
 
 @pytest.mark.slow
 def test_cli_pdf_video_and_ocr_per_page(tmp_path, pdf, tiny_path):
-    p = glmv("ask", str(pdf), "--pages", "1-2", "--pdf-long-side", "560", "-p", "summarize", "--model", "tiny",
-             "--max-new-tokens", "3", "--json")
+    p = glmv_in_process("ask", str(pdf), "--pages", "1-2", "--pdf-long-side", "560", "-p", "summarize",
+                        "--model", "tiny", "--max-new-tokens", "3", "--json")
     assert p.returncode == 0, p.stderr
     two = json.loads(p.stdout)["usage"]["prompt_tokens"]
-    p = glmv("ask", str(pdf), "--pages", "1", "--pdf-long-side", "560", "-p", "summarize", "--model", "tiny",
-             "--max-new-tokens", "3", "--json")
+    p = glmv_in_process("ask", str(pdf), "--pages", "1", "--pdf-long-side", "560", "-p", "summarize",
+                        "--model", "tiny", "--max-new-tokens", "3", "--json")
     one = json.loads(p.stdout)["usage"]["prompt_tokens"]
     assert two > one > 100  # both pages' visual tokens are in one prompt
-    p = glmv("ocr", str(pdf), "--pdf-long-side", "560", "--model", "tiny", "--max-new-tokens", "3", "--json")
+    p = glmv_in_process("ocr", str(pdf), "--pdf-long-side", "560", "--model", "tiny", "--max-new-tokens", "3", "--json")
     assert p.returncode == 0, p.stderr
     data = json.loads(p.stdout)
     assert [pg["source"].rsplit("=", 1)[1] for pg in data["pages"]] == ["1", "2", "3"]
     video = make_video(tmp_path / "clip.mp4")
-    p = glmv("ask", str(video), "-p", "what happens?", "--model", "tiny", "--max-new-tokens", "3", "--json")
+    p = glmv_in_process("ask", str(video), "-p", "what happens?", "--model", "tiny", "--max-new-tokens", "3", "--json")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["usage"]["prompt_tokens"] > 20
-    p = glmv("ask", str(pdf), "--pages", "5-6", "--model", "tiny")
+    p = glmv_in_process("ask", str(pdf), "--pages", "5-6", "--model", "tiny")
     assert p.returncode == 2 and "outside" in p.stderr and "report.pdf" in p.stderr
 
 
@@ -373,7 +373,7 @@ def test_batch_end_to_end_resume_and_retry(tmp_path, tiny_path):
     out = tmp_path / "out"
     args = ["batch", str(src), "--out", str(out), "--model", "tiny", "--max-new-tokens", "4", "--pdf-long-side", "560",
             "--format", "both", "--batch-size", "3"]
-    p = glmv(*args)
+    p = glmv_in_process(*args)
     assert p.returncode == 1, p.stderr  # broken.jpg failed; the batch still finished
     assert "skipped" in p.stderr and "notes.txt" in p.stderr and "broken.jpg" in p.stderr
     recs = manifest(out)
@@ -388,11 +388,11 @@ def test_batch_end_to_end_resume_and_retry(tmp_path, tiny_path):
     assert joined.index("<!-- page 1 -->") < joined.index("<!-- page 2 -->") < joined.index("<!-- page 3 -->")
     assert json.loads((out / "sub" / "img01.png.json").read_text())["usage"]["completion_tokens"] == 4
     # rerun: nothing to do
-    p = glmv(*args)
+    p = glmv_in_process(*args)
     assert "0 to do" in p.stderr and len(manifest(out)) == len(recs)
     # retry the failure after fixing the file
     (src / "broken.jpg").write_bytes(png_bytes())
-    p = glmv(*args, "--retry-failed")
+    p = glmv_in_process(*args, "--retry-failed")
     assert p.returncode == 0, p.stderr
     assert manifest(out)[-1]["id"] == "broken.jpg" and manifest(out)[-1]["status"] == "done"
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, glmv_in_process
 from glmv.backends.base import GenerationRequest, collect
 from glmv.backends.local import LocalBackend
 from glmv.media import load_image
@@ -195,9 +195,8 @@ def test_triton_kernels_match_references_in_the_interpreter():
 
 def test_bench_runs_on_the_tiny_model(tmp_path):
     out = tmp_path / "bench.json"
-    p = subprocess.run([sys.executable, "-m", "glmv.cli", "bench", "--model", "tiny", "--device", "cpu", "--tokens", "6",
-                        "--batches", "1,2", "--max-batch", "2", "--json", "--json-out", str(out)],
-                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    p = glmv_in_process("bench", "--model", "tiny", "--device", "cpu", "--tokens", "6", "--batches", "1,2",
+                        "--max-batch", "2", "--json", "--json-out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["configs"]) == {"tutorial-bf16", "tutorial-nf4", "glmv-bf16", "glmv-4bit"}
@@ -209,17 +208,16 @@ def test_bench_runs_on_the_tiny_model(tmp_path):
     assert json.loads(p.stdout) == report  # --json: one object on stdout, the same as --json-out's file
 
 
-def test_cli_quant_needs_cuda_and_engine_flag():
+def test_cli_quant_needs_cuda_and_engine_flag(tiny_path):
     for flags in (["--quant", "w4"], ["--int4"]):
-        p = subprocess.run([sys.executable, "-m", "glmv.cli", "ask", "-p", "hi", "--model", "tiny", *flags],
-                           capture_output=True, text=True, cwd=REPO, timeout=300)
+        p = glmv_in_process("ask", "-p", "hi", "--model", "tiny", *flags)
         assert p.returncode == 2 and "needs a CUDA GPU" in p.stderr
-    p = subprocess.run([sys.executable, "-m", "glmv.cli", "ask", "input/image_1.png", "--model", "tiny", "--engine", "fast",
-                        "--max-new-tokens", "5", "--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    p = glmv_in_process("ask", "input/image_1.png", "--model", "tiny", "--engine", "fast", "--max-new-tokens", "5",
+                        "--json")
     assert p.returncode == 0, p.stderr
     assert "fast engine ready" in p.stderr
     usage = json.loads(p.stdout)["usage"]
-    assert usage["completion_tokens"] == 5 and usage["cached_tokens"] == 0  # a fresh process: nothing cached yet
+    assert usage["completion_tokens"] == 5 and usage["cached_tokens"] == 0  # a fresh backend: nothing cached yet
 
 
 def test_fused_norms_patch_every_rmsnorm_and_leave_cpu_outputs_alone(tiny_path):

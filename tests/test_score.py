@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import glmv_in_process
 
 pytestmark = pytest.mark.skipif(not shutil.which("tesseract") or not (shutil.which("chromium") or shutil.which("chromium-browser")),
                                 reason="needs tesseract-ocr and chromium")
@@ -154,7 +152,6 @@ def test_glmv_score_command(tmp_path, scored):
     target, reports = scored["landing"]
     target.save(tmp_path / "target.png")
     (tmp_path / "page.html").write_text(LANDING_RED)
-    p = subprocess.run([sys.executable, "-m", "glmv.cli", "score", str(tmp_path / "target.png"), str(tmp_path / "page.html")],
-                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    p = glmv_in_process("score", str(tmp_path / "target.png"), str(tmp_path / "page.html"))
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["overall"] == pytest.approx(reports[1]["overall"], abs=0.01)

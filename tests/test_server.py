@@ -20,7 +20,7 @@ import openai
 import pytest
 from PIL import Image
 
-from conftest import REPO, png_bytes
+from conftest import REPO, glmv_in_process, png_bytes
 from glmv.backends.base import collect
 from glmv.backends.remote import RemoteBackend
 from glmv.backends.base import GenerationRequest
@@ -45,15 +45,16 @@ def data_uri(png: bytes) -> str:
 
 def wait_healthy(url: str, proc=None, timeout=120):
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    with httpx.Client() as http:  # one client: polling must not take the CPU the starting server needs
+        while time.time() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
+            try:
+                if http.get(f"{url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
     raise TimeoutError(url)
 
 
@@ -150,6 +151,28 @@ def test_thinking_off_changes_the_prompt(client):
     on = prompt_tokens()
     off = prompt_tokens(extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert off > on  # "/nothink" and the pre-filled "<think></think>" are in the prompt
+    # OpenAI's reasoning_effort: GLM has one level, so "none"/"minimal" are off and the rest on
+    assert prompt_tokens(reasoning_effort="none") == prompt_tokens(reasoning_effort="minimal") == off
+    assert prompt_tokens(reasoning_effort="low") == prompt_tokens(reasoning_effort="high") == on
+    with pytest.raises(openai.BadRequestError, match="contradicts") as e:
+        prompt_tokens(reasoning_effort="high", extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert e.value.body["param"] == "reasoning_effort"
+
+
+def test_fields_clients_send_by_default_are_accepted_or_refused_by_name(client):
+    """Was: 422 for store, presence_penalty and reasoning_effort, which the openai client and others send as a
+    matter of course. Informational fields are accepted; a penalty glmv cannot apply is a 400 naming it."""
+    msgs = [{"role": "user", "content": "hello"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, store=False, metadata={"run": "a"},
+                                       presence_penalty=0, frequency_penalty=0.0)
+    assert r.usage.completion_tokens == 2
+    assert client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, store=True).choices
+    for name in ("presence_penalty", "frequency_penalty"):
+        with pytest.raises(openai.BadRequestError, match=f"{name} is not supported.*repetition_penalty") as e:
+            client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, **{name: 0.5})
+        assert e.value.body["param"] == name and e.value.body["code"] == "unsupported_parameter"
+    with pytest.raises(openai.UnprocessableEntityError, match="reasoning_effort"):
+        client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, reasoning_effort="extreme")
 
 
 def test_models_health_metrics(server, client):
@@ -214,8 +237,8 @@ def test_internal_errors_hide_internals():
 
 
 # -- queue limits and disconnects -----------------------------------------------------------------
-def test_full_queue_429_and_disconnect_frees_the_slot(tiny_path):
-    with serve_process("--max-queue", "1") as url:
+def test_full_queue_429_and_disconnect_frees_the_slot(tiny_backend):
+    with serve_in_thread(tiny_backend, ServerConfig(model_name="tiny", max_queue=1)) as url:
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         long = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "go"}], max_tokens=100000,
                                          temperature=0, stream=True)
@@ -356,28 +379,25 @@ def test_remote_backend_errors():
 
 
 def test_cli_with_remote_backend(server):
-    p = subprocess.run([sys.executable, "-m", "glmv.cli", "ask", "input/image_1.png", "--backend", "openai",
-                        "--base-url", f"{server}/v1", "--api-key", KEY, "--max-new-tokens", "4", "--json"],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    p = glmv_in_process("ask", "input/image_1.png", "--backend", "openai", "--base-url", f"{server}/v1",
+                        "--api-key", KEY, "--max-new-tokens", "4", "--json")
     assert p.returncode == 0, p.stderr
     data = json.loads(p.stdout)
     assert data["usage"]["completion_tokens"] == 4 and data["usage"]["prompt_tokens"] > 500
-    p = subprocess.run([sys.executable, "-m", "glmv.cli", "ask", "-p", "x", "--backend", "openai",
-                        "--base-url", f"{server}/v1", "--api-key", "wrong"],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    p = glmv_in_process("ask", "-p", "x", "--backend", "openai", "--base-url", f"{server}/v1", "--api-key", "wrong")
     assert p.returncode == 2 and "refused the API key" in p.stderr
 
 
-def test_serve_warns_when_exposed_without_key(tiny_path):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "glmv.cli", "serve", "--model", "tiny", "--host", "0.0.0.0",
-                             "--port", str(port)], cwd=REPO, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc)
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=15)
-    assert "without --api-key" in err
+def test_serve_warns_when_exposed_without_key():
+    """The warning comes before anything else (here a busy port stops the start before the model loads)."""
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = glmv_in_process("serve", "--model", "tiny", "--host", "0.0.0.0", "--port", str(port))
+    assert p.returncode == 2
+    assert p.stderr.startswith("glmv: warning: listening on 0.0.0.0 without --api-key: anyone who can reach")
+    assert "cannot listen on 0.0.0.0" in p.stderr and "loading" not in p.stderr
 
 
 def test_pdf_file_part_and_video_url(client, tmp_path):

@@ -37,6 +37,7 @@ LIMIT = BODY_MB * 2**20
 MAX_PIXELS = 200_000  # small pages and images keep the tiny model's CPU prefill short
 CONTEXT = 131072  # the tiny model's
 SECRET = "SECRET-TEXT-4711"  # inside a file named .png in the media folder: must never be echoed
+HTTP = httpx.Client()  # one client: a new one per call builds an SSL context (~25 ms of CPU each time)
 AUTH = {"Authorization": f"Bearer {KEY}"}
 JSON = {"Content-Type": "application/json", **AUTH}
 HI = [{"role": "user", "content": "hi"}]
@@ -84,7 +85,7 @@ def srv(tiny_path, tmp_path_factory):
                        "--max-pixels", str(MAX_PIXELS), info=info) as url:
         server = Server(url, info["proc"], info["log"])
         content = [{"type": "image_url", "image_url": {"url": data_uri(png_bytes())}}, {"type": "text", "text": "hi"}]
-        warm = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=60,
+        warm = HTTP.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=60,
                           json={"messages": [{"role": "user", "content": content}], "max_tokens": 2})
         assert warm.status_code == 200
         server.idle_kb = server.peak_kb = server.rss_kb()
@@ -99,7 +100,7 @@ def srv(tiny_path, tmp_path_factory):
 def _alive_after_each(srv):
     yield
     assert srv.proc.poll() is None, "the server died"
-    assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
+    assert HTTP.get(f"{srv.url}/health", timeout=10).status_code == 200
 
 
 def body(**fields: Any) -> bytes:
@@ -107,7 +108,7 @@ def body(**fields: Any) -> bytes:
 
 
 def post(srv: Server, content: bytes, headers: dict[str, str] | None = None, timeout: float = 60) -> httpx.Response:
-    return httpx.post(f"{srv.url}/v1/chat/completions", content=content,
+    return HTTP.post(f"{srv.url}/v1/chat/completions", content=content,
                       headers=JSON if headers is None else headers, timeout=timeout)
 
 
@@ -344,7 +345,7 @@ def test_50_mb_of_text_at_the_default_limits_is_refused_at_once():
     """Default --max-body-mb (64): the text is counted, not tokenized (it once took minutes and 8 GB)."""
     with serve_in_thread(ScriptedBackend("never")) as url:
         t0 = time.perf_counter()
-        r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+        r = HTTP.post(f"{url}/v1/chat/completions", timeout=60,
                        json={"messages": [{"role": "user", "content": "word " * 10_000_000}]})
         assert_clear_error(r, 400, r"50,000,000 characters of text; this server accepts at most 1,000,000")
         assert time.perf_counter() - t0 < 5
@@ -418,8 +419,8 @@ def test_malformed_http(srv):
 
 
 def test_wrong_routes_and_keys(srv):
-    assert_clear_error(httpx.get(f"{srv.url}/v1/chat/completions", headers=AUTH), 405, "Method Not Allowed")
-    assert_clear_error(httpx.post(f"{srv.url}/v2/nothing", headers=AUTH, json={}), 404, "Not Found")
+    assert_clear_error(HTTP.get(f"{srv.url}/v1/chat/completions", headers=AUTH), 405, "Method Not Allowed")
+    assert_clear_error(HTTP.post(f"{srv.url}/v2/nothing", headers=AUTH, json={}), 404, "Not Found")
     assert_clear_error(post(srv, body(), {"Content-Type": "application/json"}), 401, "API key")
     assert_clear_error(post(srv, body(), {"Content-Type": "application/json", "Authorization": "Bearer x" * 5000}),
                        401, "API key")
@@ -439,8 +440,8 @@ def test_64_concurrent_streams_complete_afterwards(srv):
 
 def state(srv: Server) -> tuple[int, int]:
     """(requests waiting for or running on the model, requests admitted)."""
-    depth = httpx.get(f"{srv.url}/health", timeout=10).json()["queue_depth"]
-    metrics = httpx.get(f"{srv.url}/metrics", headers=AUTH, timeout=10).text
+    depth = HTTP.get(f"{srv.url}/health", timeout=10).json()["queue_depth"]
+    metrics = HTTP.get(f"{srv.url}/metrics", headers=AUTH, timeout=10).text
     admitted = float(re.search(r"^glmv_requests_in_flight (\S+)$", metrics, re.M).group(1))
     return depth, int(admitted)
 

@@ -6,13 +6,11 @@ import http.server
 import io
 import json
 import shutil
-import subprocess
-import sys
 import threading
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, glmv_in_process
 from glmv.cli import main
 from glmv.media import load_image
 from glmv.prompts import user_message
@@ -150,8 +148,7 @@ def test_render_html_tool_uses_chromium_and_blocks_the_network():
 @pytest.mark.slow
 def test_tiny_model_runs_the_tool_loop(tiny_path):
     def run(*extra):
-        p = subprocess.run([sys.executable, "-m", "glmv.cli", "ask", "input/image_1.png", "--model", "tiny",
-                            "--max-new-tokens", "6", "--json", *extra], capture_output=True, text=True, cwd=REPO, timeout=300)
+        p = glmv_in_process("ask", "input/image_1.png", "--model", "tiny", "--max-new-tokens", "6", "--json", *extra)
         assert p.returncode == 0, p.stderr
         return json.loads(p.stdout)
 
@@ -174,8 +171,7 @@ def test_score_orders_pages_sensibly(tmp_path):
         assert all(0.0 <= report[k] <= 1.0 for k in ("block_match", "text", "position", "colour", "visual", "overall"))
     target.save(tmp_path / "target.png")
     (tmp_path / "page.html").write_text(CHANGED)
-    p = subprocess.run([sys.executable, "-m", "glmv.cli", "score", str(tmp_path / "target.png"), str(tmp_path / "page.html")],
-                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    p = glmv_in_process("score", str(tmp_path / "target.png"), str(tmp_path / "page.html"))
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["overall"] == pytest.approx(changed["overall"], abs=0.02)
 

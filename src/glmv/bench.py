@@ -98,6 +98,12 @@ def text_weight_bytes(model: Any) -> int:
     return total + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
 
 
+def warm_passes(device: str) -> bool:
+    """Whether to run untimed warm-up passes: on a GPU (first-call costs, graph captures); on the CPU the bench
+    is a smoke test of the tiny model, where every pass runs the vision tower over the screenshot's patches."""
+    return device.startswith("cuda")
+
+
 def make_inputs(processor: Any, image_path: Path | Any, batch: int, device: str | None = None) -> tuple[dict[str, Any], float]:
     """Processor output for ``batch`` copies of the screenshot prompt, and the processor's seconds (batch 1).
     With a CUDA ``device`` the image is resized and normalised on the GPU, as glmv does."""
@@ -191,7 +197,7 @@ def ttft(engine: Any, processor: Any, image: Path, device: str, runs: int | None
     """Median time to first token for the screenshot, processor included, and its parts: the processor,
     the vision tower (timed alone), the rest of prefill (the prompt through the decoder, sampling the first
     token) and the first decode step after it."""
-    runs = runs or (5 if device.startswith("cuda") else 2)  # the CPU run is a smoke test: keep it short
+    runs = runs or (5 if device.startswith("cuda") else 1)  # the CPU run is a smoke test: keep it short
     with_proc, prefill, proc, step = [], [], [], []
     for _ in range(runs):
         _sync(device)
@@ -204,7 +210,7 @@ def ttft(engine: Any, processor: Any, image: Path, device: str, runs: int | None
         step.append(r["first_step_s"])
     out = {"ttft_with_processor_s": statistics.median(with_proc), "prefill_s": statistics.median(prefill),
            "processor_s": statistics.median(proc), "first_step_s": statistics.median(step)}
-    vision = vision_seconds(engine.model, inp, device)
+    vision = vision_seconds(engine.model, inp, device, runs=3 if warm_passes(device) else 1)
     if vision is not None:
         out["vision_s"] = vision
         out["prompt_prefill_s"] = out["prefill_s"] - vision
@@ -386,7 +392,8 @@ def speed(args: argparse.Namespace) -> dict[str, Any] | None:
             if on_gpu:
                 torch.cuda.reset_peak_memory_stats()
             if name == "tutorial-bf16":
-                time_hf(model, inputs1, 4, args.device)  # warm-up
+                if warm_passes(args.device):
+                    time_hf(model, inputs1, 4, args.device)
                 r1 = time_hf(model, inputs1, args.tokens, args.device)
                 entry.update(prefill_s=r1["prefill_s"], decode_tok_s_b1=r1["decode_tok_s"])
                 for b in batches[1:]:
@@ -400,7 +407,8 @@ def speed(args: argparse.Namespace) -> dict[str, Any] | None:
                         entry.update(warmup_child(args))
                     except Exception as exc:  # report, keep going
                         entry["warmup_second_error"] = str(exc)[-300:]
-                time_engine(engine, inputs1, 4, args.device)
+                if warm_passes(args.device):
+                    time_engine(engine, inputs1, 4, args.device)
                 entry.update(ttft(engine, processor, image, args.device))
                 entry["step_GB"] = step_bytes(model) / 1e9
                 if bw:
@@ -411,7 +419,8 @@ def speed(args: argparse.Namespace) -> dict[str, Any] | None:
                     if b > args.max_batch:
                         continue
                     inp_b = make_inputs(processor, image, b, args.device)[0]
-                    time_engine(engine, inp_b, 2, args.device)  # first use of this batch size captures its graph
+                    if warm_passes(args.device):  # the first use of this batch size captures its graph
+                        time_engine(engine, inp_b, 2, args.device)
                     rb = time_engine(engine, inp_b, args.tokens, args.device)
                     entry[f"aggregate_tok_s_b{b}"] = rb["decode_tok_s"]
                 del engine
@@ -461,7 +470,8 @@ def _w4(model: Any, args: argparse.Namespace, processor: Any, image: Path, batch
         except Exception as exc:  # report, keep going
             out["warmup_second_error"] = str(exc)[-300:]
     inputs1, _ = make_inputs(processor, image, 1, args.device)
-    time_engine(engine, inputs1, 4, args.device)
+    if warm_passes(args.device):
+        time_engine(engine, inputs1, 4, args.device)
     out.update(ttft(engine, processor, image, args.device))
     r1 = time_engine(engine, inputs1, args.tokens, args.device)
     out["decode_tok_s_b1"] = r1["decode_tok_s"]
@@ -480,7 +490,8 @@ def _w4(model: Any, args: argparse.Namespace, processor: Any, image: Path, batch
             if b > args.max_batch:
                 continue
             inp_b = make_inputs(processor, image, b, args.device)[0]
-            time_engine(engine, inp_b, 2, args.device)  # first use of this batch size: tuned and captured
+            if warm_passes(args.device):  # the first use of this batch size: tuned and captured
+                time_engine(engine, inp_b, 2, args.device)
             out[f"aggregate_tok_s_b{b}"] = time_engine(engine, inp_b, args.tokens, args.device)["decode_tok_s"]
         if engine.tuner is not None:
             out["tuned"] = {k: v for k, v in engine.tuner.choice.items() if "w4" in k}

@@ -1048,7 +1048,8 @@ def run_serve(args: argparse.Namespace, settings: Settings, backend_factory: Bac
 
         from .server.app import ServerConfig, build_app
     except ImportError:
-        raise GlmvError("glmv serve needs fastapi and uvicorn: pip install 'glmv[server]'") from None
+        raise GlmvError("glmv serve needs fastapi, uvicorn and openai (its response types): "
+                        "pip install 'glmv[server]'") from None
     api_key = args.api_key or os.environ.get("GLMV_API_KEY")
     media_dir = None
     if args.allowed_media_dir:

@@ -51,8 +51,9 @@ def _offline_help(name: str) -> str:
     )
 
 
-def resolve_model(name: str, log: Log = _stderr_log) -> Path:
-    """The local folder holding checkpoint ``name``, downloading it from the hub if needed."""
+def resolve_model(name: str, log: Log = _stderr_log, download: bool = True) -> Path | None:
+    """The local folder holding checkpoint ``name``, downloading it from the hub if needed. With ``download``
+    false: every check made (folder, cache, hub reachable, model exists), then None where a download would start."""
     if not name or not name.strip():
         raise ModelLoadError("no model given: pass --model with a hub id (zai-org/GLM-4.6V-Flash) or a local folder")
     if name == TINY_MODEL:
@@ -73,10 +74,10 @@ def resolve_model(name: str, log: Log = _stderr_log) -> Path:
             f"cannot load model '{name}': no such folder, and it is not a hub id of the form org/name "
             f"(for example zai-org/GLM-4.6V-Flash)"
         )
-    return _from_hub(name, log)
+    return _from_hub(name, log, download)
 
 
-def _from_hub(repo_id: str, log: Log) -> Path:
+def _from_hub(repo_id: str, log: Log, download: bool = True) -> Path | None:
     from huggingface_hub import constants, model_info, snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -108,6 +109,8 @@ def _from_hub(repo_id: str, log: Log) -> Path:
         raise ModelLoadError(f"cannot load model '{repo_id}': the model is gated; accept its licence and log in (hf auth login)") from None
     except Exception as exc:  # network trouble after the probe
         raise ModelLoadError(f"cannot load model '{repo_id}': the hub did not answer ({exc}). " + _offline_help(repo_id)) from None
+    if not download:
+        return None
     log(f"downloading {repo_id} from the hub (once; it is cached afterwards) ...")
     try:
         return Path(snapshot_download(repo_id))

@@ -64,17 +64,6 @@ class Usage:
                      speculative_steps=self.speculative_steps)
         return d
 
-    def to_openai(self) -> dict[str, Any]:
-        """As the OpenAI API names these counts (``prompt_tokens_details.cached_tokens``, ...)."""
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.total_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-            "completion_tokens_details": {"accepted_prediction_tokens": self.accepted_prediction_tokens,
-                                          "rejected_prediction_tokens": self.rejected_prediction_tokens},
-        }
-
 
 @dataclass
 class Timings:

@@ -62,8 +62,11 @@ class LocalBackend(BackendBase):
         with self._load_lock:
             if self.model is not None:
                 return self
+            # The name first, before choose_placement imports torch (seconds): a typo or an unreachable hub is
+            # reported at once. A download waits until the placement is known to work (--int4 without CUDA).
+            path = resolve_model(self.settings.model, self._log, download=False)
             placement = choose_placement(self.settings)
-            path = resolve_model(self.settings.model, self._log)
+            path = path or resolve_model(self.settings.model, self._log)
             self._log(f"loading {self.settings.model} ({placement.describe()}) ...")
             processor, model = load_checkpoint(path, placement, self.settings.model, self._log)
             self._attach(processor, model, placement, path)

@@ -8,7 +8,8 @@ reaches the GPU. Admission is bounded (``--max-queue``; beyond it 429 with Retry
 batches what waits together. Bodies are limited while they arrive and the API key checked by a pure
 ASGI middleware (``guard.py``), which leaves the client's disconnect visible: a client that leaves,
 streamed or not, frees its slot at once, and its generation stops at the next token (or, still queued,
-leaves the queue).
+leaves the queue). Routes delegate in one line (the chat route to :class:`ChatCompletions`); what they answer
+is built in ``responses.py`` from the ``openai`` package's own types.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from ..limits import Budget, Limits
 from ..parsing import PartialCall, ToolCall
 from ..prompts import Message
 from ..settings import DEFAULT_MAX_PIXELS, SamplingParams
-from .guard import RequestGuard, error_body
+from .guard import RequestGuard
+from .responses import ChunkEvents, completion, dump, error_body, finish_reason, model_list, sse
 from .schemas import (MAX_JSON_DEPTH, ChatCompletionRequest, ChatMessage, FilePart, ImagePart, TextPart, VideoPart,
                       json_depth)
 
@@ -250,6 +252,18 @@ def _tool_calls_in(message: ChatMessage, where: str) -> list[ToolCall]:
     return calls
 
 
+def _thinking(body: ChatCompletionRequest) -> bool:
+    """Thinking on or off: ``chat_template_kwargs.enable_thinking`` (vLLM's switch) or ``reasoning_effort``
+    (OpenAI's; GLM has one level, so "none" and "minimal" mean off and the rest on). On by default."""
+    switch = body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else None
+    effort = None if body.reasoning_effort is None else body.reasoning_effort not in ("none", "minimal")
+    if switch is not None and effort is not None and switch != effort:
+        raise APIError(400, f"reasoning_effort '{body.reasoning_effort}' contradicts chat_template_kwargs."
+                            f"enable_thinking={str(switch).lower()}: send one of them", param="reasoning_effort",
+                       code="invalid_value")
+    return next((v for v in (switch, effort) if v is not None), True)
+
+
 def to_generation_request(body: ChatCompletionRequest, config: ServerConfig, defaults: SamplingParams,
                           context: int | None = None) -> GenerationRequest:
     """Validate and convert an OpenAI request into a core request (loads images; raises GlmvError/APIError).
@@ -262,6 +276,10 @@ def to_generation_request(body: ChatCompletionRequest, config: ServerConfig, def
     if body.tool_choice == "required":
         raise APIError(422, "tool_choice 'required' is not supported: use 'auto', 'none' or a named function",
                        param="tool_choice", code="unsupported_parameter")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name) not in (None, 0):  # 0 is no penalty, exactly what glmv does without one
+            raise APIError(400, f"{name} is not supported (only 0): glmv penalizes repetition with repetition_penalty "
+                                f"(multiplicative, 1.0 = none, e.g. 1.1)", param=name, code="unsupported_parameter")
     budget = Budget(config.limits, context)
     budget.add_text(_text_chars(body))
     budget.count_images(_count_images(body))  # before a single image is read
@@ -291,18 +309,9 @@ def to_generation_request(body: ChatCompletionRequest, config: ServerConfig, def
             tools = [t for t in tools if t["function"]["name"] == name]
             if not tools:
                 raise RequestError(f"tool_choice names '{name}', which is not among the tools")
-    thinking = True
-    if body.chat_template_kwargs and body.chat_template_kwargs.enable_thinking is not None:
-        thinking = body.chat_template_kwargs.enable_thinking
+    thinking = _thinking(body)
     return GenerationRequest(messages=messages, sampling=sampling, thinking=thinking, tools=tools,
                              exact_max_tokens=asked is not None)
-
-
-def tool_call_out(call: ToolCall | PartialCall) -> dict[str, Any]:
-    """A call as OpenAI carries it. A call cut off by the token limit keeps its arguments as far as they got
-    (finish_reason "length" says so), exactly the fragments a streaming client received."""
-    args = call.arguments if isinstance(call, PartialCall) else call.arguments_json()
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": call.name, "arguments": args}}
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -348,8 +357,8 @@ class Metrics:
 def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     app = FastAPI(title="glmv", version="1", docs_url=None, redoc_url=None)
-    state = {"admitted": 0}
     metrics = Metrics(lambda: backend.queue_depth, backend.serving_stats)
+    chat = ChatCompletions(backend, config, metrics)
     app.state.metrics = metrics
     app.state.config = config
 
@@ -388,15 +397,31 @@ def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0, "owned_by": "glmv"}]}
+        return model_list(config.model_name)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await chat.handle(body, request)
+
+    return app
+
+
+class ChatCompletions:
+    """``POST /v1/chat/completions``: admission (``--max-queue``, then 429), the request converted and its
+    media processed off the event loop, the client's disconnect watched, and the backend's chunks answered
+    as one ``ChatCompletion`` or a stream of ``ChatCompletionChunk`` events (``responses.py``)."""
+
+    def __init__(self, backend: Backend, config: ServerConfig, metrics: Metrics) -> None:
+        self.backend, self.config, self.metrics = backend, config, metrics
+        self.admitted = 0  # requests admitted and not finished (the event loop's only: no lock)
+
+    async def handle(self, body: ChatCompletionRequest, request: Request) -> Response:
+        backend, config, metrics = self.backend, self.config, self.metrics
         check_request_size(body, config, backend.context_length)
-        if state["admitted"] >= config.max_queue:
-            raise APIError(429, f"server busy: {state['admitted']} requests in progress; retry shortly",
+        if self.admitted >= config.max_queue:
+            raise APIError(429, f"server busy: {self.admitted} requests in progress; retry shortly",
                            "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-        state["admitted"] += 1
+        self.admitted += 1
         metrics.in_flight.inc()
         released = False
         finished = False
@@ -405,7 +430,7 @@ def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
             nonlocal released
             if not released:
                 released = True
-                state["admitted"] -= 1
+                self.admitted -= 1
                 metrics.in_flight.dec()
 
         t0 = time.perf_counter()
@@ -446,7 +471,8 @@ def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
                 watcher.cancel()
                 release()
 
-            gen = _sse(stream, cid, created, config.model_name, include_usage, metrics, t0, cancel, stream_ended)
+            gen = _sse(stream, ChunkEvents(cid, created, config.model_name), include_usage, metrics, t0, cancel,
+                       stream_ended)
             return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             done = await _collect(stream, watcher)
@@ -456,9 +482,8 @@ def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
             release()
         if done is None:  # the client left: nobody to answer (uvicorn drops what is sent)
             return Response(status_code=499)
-        return JSONResponse(_completion(done, cid, created, config.model_name, metrics, t0))
-
-    return app
+        _record(done, metrics, t0)
+        return JSONResponse(dump(completion(done, cid, created, config.model_name)))
 
 
 class _ChunkStream:
@@ -525,72 +550,40 @@ def _record(done: Chunk, metrics: Metrics, t0: float) -> None:
     metrics.latency.observe(time.perf_counter() - t0)
 
 
-def _finish_reason(done: Chunk) -> str:
-    return {"cancelled": "stop"}.get(done.finish_reason or "stop", done.finish_reason or "stop")
-
-
-def _completion(done: Chunk, cid: str, created: int, model: str, metrics: Metrics, t0: float) -> dict[str, Any]:
-    _record(done, metrics, t0)
-    result = done.result
-    assert result is not None
-    message: dict[str, Any] = {"role": "assistant", "content": result.answer or None}
-    if result.thinking:
-        message["reasoning_content"] = result.thinking
-    calls: list[ToolCall | PartialCall] = [*result.tool_calls, *([result.cut_call] if result.cut_call else [])]
-    if calls:
-        message["tool_calls"] = [tool_call_out(c) for c in calls]
-    return {
-        "id": cid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": _finish_reason(done)}],
-        "usage": done.usage.to_openai(),
-    }
-
-
-async def _sse(stream: _ChunkStream, cid: str, created: int, model: str, include_usage: bool, metrics: Metrics,
-               t0: float, cancel: threading.Event, release: Any) -> AsyncIterator[str]:
-    def event(delta: dict[str, Any] | None = None, finish: str | None = None, usage: dict | None = None) -> str:
-        payload: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                   "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        if usage is not None:
-            payload["usage"] = usage
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
+async def _sse(stream: _ChunkStream, events: ChunkEvents, include_usage: bool, metrics: Metrics, t0: float,
+               cancel: threading.Event, release: Any) -> AsyncIterator[str]:
     n_calls = 0
     streaming: dict[int, int] = {}  # the parser's call index -> the response's, for calls being streamed
     try:
-        yield event({"role": "assistant", "content": ""})
+        yield events.delta(role="assistant", content="")
         async for chunk in stream:
             if chunk.type == "thinking":
-                yield event({"reasoning_content": chunk.text})
+                yield events.delta(reasoning_content=chunk.text)
             elif chunk.type == "answer":
-                yield event({"content": chunk.text})
+                yield events.delta(content=chunk.text)
             elif chunk.type == "tool_args":
                 # vLLM's shape: id, name and the first fragment, then further argument fragments.
                 if chunk.name is not None:
                     streaming[chunk.index] = n_calls
-                    head = tool_call_out(PartialCall(chunk.name, chunk.text))
-                    yield event({"tool_calls": [{"index": n_calls, **head}]})
+                    yield events.tool_call_head(n_calls, PartialCall(chunk.name, chunk.text))
                     n_calls += 1
                 elif chunk.index in streaming:
-                    yield event({"tool_calls": [{"index": streaming[chunk.index], "function": {"arguments": chunk.text}}]})
+                    yield events.tool_args(streaming[chunk.index], chunk.text)
             elif chunk.type == "tool_call" and chunk.tool_call is not None:
                 if streaming:
                     streaming.pop(min(streaming))  # complete: its fragments were all sent
                 else:  # a call that arrived whole (a remote server's parsed tool_calls)
-                    yield event({"tool_calls": [{"index": n_calls, **tool_call_out(chunk.tool_call)}]})
+                    yield events.tool_call_head(n_calls, chunk.tool_call)
                     n_calls += 1
             elif chunk.type == "done":
                 _record(chunk, metrics, t0)
-                yield event({}, finish=_finish_reason(chunk))
+                yield events.delta(finish=finish_reason(chunk))
                 if include_usage:
-                    yield event(None, usage=chunk.usage.to_openai())
+                    yield events.usage(chunk.usage)
         yield "data: [DONE]\n\n"
     except GlmvError as exc:
         metrics.requests.labels("500").inc()
-        yield f"data: {json.dumps(error_body(str(exc), 'server_error'))}\n\n"
+        yield sse(error_body(str(exc), "server_error"))
         yield "data: [DONE]\n\n"
     finally:
         cancel.set()  # a no-op when finished; frees the model at once when the client went away

@@ -14,6 +14,8 @@ import hmac
 import json
 from typing import Any, Awaitable, Callable
 
+from .responses import error_body
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -21,11 +23,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 BODY_METHODS = ("POST", "PUT", "PATCH")
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    """An OpenAI-style error object."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 async def send_error(send: Send, status: int, message: str, type_: str = "invalid_request_error",

@@ -1,10 +1,13 @@
 """The OpenAI chat-completions request format that ``glmv serve`` accepts, strictly.
 
 Unknown fields are refused (422 naming them), not ignored: a client that sends ``response_format`` or
-``logprobs`` must learn that they do nothing here. Types are strict (``"0.5"`` is not a number, ``1.5``
-not an integer, ``"yes"`` not a boolean), as OpenAI's API has them. Values are range-checked by
-:class:`~glmv.settings.SamplingParams` against :data:`~glmv.settings.SAMPLING_BOUNDS`, the bounds the CLI and
-the web app's sliders use too (and that this schema documents).
+``logprobs`` must learn that they do nothing here. A few OpenAI fields that clients send by default are
+accepted: ``store`` and ``metadata`` (informational; glmv stores nothing), ``reasoning_effort`` (thinking on
+or off) and ``presence_penalty``/``frequency_penalty`` at 0 (any other value is a 400 naming the field).
+Types are strict (``"0.5"`` is not a number, ``1.5`` not an integer, ``"yes"`` not a boolean), as OpenAI's
+API has them. Values are range-checked by :class:`~glmv.settings.SamplingParams` against
+:data:`~glmv.settings.SAMPLING_BOUNDS`, the bounds the CLI and the web app's sliders use too (and that this
+schema documents).
 """
 
 from __future__ import annotations
@@ -153,4 +156,13 @@ class ChatCompletionRequest(Strict):
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    # GLM thinks or does not: "none"/"minimal" turn thinking off, any other effort leaves it on.
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    # OpenAI's additive penalties: 0 (what clients send by default) is honoured exactly; any other value is a 400
+    # naming the field (glmv's penalty is the multiplicative repetition_penalty), never silently ignored.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # Informational only, accepted and ignored: glmv stores no completions (store) and keeps no tags (metadata).
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
     user: str | None = None
