@@ -62,7 +62,7 @@ def kernels() -> bool:
 
 
 def w4_kernels() -> bool:
-    from glmv.engine.w4 import GEMM_CONFIGS, GEMV_CONFIGS, dequantize_w4, quantize_w4, unpack_codes, w4_linear
+    from glmv.engine.w4 import configs_for, dequantize_w4, quantize_w4, unpack_codes, w4_linear
 
     ok = True
     torch.manual_seed(2)
@@ -77,7 +77,7 @@ def w4_kernels() -> bool:
         ok &= derr < 1e-2
         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
         for r in (1, 2, 3, 8, 17, 32):
-            configs = [None] + (GEMV_CONFIGS if r == 1 else GEMM_CONFIGS) if n == 4608 else [None]
+            configs = [None] + configs_for(r) if n == 4608 else [None]
             worst = 0.0
             for cfg in configs:
                 x = torch.randn(r, k, device="cuda", dtype=torch.bfloat16)
@@ -150,7 +150,7 @@ def full_logits() -> bool:
     engine = FastEngine(model, EngineConfig(max_batch=1, max_seq_len=2048, use_graphs=False, tune=False))
     with torch.inference_mode():
         engine._reset_dummy(1)
-        engine._prefill_row(0, inputs)
+        engine.prefill_whole(0, inputs)
         engine._tokens[:1].copy_(nxt)
         mine = engine._step(1)
     err = rel(mine, ref)

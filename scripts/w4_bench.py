@@ -110,7 +110,8 @@ def main() -> int:
             x = torch.randn(r, k, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x, wd, bias)
             row: dict = {}
-            cfgs = new.GEMV_CONFIGS if r == 1 else [c for c in new.GEMM_CONFIGS if c[0] <= max(16, r)]
+            cfgs = new.configs_for(r) if hasattr(new, "configs_for") else (
+                new.GEMV_CONFIGS if r == 1 else [c for c in new.GEMM_CONFIGS if c[0] <= max(16, r)])
             best = (None, float("inf"))
             for cfg in cfgs:
                 try:
