@@ -151,9 +151,24 @@ if HAVE_TRITON:
             tl.store(out, acc.to(Y.dtype.element_ty), mask=omask)
 
     @triton.jit
+    def _pair_codes(p, J: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+        """[BLOCK_N, 16] words -> [BLOCK_N, 32] bf16 values 128 + q, exact, for nibbles J (even columns) and
+        J + 4 (odd columns) of each word: (word >> 4J) & 0x000F000F | 0x43004300 is both at once, as two
+        bf16 in one register (one shift and one lop3 per two weights with ASM; the same bits otherwise)."""
+        pp = tl.join(p, p)  # [BLOCK_N, 16, 2]: the asm reads the first copy of each word
+        if ASM:
+            v = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; shr.u32 t, $2, " + str(4 * J) + "; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea; }",
+                "=r,r,r", [pp], dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:
+            shift = tl.join(tl.full(p.shape, 4 * J, tl.int32), tl.full(p.shape, 4 * J + 16, tl.int32))
+            v = (((pp >> shift) & 15) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        return tl.reshape(v, (BLOCK_N, 32))
+
+    @triton.jit
     def _w4_mma_kernel(X, P, S, M, B_, Y, R, N, KW, n_groups, x_stride, groups_per_split,
                        HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr,
-                       SPLIT: tl.constexpr):
+                       SPLIT: tl.constexpr, PAIR: tl.constexpr = 0):
         """Any number of rows, weights as the tensor cores' left operand (Y^T = W @ X^T, so a tile is
         BLOCK_N outputs by BLOCK_B >= 16 input rows, padded). Each group's words [BLOCK_N, 16] give, for each
         nibble position j, the exact bf16 values 1 + q/16 (no scale applied), multiplied with the 16 matching
@@ -178,15 +193,27 @@ if HAVE_TRITON:
                 s = tl.load(S + offs_n * n_groups + g, mask=nmask & ok, other=0.0).to(tl.float32)
                 m = tl.load(M + offs_n * n_groups + g, mask=nmask & ok, other=0.0).to(tl.float32)
                 t = tl.zeros([BLOCK_N, BLOCK_B], tl.float32)
-                x2 = tl.zeros([16, BLOCK_B], tl.float32)
-                for j in tl.static_range(8):
-                    xt = tl.load(X + offs_b[None, :] * x_stride + g * 128 + j * 16 + offs_t[:, None],
-                                 mask=bmask[None, :] & ok, other=0.0)
-                    w = _nibble(p, j).to(xt.dtype)  # exact in bf16 (4 mantissa bits)
-                    t = tl.dot(w, xt, t)
-                    x2 += xt.to(tl.float32)
-                a = 16.0 * s
-                acc += a[:, None] * t + (m - a)[:, None] * tl.sum(x2, axis=0)[None, :]
+                if PAIR:  # weights 128 + q: sum(w x) = s T + (m - 128 s) sum(x)
+                    x2p = tl.zeros([32, BLOCK_B], tl.float32)
+                    offs_c = tl.arange(0, 32)
+                    col = (offs_c % 2) * 64 + offs_c // 2  # column 16 (j + 4 h) + t of pair slot c = 2 t + h
+                    for j in tl.static_range(4):
+                        xt = tl.load(X + offs_b[None, :] * x_stride + g * 128 + j * 16 + col[:, None],
+                                     mask=bmask[None, :] & ok, other=0.0)
+                        w = _pair_codes(p, j, BLOCK_N, PAIR == 1).to(xt.dtype)
+                        t = tl.dot(w, xt, t)
+                        x2p += xt.to(tl.float32)
+                    acc += s[:, None] * t + (m - 128.0 * s)[:, None] * tl.sum(x2p, axis=0)[None, :]
+                else:
+                    x2 = tl.zeros([16, BLOCK_B], tl.float32)
+                    for j in tl.static_range(8):
+                        xt = tl.load(X + offs_b[None, :] * x_stride + g * 128 + j * 16 + offs_t[:, None],
+                                     mask=bmask[None, :] & ok, other=0.0)
+                        w = _nibble(p, j).to(xt.dtype)  # exact in bf16 (4 mantissa bits)
+                        t = tl.dot(w, xt, t)
+                        x2 += xt.to(tl.float32)
+                    a = 16.0 * s
+                    acc += a[:, None] * t + (m - a)[:, None] * tl.sum(x2, axis=0)[None, :]
         if HAS_BIAS:
             if sp == 0:
                 acc += tl.load(B_ + offs_n, mask=nmask, other=0.0).to(tl.float32)[:, None]
@@ -304,12 +331,14 @@ GEMM_CONFIGS = [(16, 32, 2, 4, 3, 1), (16, 64, 4, 4, 2, 1), (16, 32, 8, 4, 2, 1)
                 (16, 32, 8, 4, 2, 4), (16, 64, 4, 4, 2, 2), (16, 16, 4, 4, 3, 4), (32, 64, 4, 8, 2, 1),
                 (32, 32, 2, 4, 3, 1), (32, 32, 4, 4, 2, 4), (32, 64, 4, 8, 2, 2), (32, 64, 8, 8, 2, 1),
                 (32, 128, 4, 8, 2, 1), (32, 32, 8, 4, 2, 1), (32, 64, 2, 4, 3, 1)]
-# The tensor-core kernel for any row count: ("mma", BLOCK_B, BLOCK_N, groups per step, warps, stages, split-K).
-MMA_CONFIGS = [("mma", 16, 64, 1, 4, 3, 1), ("mma", 16, 64, 2, 4, 3, 1), ("mma", 16, 64, 4, 4, 2, 1),
-               ("mma", 16, 32, 2, 4, 3, 1), ("mma", 16, 128, 2, 8, 3, 1), ("mma", 16, 64, 2, 4, 3, 2),
-               ("mma", 16, 64, 2, 4, 3, 4), ("mma", 16, 32, 2, 4, 3, 4), ("mma", 32, 64, 2, 4, 3, 1),
-               ("mma", 32, 64, 2, 4, 3, 2), ("mma", 32, 128, 2, 8, 3, 1), ("mma", 32, 64, 4, 4, 2, 4),
-               ("mma", 32, 32, 2, 4, 3, 2)]
+# The tensor-core kernel for any row count: ("mma", BLOCK_B, BLOCK_N, groups per step, warps, stages, split-K,
+# pair decoding (two weights per shift + lop3, see _pair_codes) or one nibble at a time).
+MMA_CONFIGS = [("mma", 16, 64, 1, 4, 3, 1, 0), ("mma", 16, 64, 2, 4, 3, 1, 0), ("mma", 16, 64, 2, 4, 3, 4, 0),
+               ("mma", 16, 64, 1, 4, 3, 1, 1), ("mma", 16, 64, 2, 4, 3, 1, 1), ("mma", 16, 64, 4, 4, 2, 1, 1),
+               ("mma", 16, 32, 2, 4, 3, 1, 1), ("mma", 16, 128, 2, 8, 3, 1, 1), ("mma", 16, 64, 2, 4, 3, 2, 1),
+               ("mma", 16, 64, 2, 4, 3, 4, 1), ("mma", 16, 32, 2, 4, 3, 4, 1), ("mma", 16, 64, 2, 4, 4, 1, 1),
+               ("mma", 32, 64, 2, 4, 3, 1, 0), ("mma", 32, 64, 2, 4, 3, 1, 1), ("mma", 32, 64, 2, 4, 3, 2, 1),
+               ("mma", 32, 128, 2, 8, 3, 1, 1), ("mma", 32, 64, 4, 4, 2, 4, 1), ("mma", 32, 32, 2, 4, 3, 2, 1)]
 
 
 def configs_for(rows: int) -> list[tuple]:
@@ -334,9 +363,12 @@ def w4_linear(x, packed, scale, mn, bias=None, silu: bool = False, config: tuple
     y = torch.empty(r, n, dtype=out_dtype, device=x.device)
     b = bias if bias is not None else y
     p32 = packed.view(torch.int32)
+    extra = {}
     if config is not None and config[0] == "mma":
-        _, block_b, block_n, ng, warps, stages, split = config
+        _, block_b, block_n, ng, warps, stages, split = config[:7]
         kernel = _w4_mma_kernel
+        # pair decoding: inline PTX on the GPU, the same bits in plain Triton under the interpreter
+        extra = {"PAIR": (2 if _interpreting() else 1) if len(config) > 7 and config[7] else 0}
     elif r == 1:
         kernel = None
         block_n, ng, warps, stages, wide, prefetch = (tuple(config or GEMV_CONFIGS[0]) + (0, 0))[:6]
@@ -356,7 +388,7 @@ def w4_linear(x, packed, scale, mn, bias=None, silu: bool = False, config: tuple
         kernel[(triton.cdiv(n, block_n), triton.cdiv(r, block_b), split)](
             x, p32, scale, mn, b, out, r, n, k // 8, n_groups, x.stride(0), per,
             HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, NG=ng, SPLIT=split,
-            num_warps=warps, num_stages=stages)
+            num_warps=warps, num_stages=stages, **extra)
         if split > 1:
             y.copy_(out)
     return y
