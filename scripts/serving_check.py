@@ -34,7 +34,8 @@ from glmv.settings import Settings  # noqa: E402
 from glmv.tiny import ensure_tiny_checkpoint  # noqa: E402
 
 
-def same_prefix(a: str, b: str) -> float:
+def same_prefix(a: list[int], b: list[int]) -> float:
+    """Share of the longer sequence that both start with."""
     n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     return n / max(1, max(len(a), len(b)))
 
@@ -63,18 +64,34 @@ def main() -> int:
 
     out: dict = {"device": torch.cuda.get_device_name() if gpu else "cpu", "model": args.model}
     cache = backend.batcher.cache
+    # compare token ids, not text: a random model's tokens mostly decode to nothing with the tiny tokenizer
+    emitted: dict[tuple, list[int]] = {}
+    order: list[tuple] = []
+    add = backend.batcher.add
+
+    def recording_add(seq) -> None:
+        key = tuple(seq.inputs["input_ids"][0].tolist())
+        log: list[int] = []
+        emitted[key] = log
+        order.append(key)
+        emit = seq.emit
+        seq.emit = lambda ids: (log.extend(ids), emit(ids))[1]
+        add(seq)
+
+    backend.batcher.add = recording_add
     reqs = [req("describe this image", [shot]), req("what is the title?", [shot]), req("Change the title to Sales.\n" + page),
             req("list the links", [load_image(str(root / "input" / "image_1.png"))])]
     collect(backend.generate(req("warm up", n=4)))
-    alone = []
+    alone, keys = [], []
     for r in reqs:
         cache.clear()
-        alone.append(collect(backend.generate(r)).raw_text)
+        collect(backend.generate(r))
+        keys.append(order[-1])
+        alone.append(list(emitted[order[-1]]))
     cache.clear()
-    results: list = [None] * len(reqs)
 
     def run(i: int) -> None:
-        results[i] = collect(backend.generate(reqs[i])).raw_text
+        collect(backend.generate(reqs[i]))
 
     threads = []
     for i in range(len(reqs)):
@@ -83,14 +100,17 @@ def main() -> int:
         time.sleep(0.05)
     for t in threads:
         t.join()
+    results = [list(emitted[k]) for k in keys]
+    out["tokens_per_request"] = [len(a) for a in alone]
     out["batched_identical"] = [a == b for a, b in zip(alone, results)]
     out["batched_same_prefix"] = [round(same_prefix(a, b), 3) for a, b in zip(alone, results)]
     spec = []
-    for r, a in zip(reqs, alone):
+    for r, a, k in zip(reqs, alone, keys):
         r.speculate = True
         cache.clear()
         res = collect(backend.generate(r))
-        spec.append({"identical": res.raw_text == a, "same_prefix": round(same_prefix(res.raw_text, a), 3),
+        ids = list(emitted[k])
+        spec.append({"identical": ids == a, "same_prefix": round(same_prefix(ids, a), 3),
                      "verify_steps": res.usage.speculative_steps, "accepted": res.usage.accepted_prediction_tokens})
     out["speculation"] = spec
 

@@ -81,7 +81,7 @@ def main() -> None:
         # the engine's own multi-token forward (fused qkv, fused norms, sdpa with GQA) for the same prompt
         from glmv.engine.fast import EngineConfig, FastEngine
 
-        eng = FastEngine(model, EngineConfig(max_batch=1, max_seq_len=2048, use_graphs=False, tune=False))
+        eng = FastEngine(model, EngineConfig(max_batch=1, max_seq_len=2048, tune=False))  # graphs: the vision blocks
         pos3, _ = eng.prompt_positions(dev)
         emb = eng.prompt_embeds(dev)
         from glmv.engine.scheduler import Segment

@@ -164,6 +164,9 @@ def main() -> int:
                   f"{(row.get('tinygemm_k8') if isinstance(row.get('tinygemm_k8'), float) else float('nan'))*1e3:7.1f} | "
                   f"bf16 {row['bf16_cublas']*1e3:7.1f} us", flush=True)
         results["shapes"][name] = entry
+        if args.json:  # after each shape, so a run cut short still leaves its timings
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1, default=str)
         del cp, wb, old_w, tg
         torch.cuda.empty_cache()
     # one decode step's products (x 40 layers), per method and batch size

@@ -271,6 +271,25 @@ def test_prefix_cache_follow_up_skips_the_vision_tower(fast):
     assert fast.serving_stats()["prefix_hit_rate"] > 0
 
 
+def test_cached_prefix_ending_inside_the_image_reuses_its_vision_features(fast):
+    # blocks are whole, so a new question right after the image leaves the image's last tokens to run again:
+    # their features come from the prefix cache's feature store, not from a second pass of the vision tower
+    img = image((30, 140, 90))
+    first, second = request(fast, "describe this image", [img]), request(fast, "list the colours", [img])
+    expected = alone(fast, second)
+    fast.batcher.cache.clear()
+    collect(fast.generate(first))
+    calls, handle = count_vision_calls(fast)
+    try:
+        r = collect(fast.generate(second))
+    finally:
+        handle.remove()
+    ids = prompt_ids(fast, second)
+    last_image_token = len(ids) - 1 - ids[::-1].index(fast.engine.image_token_id)
+    assert 0 < r.usage.cached_tokens <= last_image_token  # the cached blocks end inside the image
+    assert calls == [] and r.raw_text == expected
+
+
 def test_prefix_cache_never_shares_between_different_images(fast):
     red, blue = image((250, 0, 0)), image((0, 0, 250))
     q_blue = request(fast, "describe this image", [blue])

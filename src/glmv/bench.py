@@ -199,20 +199,23 @@ def ttft(engine: Any, processor: Any, image: Path, device: str, runs: int | None
         step.append(r["first_step_s"])
     out = {"ttft_with_processor_s": statistics.median(with_proc), "prefill_s": statistics.median(prefill),
            "processor_s": statistics.median(proc), "first_step_s": statistics.median(step)}
-    vision = vision_seconds(engine.model, inp, device)
+    vision = vision_seconds(engine.model, inp, device, engine)
     if vision is not None:
         out["vision_s"] = vision
         out["prompt_prefill_s"] = out["prefill_s"] - vision
     return out
 
 
-def vision_seconds(model: Any, inputs: dict[str, Any], device: str, runs: int = 3) -> float | None:
-    """Median seconds of the vision tower alone on these inputs (None where the model has no such call)."""
+def vision_seconds(model: Any, inputs: dict[str, Any], device: str, engine: Any = None, runs: int = 3) -> float | None:
+    """Median seconds of the vision tower alone on these inputs, the way ``engine`` runs it (graphed blocks,
+    no feature cache) if given (None where the model has no such call)."""
     get = getattr(getattr(model, "model", None), "get_image_features", None)
     if get is None or "pixel_values" not in inputs:
         return None
     pv = inputs["pixel_values"].to(device, model.dtype)
     grid = inputs["image_grid_thw"].to(device)
+    if engine is not None and hasattr(engine, "_media_features"):
+        get = lambda p, g: engine._media_features("image", p, g, None)  # noqa: E731
     times = []
     with torch.inference_mode():
         for _ in range(runs):

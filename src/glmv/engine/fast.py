@@ -21,6 +21,7 @@ model, several GPUs) uses transformers' ``generate``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from .gemv import GemvTuner, tuner_cache_file
+from .vision import GraphedVision
+from .vision import supported as vision_supported
 from .kernels import Kernels, install_fused_norms, rotate_pairs
 from .w4 import W4Linear, dequantize_w4, w4_linear
 
@@ -164,6 +167,12 @@ class FastEngine:
             comp = [0] * self.inv_freq.shape[0]
         self._rope_comp = torch.tensor(comp, dtype=torch.long, device=self.device)
         self.image_token_id = getattr(model.config, "image_token_id", None)
+        # the vision tower's blocks as one CUDA graph per image size, and the features of recent images (a
+        # follow-up whose cached prefix ends inside an image does not run the tower again)
+        visual = getattr(model.model, "visual", None)
+        self.vision: GraphedVision | None = None
+        if self.use_graphs and visual is not None and vision_supported(visual):
+            self.vision = GraphedVision(visual, lambda: self._pool, self._set_pool)
 
     # -- weights -------------------------------------------------------------------------------
     def _fuse(self, layer: Any) -> _Layer:
@@ -396,9 +405,33 @@ class FastEngine:
         pos, delta = self.model.model.get_rope_index(ids, mm_token_type_ids=types, **grids)
         return pos[:, 0].to(self.device), int(delta.reshape(-1)[0])
 
-    def prompt_embeds(self, inputs: dict[str, Any], start: int = 0) -> torch.Tensor:
+    def _set_pool(self, pool: Any) -> None:
+        self._pool = pool
+
+    def _media_features(self, kind: str, pixels: torch.Tensor, grid: torch.Tensor, digests: tuple | None,
+                        store: Any = None) -> torch.Tensor:
+        """The vision tower's output for all images (or videos) of a prompt [tokens, hidden]; taken from and
+        kept in ``store`` (the prefix cache) under their content ``digests`` when both are given."""
+        key = (kind, digests) if (digests and store is not None) else None
+        if key is not None:
+            cached = store.features(key)
+            if cached is not None:
+                return cached
+        mm = self.model.model
+        get = mm.get_image_features if kind == "image" else mm.get_video_features
+        with self.vision.active() if self.vision is not None else contextlib.nullcontext():
+            out = get(pixels.to(self.device, self.dtype), grid.to(self.device), return_dict=True)
+        feats = torch.cat(list(out.pooler_output)).to(self.dtype)
+        if key is not None:
+            store.keep_features(key, feats)
+        return feats
+
+    def prompt_embeds(self, inputs: dict[str, Any], start: int = 0, digests: list[bytes] | None = None,
+                      store: Any = None) -> torch.Tensor:
         """Input embeddings of prompt tokens ``start:`` [n - start, hidden]; the vision tower runs only for the
-        images or videos whose tokens lie in that range (a prefix-cache hit that covers them skips it)."""
+        images or videos whose tokens lie in that range (a prefix-cache hit that covers them skips it), and not
+        at all for media whose ``digests`` (per image, then per video, as the prefix cache computes them) are
+        in ``store`` (the prefix cache's feature store)."""
         ids = inputs["input_ids"][0].to(self.device)
         emb = F.embedding(ids[start:], self.embed)
         placeholder = ids == self.image_token_id
@@ -409,7 +442,7 @@ class FastEngine:
         if not kinds:
             raise ValueError("the prompt has image placeholder tokens but no image or video inputs")
         types = inputs.get("mm_token_type_ids")
-        mm = self.model.model
+        n_images = len(inputs["image_grid_thw"]) if inputs.get("image_grid_thw") is not None else 0
         for pix, grid, type_id in kinds:
             # images and videos share the placeholder token; with both, the processor's token types tell them apart
             mask = placeholder & (types[0].to(self.device) == type_id) if (types is not None and len(kinds) > 1) else placeholder
@@ -417,9 +450,8 @@ class FastEngine:
             keep = where >= start
             if not bool(keep.any()):
                 continue
-            get = mm.get_image_features if type_id == 1 else mm.get_video_features
-            out = get(inputs[pix].to(self.device, self.dtype), inputs[grid].to(self.device), return_dict=True)
-            feats = torch.cat(list(out.pooler_output)).to(self.dtype)
+            mine = None if digests is None else tuple(digests[:n_images] if type_id == 1 else digests[n_images:])
+            feats = self._media_features("image" if type_id == 1 else "video", inputs[pix], inputs[grid], mine, store)
             emb[where[keep] - start] = feats[keep]
         return emb
 
@@ -602,7 +634,7 @@ class FastEngine:
                     raise ValueError(f"prompt of {n} tokens exceeds the engine's {self.config.max_seq_len}-token cache")
                 self.start_row(r, params, inputs["input_ids"][0])
                 pos3, delta = self.prompt_positions(inputs)
-                logits = self.prefill_whole(r, inputs)
+                logits = self.prefill(r, inputs, 0, pos3)
                 first.append(logits)
                 kv.append(n)
                 pos.append(n + delta)
@@ -624,8 +656,9 @@ class FastEngine:
     @torch.inference_mode()
     def prefill_whole(self, row: int, inputs: dict[str, Any]) -> torch.Tensor:
         """Run a whole prompt through the model's own forward (vision tower, multimodal rope, cuDNN attention
-        and the fused norms: the fastest way for one prompt with nothing cached and nobody waiting) and copy
-        its keys/values into cache row ``row``; returns the last position's logits [1, vocab]."""
+        and the fused norms) and copy its keys/values into cache row ``row``; returns the last position's
+        logits [1, vocab]. The reference for checks: serving prefills through :meth:`prefill`, which measured
+        faster on an H200 (77 vs 85 ms for the screenshot, 2026-11-29)."""
         model = self.model
         inputs = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in inputs.items()}
         for key in ("pixel_values", "pixel_values_videos"):

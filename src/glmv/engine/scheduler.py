@@ -169,19 +169,16 @@ class Batcher:
 
     def _prefill_chunk(self, seq: Sequence) -> None:
         eng = self.engine
-        # On a GPU, alone, a prompt runs in longer passes (nobody waits for them), and a whole uncached one
-        # through the model's own forward (the fastest). On the CPU the path does not depend on what else
-        # runs, so a request's tokens are the same alone or in company, bit for bit (the tests check it).
+        # On a GPU, alone, a prompt runs in longer passes (nobody waits for them). On the CPU the path does not
+        # depend on what else runs, so a request's tokens are the same alone or in company, bit for bit (the
+        # tests check it).
         alone = eng.is_cuda and not self.running
         chunk = eng.config.prefill_chunk * (ALONE_CHUNKS if alone else 1)
         if seq.pos3 is None:  # first chunk: prefix-cache lookup, positions, embeddings
             seq.pos3, seq.delta = eng.prompt_positions(seq.inputs)
             start = self._reuse_prefix(seq)
             seq.filled = start
-            if alone and start == 0 and seq.n_prompt <= chunk:
-                logits, end = eng.prefill_whole(seq.row, seq.inputs), seq.n_prompt
-            else:
-                seq.embeds = eng.prompt_embeds(seq.inputs, start)
+            seq.embeds = eng.prompt_embeds(seq.inputs, start, seq.digests, self.cache)
         if seq.embeds is not None:
             end = min(seq.n_prompt, seq.filled + chunk)
             base = seq.n_prompt - seq.embeds.shape[0]

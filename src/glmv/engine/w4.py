@@ -155,12 +155,13 @@ if HAVE_TRITON:
         """[BLOCK_N, 16] words -> [BLOCK_N, 32] bf16 values 128 + q, exact, for nibbles J (even columns) and
         J + 4 (odd columns) of each word: (word >> 4J) & 0x000F000F | 0x43004300 is both at once, as two
         bf16 in one register (one shift and one lop3 per two weights with ASM; the same bits otherwise)."""
-        pp = tl.join(p, p)  # [BLOCK_N, 16, 2]: the asm reads the first copy of each word
         if ASM:
-            v = tl.inline_asm_elementwise(
-                "{ .reg .b32 t; shr.u32 t, $2, " + str(4 * J) + "; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea; }",
-                "=r,r,r", [pp], dtype=tl.bfloat16, is_pure=True, pack=2)
+            q = p >> (4 * J)  # one shift per word serves both of its nibbles
+            pp = tl.join(q, q)  # [BLOCK_N, 16, 2]: the asm reads the first copy of each word
+            v = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;",
+                                          "=r,r,r", [pp], dtype=tl.bfloat16, is_pure=True, pack=2)
         else:
+            pp = tl.join(p, p)
             shift = tl.join(tl.full(p.shape, 4 * J, tl.int32), tl.full(p.shape, 4 * J + 16, tl.int32))
             v = (((pp >> shift) & 15) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
         return tl.reshape(v, (BLOCK_N, 32))
