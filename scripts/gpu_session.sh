@@ -10,18 +10,15 @@ if [ -d .whl ]; then  # packages the device image lacks (the server's and the op
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1 \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/summary.log"
 for spec in "$@"; do
   step=${spec%%:*}; limit=${spec#*:}
   case $step in
     check) cmd=(python3 scripts/gpu_check.py) ;;
     serving) cmd=(python3 scripts/serving_check.py) ;;
-    serve) cmd=(python3 -m glmv.bench --serve --rates 2,8 --requests 16 --users 8 --rounds 3 --json "$OUT/serve.json") ;;
+    serve) cmd=(python3 -m glmv.bench --serve ${SERVE_ARGS:---rates 2,8 --requests 16 --users 8 --rounds 3} --json "$OUT/serve.json") ;;
     w4) cmd=(python3 scripts/w4_bench.py --rows "${W4_ROWS:-1,8,32}" --json "$OUT/w4.json") ;;
     ttft) cmd=(python3 scripts/ttft_probe.py) ;;
-    ncu) cmd=("$NCU" --clock-control none --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis
-              --section Occupancy --section LaunchStats -k regex:w4_ python3 scripts/w4_ncu.py) ;;
     bench) cmd=(python3 -m glmv.bench --configs "${BENCH_CONFIGS:-glmv-bf16,glmv-4bit}" --batches 1,8,32 --json-out "$OUT/bench.json") ;;
     *) echo "unknown step $step"; continue ;;
   esac

@@ -151,81 +151,6 @@ if HAVE_TRITON:
             tl.store(out, acc.to(Y.dtype.element_ty), mask=omask)
 
     @triton.jit
-    def _pair_codes(p, J: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
-        """[BLOCK_N, 16] words -> [BLOCK_N, 32] bf16 values 128 + q, exact, for nibbles J (even columns) and
-        J + 4 (odd columns) of each word: (word >> 4J) & 0x000F000F | 0x43004300 is both at once, as two
-        bf16 in one register (one shift and one lop3 per two weights with ASM; the same bits otherwise)."""
-        if ASM:
-            q = p >> (4 * J)  # one shift per word serves both of its nibbles
-            pp = tl.join(q, q)  # [BLOCK_N, 16, 2]: the asm reads the first copy of each word
-            v = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;",
-                                          "=r,r,r", [pp], dtype=tl.bfloat16, is_pure=True, pack=2)
-        else:
-            pp = tl.join(p, p)
-            shift = tl.join(tl.full(p.shape, 4 * J, tl.int32), tl.full(p.shape, 4 * J + 16, tl.int32))
-            v = (((pp >> shift) & 15) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        return tl.reshape(v, (BLOCK_N, 32))
-
-    @triton.jit
-    def _w4_mma_kernel(X, P, S, M, B_, Y, R, N, KW, n_groups, x_stride, groups_per_split,
-                       HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr,
-                       SPLIT: tl.constexpr, PAIR: tl.constexpr = 0):
-        """Any number of rows, weights as the tensor cores' left operand (Y^T = W @ X^T, so a tile is
-        BLOCK_N outputs by BLOCK_B >= 16 input rows, padded). Each group's words [BLOCK_N, 16] give, for each
-        nibble position j, the exact bf16 values 1 + q/16 (no scale applied), multiplied with the 16 matching
-        input columns; the group's scale and minimum are applied once to the float32 partial sums
-        (sum(w x) = 16 s T + (m - 16 s) sum(x)). NG groups per loop iteration keep several loads in flight."""
-        pid_n = tl.program_id(0)
-        pid_b = tl.program_id(1)
-        sp = tl.program_id(2)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = offs_n < N
-        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        bmask = offs_b < R
-        offs_t = tl.arange(0, 16)
-        g_start = sp * groups_per_split
-        g_end = tl.minimum(g_start + groups_per_split, n_groups)
-        acc = tl.zeros([BLOCK_N, BLOCK_B], tl.float32)
-        for g0 in range(g_start, g_end, NG):
-            for gg in tl.static_range(NG):
-                g = g0 + gg
-                ok = g < g_end
-                p = tl.load(P + offs_n[:, None] * KW + g * 16 + offs_t[None, :], mask=nmask[:, None] & ok, other=0)
-                s = tl.load(S + offs_n * n_groups + g, mask=nmask & ok, other=0.0).to(tl.float32)
-                m = tl.load(M + offs_n * n_groups + g, mask=nmask & ok, other=0.0).to(tl.float32)
-                t = tl.zeros([BLOCK_N, BLOCK_B], tl.float32)
-                if PAIR:  # weights 128 + q: sum(w x) = s T + (m - 128 s) sum(x)
-                    x2p = tl.zeros([32, BLOCK_B], tl.float32)
-                    offs_c = tl.arange(0, 32)
-                    col = (offs_c % 2) * 64 + offs_c // 2  # column 16 (j + 4 h) + t of pair slot c = 2 t + h
-                    for j in tl.static_range(4):
-                        xt = tl.load(X + offs_b[None, :] * x_stride + g * 128 + j * 16 + col[:, None],
-                                     mask=bmask[None, :] & ok, other=0.0)
-                        w = _pair_codes(p, j, BLOCK_N, PAIR == 1).to(xt.dtype)
-                        t = tl.dot(w, xt, t)
-                        x2p += xt.to(tl.float32)
-                    acc += s[:, None] * t + (m - 128.0 * s)[:, None] * tl.sum(x2p, axis=0)[None, :]
-                else:
-                    x2 = tl.zeros([16, BLOCK_B], tl.float32)
-                    for j in tl.static_range(8):
-                        xt = tl.load(X + offs_b[None, :] * x_stride + g * 128 + j * 16 + offs_t[:, None],
-                                     mask=bmask[None, :] & ok, other=0.0)
-                        w = _nibble(p, j).to(xt.dtype)  # exact in bf16 (4 mantissa bits)
-                        t = tl.dot(w, xt, t)
-                        x2 += xt.to(tl.float32)
-                    a = 16.0 * s
-                    acc += a[:, None] * t + (m - a)[:, None] * tl.sum(x2, axis=0)[None, :]
-        if HAS_BIAS:
-            if sp == 0:
-                acc += tl.load(B_ + offs_n, mask=nmask, other=0.0).to(tl.float32)[:, None]
-        out = Y + offs_b[None, :] * N + offs_n[:, None]
-        omask = nmask[:, None] & bmask[None, :]
-        if SPLIT > 1:
-            tl.atomic_add(out, acc, mask=omask)
-        else:
-            tl.store(out, acc.to(Y.dtype.element_ty), mask=omask)
-
-    @triton.jit
     def _w4_dequant_kernel(P, S, M, W, K, n_groups, OUT_ROWS: tl.constexpr):
         row0 = tl.program_id(0) * OUT_ROWS
         g = tl.program_id(1)
@@ -331,23 +256,18 @@ GEMV_CONFIGS = [(8, 8, 4, 2, 0, 0), (4, 16, 4, 2, 0, 0), (8, 16, 8, 2, 0, 0), (8
 GEMM_CONFIGS = [(16, 32, 2, 4, 3, 1), (16, 64, 4, 4, 2, 1), (16, 32, 8, 4, 2, 1), (16, 32, 2, 4, 3, 4),
                 (16, 32, 8, 4, 2, 4), (16, 64, 4, 4, 2, 2), (16, 16, 4, 4, 3, 4), (32, 64, 4, 8, 2, 1),
                 (32, 32, 2, 4, 3, 1), (32, 32, 4, 4, 2, 4), (32, 64, 4, 8, 2, 2), (32, 64, 8, 8, 2, 1),
-                (32, 128, 4, 8, 2, 1), (32, 32, 8, 4, 2, 1), (32, 64, 2, 4, 3, 1)]
-# The tensor-core kernel for any row count: ("mma", BLOCK_B, BLOCK_N, groups per step, warps, stages, split-K,
-# pair decoding (two weights per shift + lop3, see _pair_codes) or one nibble at a time).
-MMA_CONFIGS = [("mma", 16, 64, 1, 4, 3, 1, 0), ("mma", 16, 64, 2, 4, 3, 1, 0), ("mma", 16, 64, 2, 4, 3, 4, 0),
-               ("mma", 16, 64, 1, 4, 3, 1, 1), ("mma", 16, 64, 2, 4, 3, 1, 1), ("mma", 16, 64, 4, 4, 2, 1, 1),
-               ("mma", 16, 32, 2, 4, 3, 1, 1), ("mma", 16, 128, 2, 8, 3, 1, 1), ("mma", 16, 64, 2, 4, 3, 2, 1),
-               ("mma", 16, 64, 2, 4, 3, 4, 1), ("mma", 16, 32, 2, 4, 3, 4, 1), ("mma", 16, 64, 2, 4, 4, 1, 1),
-               ("mma", 32, 64, 2, 4, 3, 1, 0), ("mma", 32, 64, 2, 4, 3, 1, 1), ("mma", 32, 64, 2, 4, 3, 2, 1),
-               ("mma", 32, 128, 2, 8, 3, 1, 1), ("mma", 32, 64, 4, 4, 2, 4, 1), ("mma", 32, 32, 2, 4, 3, 2, 1)]
+                (32, 128, 4, 8, 2, 1), (32, 32, 8, 4, 2, 1), (32, 64, 2, 4, 3, 1),
+                # wide tiles split over K: the 4096-wide outputs get enough programs (an H200 has 132 SMs) while
+                # each program still amortises its input tile over 128-256 outputs
+                (32, 128, 4, 8, 2, 2), (32, 128, 4, 8, 2, 4), (32, 256, 4, 8, 2, 1), (32, 256, 4, 8, 2, 4),
+                (16, 128, 4, 8, 2, 1), (16, 128, 4, 8, 2, 2), (16, 128, 4, 8, 2, 4), (16, 256, 4, 8, 2, 2)]
 
 
 def configs_for(rows: int) -> list[tuple]:
     """The block-size configurations the tuner tries for ``rows`` rows of input."""
     if rows == 1:
-        return GEMV_CONFIGS + [c for c in MMA_CONFIGS if c[1] == 16]
-    return ([c for c in GEMM_CONFIGS if c[0] <= max(16, rows)]
-            + [c for c in MMA_CONFIGS if c[1] <= max(16, rows)])
+        return GEMV_CONFIGS
+    return [c for c in GEMM_CONFIGS if c[0] <= max(16, rows)]
 
 
 def w4_linear(x, packed, scale, mn, bias=None, silu: bool = False, config: tuple | None = None):
@@ -364,32 +284,23 @@ def w4_linear(x, packed, scale, mn, bias=None, silu: bool = False, config: tuple
     y = torch.empty(r, n, dtype=out_dtype, device=x.device)
     b = bias if bias is not None else y
     p32 = packed.view(torch.int32)
-    extra = {}
-    if config is not None and config[0] == "mma":
-        _, block_b, block_n, ng, warps, stages, split = config[:7]
-        kernel = _w4_mma_kernel
-        # pair decoding: inline PTX on the GPU, the same bits in plain Triton under the interpreter
-        extra = {"PAIR": (2 if _interpreting() else 1) if len(config) > 7 and config[7] else 0}
-    elif r == 1:
-        kernel = None
+    if r == 1:
         block_n, ng, warps, stages, wide, prefetch = (tuple(config or GEMV_CONFIGS[0]) + (0, 0))[:6]
         _w4_gemv_kernel[(triton.cdiv(n, block_n),)](x, p32, scale, mn, b, y, n, k // 8, n_groups,
                                                     HAS_BIAS=bias is not None, BLOCK_N=block_n, NG=ng,
                                                     WIDE=bool(wide), PREFETCH=bool(prefetch),
                                                     num_warps=warps, num_stages=stages)
     else:
-        kernel = _w4_gemm_kernel
         block_b, block_n, ng, warps, stages, split = (tuple(config or GEMM_CONFIGS[0]) + (1,))[:6]
         if r > block_b and block_b < 32 and config is None:
             block_b = 32
-    if kernel is not None:
         per = triton.cdiv(triton.cdiv(n_groups, split), ng) * ng
         split = triton.cdiv(n_groups, per)
         out = y if split == 1 else torch.zeros(r, n, dtype=torch.float32, device=x.device)
-        kernel[(triton.cdiv(n, block_n), triton.cdiv(r, block_b), split)](
+        _w4_gemm_kernel[(triton.cdiv(n, block_n), triton.cdiv(r, block_b), split)](
             x, p32, scale, mn, b, out, r, n, k // 8, n_groups, x.stride(0), per,
             HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, NG=ng, SPLIT=split,
-            num_warps=warps, num_stages=stages, **extra)
+            num_warps=warps, num_stages=stages)
         if split > 1:
             y.copy_(out)
     return y
