@@ -196,6 +196,26 @@ def vision_graph() -> bool:
     good = err < 1e-2 and not engine.vision.failed
     print(f"vision graph: rel.err {err:.1e} vs eager; eager {times['eager']:.1f} ms, graphed {times['graphed']:.1f} ms "
           f"{'ok' if good else 'FAIL'}")
+    # a short segment after cached tokens (a follow-up's tail) through the decode kernel, against sdpa with a mask
+    import glmv.engine.fast as fast_mod
+    from glmv.engine.scheduler import Segment
+
+    with torch.inference_mode():
+        pos3, delta = engine.prompt_positions(inputs)
+        engine.prefill(0, inputs, 0, pos3)
+        n = int(inputs["input_ids"].shape[1])
+        toks = torch.randint(0, 150000, (40,), device="cuda")
+        tail = Segment(0, torch.nn.functional.embedding(toks, engine.embed),
+                       (torch.arange(40, device="cuda") + n + delta).expand(3, -1), n, "all")
+        short = engine.extend([tail])[0]
+        saved, fast_mod.SHORT_SEGMENT = fast_mod.SHORT_SEGMENT, 0
+        try:
+            masked = engine.extend([tail])[0]
+        finally:
+            fast_mod.SHORT_SEGMENT = saved
+    terr = rel(short, masked)
+    good &= terr < 2e-2
+    print(f"short tail through the decode kernel vs sdpa with a mask: logits rel.err {terr:.1e} {'ok' if terr < 2e-2 else 'FAIL'}")
     del engine, model
     torch.cuda.empty_cache()
     return good

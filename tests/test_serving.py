@@ -432,7 +432,7 @@ def test_bench_serve_runs_the_server_under_load(tmp_path):
     out = tmp_path / "serve.json"
     p = subprocess.run([sys.executable, "-m", "glmv.cli", "bench", "--serve", "--model", "tiny", "--device", "cpu",
                         "--rates", "8", "--requests", "4", "--tokens", "4", "--image", str(REPO / "input" / "image_1.png"),
-                        "--mix", "question:1,follow_up:1,edit:1", "--json", str(out)],
+                        "--mix", "question:1,follow_up:1,edit:1", "--users", "2", "--rounds", "1", "--json", str(out)],
                        capture_output=True, text=True, cwd=REPO, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -441,6 +441,8 @@ def test_bench_serve_runs_the_server_under_load(tmp_path):
     assert rate["requests"] == 4 and 0 < rate["p50_ttft_s"] <= rate["p99_ttft_s"] and rate["aggregate_tok_s"] > 0
     assert 0 < rate["prefix_hit_rate"] < 1
     assert "| 8.0 | 4 |" in p.stdout
+    loop = report["closed_loop"]  # 2 users, one request each, arriving within --spread seconds
+    assert loop["requests"] == 2 and loop["aggregate_tok_s"] > 0 and loop["p99_over_idle_ttft"] > 0
 
 
 VERIFY_CHECK = r"""

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .gemv import GemvTuner, tuner_cache_file
 from .vision import GraphedVision
 from .vision import supported as vision_supported
-from .kernels import Kernels, install_fused_norms, rotate_pairs
+from .kernels import Kernels, install_fused_norms, rotate_pairs_cs
 from .w4 import W4Linear, dequantize_w4, w4_linear
 
 if TYPE_CHECKING:  # the scheduler imports this module; at run time the engine imports it lazily
@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # the scheduler imports this module; at run time the engine i
 W4_KERNEL_ROWS = 32  # the int4 kernels serve up to this many rows (decode, drafts); longer inputs dequantize
 TOPK_CAP = 256  # candidates kept for top-k/top-p sampling (top_k=0 means "all": approximated by these)
 ALONE_CHUNKS = 4  # with no other request decoding, prefill runs in passes this many chunks long
+SHORT_SEGMENT = 64  # on CUDA, extend segments after cached tokens up to this long attend through the decode kernel
 
 
 @dataclass
@@ -456,10 +457,10 @@ class FastEngine:
         return emb
 
     # -- multi-token forward: prefill chunks and draft verification --------------------------------
-    def _rope_multi(self, x: torch.Tensor, pos3: torch.Tensor) -> torch.Tensor:
-        """Rotate x [T, heads, D] at multimodal positions pos3 [3, T] (interleaved pairs, as the decode step)."""
+    def _rope_angles(self, pos3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosines and sines [T, 1, rot/2] of the rotary angles at multimodal positions pos3 [3, T]."""
         freqs = pos3.float()[self._rope_comp].T * self.inv_freq[None, :]  # [T, rot/2]
-        return rotate_pairs(x, freqs)
+        return freqs.cos()[:, None, :], freqs.sin()[:, None, :]
 
     @torch.inference_mode()
     def extend(self, segments: list["Segment"]) -> list[torch.Tensor | None]:
@@ -471,28 +472,39 @@ class FastEngine:
         pos3 = torch.cat([s.pos3.to(self.device) for s in segments], dim=1)
         n_tok = h.shape[0]
         # a segment from slot 0 is plain causal attention (flash kernels apply); later ones see the row's
-        # earlier slots through an offset causal mask
-        masks = [None if s.start == 0 else
+        # earlier slots through an offset causal mask, or, short ones on CUDA (a follow-up's tail, a draft),
+        # through the decode kernel: each token a virtual row of the segment's cache row, seeing up to its slot
+        short = [K.use_triton and s.start > 0 and s.length <= SHORT_SEGMENT for s in segments]
+        masks = [None if s.start == 0 or sh else
                  torch.ones(s.length, s.start + s.length, dtype=torch.bool, device=self.device).tril(s.start)
-                 for s in segments]
+                 for s, sh in zip(segments, short)]
+        lens = [torch.arange(s.start + 1, s.start + s.length + 1, device=self.device, dtype=torch.int32) if sh else None
+                for s, sh in zip(segments, short)]
         y = K.rmsnorm(h, self.layers[0].in_norm, self.eps)
         n, hq, hkv, d = len(self.layers), self.n_heads, self.n_kv, self.head_dim
+        cos, sin = self._rope_angles(pos3)  # once for all layers: a short extend is bound by host-side work
         for i, lw in enumerate(self.layers):
             kc, vc = self.k_cache[i], self.v_cache[i]
             x = self._linear(y, lw.wqkv, lw.bqkv).view(n_tok, hq + 2 * hkv, d)
-            q = self._rope_multi(x[:, :hq], pos3)
-            k = self._rope_multi(x[:, hq : hq + hkv], pos3)
+            qk = rotate_pairs_cs(x[:, : hq + hkv], cos, sin)
+            q, k = qk[:, :hq], qk[:, hq:]
             v = x[:, hq + hkv :]
             outs, off = [], 0
-            for s, mask in zip(segments, masks):
+            for s, mask, seg_lens in zip(segments, masks, lens):
                 end = s.start + s.length
                 kc[s.row, :, s.start : end] = k[off : off + s.length].transpose(0, 1)
                 vc[s.row, :, s.start : end] = v[off : off + s.length].transpose(0, 1)
-                a = F.scaled_dot_product_attention(q[off : off + s.length].transpose(0, 1)[None],
-                                                   kc[s.row, :, :end][None], vc[s.row, :, :end][None],
-                                                   attn_mask=mask, is_causal=mask is None, scale=self.scale,
-                                                   enable_gqa=True)
-                outs.append(a[0].transpose(0, 1).reshape(s.length, hq * d))
+                if seg_lens is not None:
+                    rows = (kc[s.row : s.row + 1].expand(s.length, -1, -1, -1), vc[s.row : s.row + 1].expand(s.length, -1, -1, -1))
+                    a = K.decode_attention(q[off : off + s.length].contiguous(), *rows, seg_lens, self.scale,
+                                           n_splits=self.config.n_splits)
+                    outs.append(a.reshape(s.length, hq * d))
+                else:
+                    a = F.scaled_dot_product_attention(q[off : off + s.length].transpose(0, 1)[None],
+                                                       kc[s.row, :, :end][None], vc[s.row, :, :end][None],
+                                                       attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                                       enable_gqa=True)
+                    outs.append(a[0].transpose(0, 1).reshape(s.length, hq * d))
                 off += s.length
             o = self._linear(torch.cat(outs), lw.wo)
             h, y = K.add_rmsnorm2(h, o, lw.post_self_attn_norm, lw.post_attention_norm, self.eps)
