@@ -215,7 +215,8 @@ def vision_graph() -> bool:
             fast_mod.SHORT_SEGMENT = saved
     terr = rel(short, masked)
     good &= terr < 3e-2  # the bound of the step-1 check: two bf16 attention kernels, 40 random layers (2.2e-2 seen)
-    print(f"short tail through the decode kernel vs sdpa with a mask: logits rel.err {terr:.1e} {'ok' if terr < 3e-2 else 'FAIL'}")
+    print(f"short tail through the decode kernel vs sdpa with a mask: logits rel.err {terr:.1e} "
+          f"{'ok' if terr < 3e-2 else 'FAIL'}")
     del engine, model
     torch.cuda.empty_cache()
     return good

@@ -65,8 +65,8 @@ def follow_up_phases(backend, first, req, gpu: bool) -> dict[str, float]:
     batcher.cache.clear()
     r1 = collect(backend.generate(first))
     follow = req("what is the title?", history=[*first.messages, Message("assistant", [r1.output.answer or "ok"])])
-    for obj, name in ((backend, "prepare"), (eng, "prompt_positions"), (batcher, "_reuse_prefix"), (eng, "prompt_embeds"),
-                      (eng, "_media_features"), (eng, "extend"), (eng, "sample_rows")):
+    for obj, name in ((backend, "prepare"), (eng, "prompt_positions"), (batcher, "_reuse_prefix"),
+                      (eng, "prompt_embeds"), (eng, "_media_features"), (eng, "extend"), (eng, "sample_rows")):
         wrap(obj, name)
     try:
         r2 = collect(backend.generate(follow))

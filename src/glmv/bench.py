@@ -424,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         entry["peak_gpu_GB"] = peak_gb(args.device)
         entry["ratio_b1"] = ratio(entry.get("decode_tok_s_b1"))
         report["configs"][name] = entry
-        print(json.dumps({name: entry}, default=str), file=sys.stderr, flush=True)  # as it goes: a cut-short run keeps it
+        # as it goes, on stderr: a run cut short still shows the configurations it finished
+        print(json.dumps({name: entry}, default=str), file=sys.stderr, flush=True)
         if on_gpu:
             torch.cuda.empty_cache()
 

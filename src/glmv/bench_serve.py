@@ -175,7 +175,8 @@ def run_users(url: str, client: Any, png: bytes, users: int, rounds: int, max_to
     wall = time.perf_counter() - t0
     after = scrape(url)
     ttft = [r["ttft_s"] for r in results]
-    per_req = [(r["tokens"] - 1) / (r["total_s"] - r["ttft_s"]) for r in results if r["tokens"] > 1 and r["total_s"] > r["ttft_s"]]
+    per_req = [(r["tokens"] - 1) / (r["total_s"] - r["ttft_s"]) for r in results
+               if r["tokens"] > 1 and r["total_s"] > r["ttft_s"]]
     prompt = after.get("glmv_prompt_tokens_total", 0.0) - before.get("glmv_prompt_tokens_total", 0.0)
     cached = after.get("glmv_cached_prompt_tokens_total", 0.0) - before.get("glmv_cached_prompt_tokens_total", 0.0)
     out = {"users": users, "rounds": rounds, "spread_s": spread_s, "requests": len(results),
@@ -214,11 +215,13 @@ def format_table(report: dict[str, Any]) -> str:
              f"({report['follow_up_cached_tokens']} cached tokens), idle decode {f(report.get('idle_tok_s'), 1)} tok/s"]
     loop = report.get("closed_loop")
     if loop:
-        lines.append(f"closed loop, {loop['users']} users x {loop['rounds']} requests: p50/p99 TTFT {f(loop['p50_ttft_s'])}/"
-                     f"{f(loop['p99_ttft_s'])} s ({f(loop['p99_over_idle_ttft'], 2)}x idle), aggregate "
+        lines.append(f"closed loop, {loop['users']} users x {loop['rounds']} requests: p50/p99 TTFT "
+                     f"{f(loop['p50_ttft_s'])}/{f(loop['p99_ttft_s'])} s ({f(loop['p99_over_idle_ttft'], 2)}x idle), "
+                     "aggregate "
                      f"{f(loop['aggregate_tok_s'], 1)} tok/s ({f(loop['aggregate_over_idle_tok_s'], 2)}x idle decode), "
                      f"prefix hit rate {f(loop['prefix_hit_rate'], 2)}")
-    lines += ["| rate/s | requests | p50 TTFT s | p99 TTFT s | per-request tok/s | aggregate tok/s | prefix hit rate | tokens/verify |",
+    lines += ["| rate/s | requests | p50 TTFT s | p99 TTFT s | per-request tok/s | aggregate tok/s | prefix hit rate "
+              "| tokens/verify |",
               "|---|---|---|---|---|---|---|---|"]
     for r in report["rates"]:
         lines.append(f"| {r['rate_per_s']} | {r['requests']} | {f(r['p50_ttft_s'])} | {f(r['p99_ttft_s'])} | "
@@ -243,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--users", type=int, default=0,
-                   help="also run a closed loop of this many users (arrivals spread over --spread seconds, --rounds requests each)")
+                   help="also run a closed loop of this many users (arriving within --spread seconds, "
+                        "--rounds requests each)")
     p.add_argument("--rounds", type=int, default=4, help="requests per user in the closed loop")
     p.add_argument("--spread", type=float, default=2.0, help="seconds over which the closed loop's users arrive")
     p.add_argument("--json", dest="json_path", default=None, help="write results here")

@@ -1,6 +1,7 @@
 """The fast generation path: the vision tower through transformers, the text decoder through our own steps.
 
-The vision tower runs through the model's own modules; the prompt (multimodal rope included) runs through
+The vision tower runs through the model's own modules (on CUDA its blocks replayed as one graph per image
+size, :mod:`glmv.engine.vision`); the prompt (multimodal rope included) runs through
 this engine's multi-token forward, which writes its keys/values into a static KV cache that the engine
 owns. Each decode step runs the text decoder from the same weights with cuBLAS matrix products and the fused
 Triton kernels of :mod:`glmv.engine.kernels`; sampling (repetition penalty, temperature, top-k, top-p)
@@ -31,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from .gemv import GemvTuner, tuner_cache_file
+from .kernels import Kernels, install_fused_norms, rotate_pairs_cs
 from .vision import GraphedVision
 from .vision import supported as vision_supported
-from .kernels import Kernels, install_fused_norms, rotate_pairs_cs
 from .w4 import W4Linear, dequantize_w4, w4_linear
 
 if TYPE_CHECKING:  # the scheduler imports this module; at run time the engine imports it lazily
@@ -168,8 +169,7 @@ class FastEngine:
             comp = [0] * self.inv_freq.shape[0]
         self._rope_comp = torch.tensor(comp, dtype=torch.long, device=self.device)
         self.image_token_id = getattr(model.config, "image_token_id", None)
-        # the vision tower's blocks as one CUDA graph per image size, and the features of recent images (a
-        # follow-up whose cached prefix ends inside an image does not run the tower again)
+        # the vision tower's blocks as one CUDA graph per image size (the rest of the tower runs eagerly)
         visual = getattr(model.model, "visual", None)
         self.vision: GraphedVision | None = None
         if self.use_graphs and visual is not None and vision_supported(visual):
@@ -495,7 +495,8 @@ class FastEngine:
                 kc[s.row, :, s.start : end] = k[off : off + s.length].transpose(0, 1)
                 vc[s.row, :, s.start : end] = v[off : off + s.length].transpose(0, 1)
                 if seg_lens is not None:
-                    rows = (kc[s.row : s.row + 1].expand(s.length, -1, -1, -1), vc[s.row : s.row + 1].expand(s.length, -1, -1, -1))
+                    rows = (kc[s.row : s.row + 1].expand(s.length, -1, -1, -1),
+                            vc[s.row : s.row + 1].expand(s.length, -1, -1, -1))
                     a = K.decode_attention(q[off : off + s.length].contiguous(), *rows, seg_lens, self.scale,
                                            n_splits=self.config.n_splits)
                     outs.append(a.reshape(s.length, hq * d))

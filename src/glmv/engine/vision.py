@@ -32,7 +32,8 @@ def supported(visual: Any) -> bool:
         return False
     attn = getattr(blocks[0], "attn", None)
     impl = getattr(getattr(visual, "config", None), "_attn_implementation", None)
-    return (impl == "sdpa" and attn is not None and all(hasattr(attn, a) for a in ("qkv", "proj", "num_heads", "scaling"))
+    return (impl == "sdpa" and attn is not None
+            and all(hasattr(attn, a) for a in ("qkv", "proj", "num_heads", "scaling"))
             and all(hasattr(blocks[0], a) for a in ("norm1", "norm2", "mlp")))
 
 
@@ -74,7 +75,8 @@ class GraphedVision:
             mods["blocks"] = saved
 
     # -- the blocks, as transformers computes them (sdpa), with host-side split lengths -------------
-    def _attention(self, attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    def _attention(self, attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   lengths: list[int]) -> torch.Tensor:
         s = x.shape[0]
         q, k, v = attn.qkv(x).reshape(s, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         q, k = self._rotary(q, k, cos, sin)
@@ -116,7 +118,8 @@ class GraphedVision:
         graph.replay()
         return out.clone()  # the next replay (or another graph in the pool) reuses this memory
 
-    def _capture(self, key: tuple, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> tuple:
+    def _capture(self, key: tuple, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 lengths: list[int]) -> tuple:
         while len(self.graphs) >= MAX_GRAPHS:
             self.graphs.popitem(last=False)
         h_in, cos_in, sin_in = hidden.clone(), cos.clone(), sin.clone()
