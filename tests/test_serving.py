@@ -338,6 +338,37 @@ def test_speculation_gives_the_same_greedy_output_in_fewer_passes(fast):
     assert fast.serving_stats()["spec_tokens_per_step"] > 1.0
 
 
+def test_speculation_pauses_while_more_requests_decode(fast):
+    """Driven through the engine's batcher directly: a speculating request alone verifies drafts; with more
+    than SPEC_MAX_ROWS requests decoding, none are verified (each verification is a pass the others wait for)."""
+    from glmv.engine.scheduler import SPEC_MAX_ROWS, Batcher, RowParams, Sequence
+
+    page = "<html><body><h1>Orders</h1><ul>" + "".join(f"<li>item {i}: {i * 7} units</li>" for i in range(30)) + "</ul>"
+    inputs, _ = fast.prepare(request(fast, f"Change the title of this page to Sales.\n{page}"))
+
+    def run(n: int) -> tuple[int, int]:
+        batcher = Batcher(fast.engine)
+        for _ in range(n):
+            batcher.add(Sequence(inputs=dict(inputs), params=RowParams(max_new_tokens=60, repetition_penalty=1.0),
+                                 emit=lambda ids: None, finish=lambda info: None, cancelled=lambda: False,
+                                 eos=frozenset(), speculate=True))
+        crowded_verifications = 0
+        while batcher.busy:
+            before, crowded = batcher.spec_steps, len(batcher.running) > SPEC_MAX_ROWS
+            batcher.step()
+            crowded_verifications += (batcher.spec_steps - before) if crowded else 0
+        return batcher.spec_steps, crowded_verifications
+
+    chunk = fast.engine.config.prefill_chunk
+    fast.engine.config.prefill_chunk = 4096  # each prompt in one step: the requests decode side by side at once
+    try:
+        alone, _ = run(1)
+        _, crowded = run(SPEC_MAX_ROWS + 1)
+    finally:
+        fast.engine.config.prefill_chunk = chunk
+    assert alone > 0 and crowded == 0
+
+
 def test_speculation_with_sampling_and_a_seed_is_reproducible(fast):
     r = request(fast, "describe this image", [image((5, 5, 5))], max_new_tokens=60, temperature=0.9, top_k=0,
                 top_p=1.0, seed=3, speculate=True)
