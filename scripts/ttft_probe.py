@@ -78,6 +78,26 @@ def main() -> None:
             full()
         print(f"prefill (full forward, logits_to_keep=1): {med(full)*1e3:.1f} ms")
         print(f"vision tower alone: {med(vision)*1e3:.1f} ms")
+        # the engine's own multi-token forward (fused qkv, fused norms, sdpa with GQA) for the same prompt
+        from glmv.engine.fast import EngineConfig, FastEngine
+
+        eng = FastEngine(model, EngineConfig(max_batch=1, max_seq_len=2048, tune=False))  # graphs: the vision blocks
+        pos3, _ = eng.prompt_positions(dev)
+        emb = eng.prompt_embeds(dev)
+        from glmv.engine.scheduler import Segment
+
+        def extend_only():
+            return eng.extend([Segment(0, emb, pos3, 0, "last")])
+
+        def engine_prefill():
+            return eng.prefill(0, dev, 0, pos3)
+
+        for _ in range(2):
+            engine_prefill()
+        print(f"engine.prefill (vision + extend): {med(engine_prefill)*1e3:.1f} ms; extend alone (prompt only): "
+              f"{med(extend_only)*1e3:.1f} ms; prefill_whole: {med(lambda: eng.prefill_whole(0, dev))*1e3:.1f} ms; "
+              f"prompt_positions: {med(lambda: eng.prompt_positions(dev))*1e3:.1f} ms")
+        del eng
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:

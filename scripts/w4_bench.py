@@ -110,7 +110,8 @@ def main() -> int:
             x = torch.randn(r, k, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x, wd, bias)
             row: dict = {}
-            cfgs = new.GEMV_CONFIGS if r == 1 else [c for c in new.GEMM_CONFIGS if c[0] <= max(16, r)]
+            cfgs = new.configs_for(r) if hasattr(new, "configs_for") else (
+                new.GEMV_CONFIGS if r == 1 else [c for c in new.GEMM_CONFIGS if c[0] <= max(16, r)])
             best = (None, float("inf"))
             for cfg in cfgs:
                 try:
@@ -163,6 +164,9 @@ def main() -> int:
                   f"{(row.get('tinygemm_k8') if isinstance(row.get('tinygemm_k8'), float) else float('nan'))*1e3:7.1f} | "
                   f"bf16 {row['bf16_cublas']*1e3:7.1f} us", flush=True)
         results["shapes"][name] = entry
+        if args.json:  # after each shape, so a run cut short still leaves its timings
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1, default=str)
         del cp, wb, old_w, tg
         torch.cuda.empty_cache()
     # one decode step's products (x 40 layers), per method and batch size

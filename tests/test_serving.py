@@ -271,6 +271,25 @@ def test_prefix_cache_follow_up_skips_the_vision_tower(fast):
     assert fast.serving_stats()["prefix_hit_rate"] > 0
 
 
+def test_cached_prefix_ending_inside_the_image_reuses_its_vision_features(fast):
+    # blocks are whole, so a new question right after the image leaves the image's last tokens to run again:
+    # their features come from the prefix cache's feature store, not from a second pass of the vision tower
+    img = image((30, 140, 90))
+    first, second = request(fast, "describe this image", [img]), request(fast, "list the colours", [img])
+    expected = alone(fast, second)
+    fast.batcher.cache.clear()
+    collect(fast.generate(first))
+    calls, handle = count_vision_calls(fast)
+    try:
+        r = collect(fast.generate(second))
+    finally:
+        handle.remove()
+    ids = prompt_ids(fast, second)
+    last_image_token = len(ids) - 1 - ids[::-1].index(fast.engine.image_token_id)
+    assert 0 < r.usage.cached_tokens <= last_image_token  # the cached blocks end inside the image
+    assert calls == [] and r.raw_text == expected
+
+
 def test_prefix_cache_never_shares_between_different_images(fast):
     red, blue = image((250, 0, 0)), image((0, 0, 250))
     q_blue = request(fast, "describe this image", [blue])
@@ -317,6 +336,37 @@ def test_speculation_gives_the_same_greedy_output_in_fewer_passes(fast):
         assert u.speculative_steps > 0 and u.accepted_prediction_tokens > 0
         assert u.accepted_prediction_tokens + u.rejected_prediction_tokens >= u.speculative_steps
     assert fast.serving_stats()["spec_tokens_per_step"] > 1.0
+
+
+def test_speculation_pauses_while_more_requests_decode(fast):
+    """Driven through the engine's batcher directly: a speculating request alone verifies drafts; with more
+    than SPEC_MAX_ROWS requests decoding, none are verified (each verification is a pass the others wait for)."""
+    from glmv.engine.scheduler import SPEC_MAX_ROWS, Batcher, RowParams, Sequence
+
+    page = "<html><body><h1>Orders</h1><ul>" + "".join(f"<li>item {i}: {i * 7} units</li>" for i in range(30)) + "</ul>"
+    inputs, _ = fast.prepare(request(fast, f"Change the title of this page to Sales.\n{page}"))
+
+    def run(n: int) -> tuple[int, int]:
+        batcher = Batcher(fast.engine)
+        for _ in range(n):
+            batcher.add(Sequence(inputs=dict(inputs), params=RowParams(max_new_tokens=60, repetition_penalty=1.0),
+                                 emit=lambda ids: None, finish=lambda info: None, cancelled=lambda: False,
+                                 eos=frozenset(), speculate=True))
+        crowded_verifications = 0
+        while batcher.busy:
+            before, crowded = batcher.spec_steps, len(batcher.running) > SPEC_MAX_ROWS
+            batcher.step()
+            crowded_verifications += (batcher.spec_steps - before) if crowded else 0
+        return batcher.spec_steps, crowded_verifications
+
+    chunk = fast.engine.config.prefill_chunk
+    fast.engine.config.prefill_chunk = 4096  # each prompt in one step: the requests decode side by side at once
+    try:
+        alone, _ = run(1)
+        _, crowded = run(SPEC_MAX_ROWS + 1)
+    finally:
+        fast.engine.config.prefill_chunk = chunk
+    assert alone > 0 and crowded == 0
 
 
 def test_speculation_with_sampling_and_a_seed_is_reproducible(fast):
@@ -412,7 +462,7 @@ def test_bench_serve_runs_the_server_under_load(tmp_path):
     # --max-batch 2: the warm-up burst (one request per row) stays small; 4 requests at 8/s still share the batch
     p = glmv_in_process("bench", "--serve", "--model", "tiny", "--device", "cpu", "--rates", "8", "--requests", "4",
                         "--tokens", "4", "--max-batch", "2", "--image", str(REPO / "input" / "image_1.png"),
-                        "--mix", "question:1,follow_up:1,edit:1", "--json", str(out))
+                        "--mix", "question:1,follow_up:1,edit:1", "--users", "2", "--rounds", "1", "--json", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["idle_ttft_s"] > 0 and report["follow_up_cached_tokens"] > 500  # the screenshot came from the cache
@@ -420,6 +470,8 @@ def test_bench_serve_runs_the_server_under_load(tmp_path):
     assert rate["requests"] == 4 and 0 < rate["p50_ttft_s"] <= rate["p99_ttft_s"] and rate["aggregate_tok_s"] > 0
     assert 0 < rate["prefix_hit_rate"] < 1
     assert "| 8.0 | 4 |" in p.stdout
+    loop = report["closed_loop"]  # 2 users, one request each, arriving within --spread seconds
+    assert loop["requests"] == 2 and loop["aggregate_tok_s"] > 0 and loop["p99_over_idle_ttft"] > 0
 
 
 VERIFY_CHECK = r"""

@@ -89,7 +89,21 @@ def build_model(kind: str, device: str, dtype: torch.dtype, processor: Any) -> A
     with torch.device(device):
         model = Glm4vForConditionalGeneration._from_config(cfg, dtype=dtype)
     # Random init draws from N(0, 0.02); keep activations finite in bf16 like a trained model's would be.
+    answer_in_plain_tokens(model, tok)
     return model.eval()
+
+
+def answer_in_plain_tokens(model: Any, tokenizer: Any) -> None:
+    """Zero the output rows of every id the tokenizer cannot show as text (the tiny tokenizer used with the random
+    model knows 624 of 151552 ids) and of its special and added tokens: greedy answers then stream as visible
+    text without stopping early, so a server's time to first streamed token means what it says. The other
+    rows' logits stay random; speed does not depend on these values."""
+    keep = torch.zeros(model.lm_head.weight.shape[0], dtype=torch.bool)
+    keep[: len(tokenizer)] = True
+    drop = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    keep[[i for i in drop if i < keep.numel()]] = False
+    with torch.no_grad():
+        model.lm_head.weight[~keep.to(model.lm_head.weight.device)] = 0
 
 
 def text_weight_bytes(model: Any) -> int:
@@ -210,20 +224,23 @@ def ttft(engine: Any, processor: Any, image: Path, device: str, runs: int | None
         step.append(r["first_step_s"])
     out = {"ttft_with_processor_s": statistics.median(with_proc), "prefill_s": statistics.median(prefill),
            "processor_s": statistics.median(proc), "first_step_s": statistics.median(step)}
-    vision = vision_seconds(engine.model, inp, device, runs=3 if warm_passes(device) else 1)
+    vision = vision_seconds(engine.model, inp, device, engine, runs=3 if warm_passes(device) else 1)
     if vision is not None:
         out["vision_s"] = vision
         out["prompt_prefill_s"] = out["prefill_s"] - vision
     return out
 
 
-def vision_seconds(model: Any, inputs: dict[str, Any], device: str, runs: int = 3) -> float | None:
-    """Median seconds of the vision tower alone on these inputs (None where the model has no such call)."""
+def vision_seconds(model: Any, inputs: dict[str, Any], device: str, engine: Any = None, runs: int = 3) -> float | None:
+    """Median seconds of the vision tower alone on these inputs, the way ``engine`` runs it (graphed blocks,
+    no feature cache) if given (None where the model has no such call)."""
     get = getattr(getattr(model, "model", None), "get_image_features", None)
     if get is None or "pixel_values" not in inputs:
         return None
     pv = inputs["pixel_values"].to(device, model.dtype)
     grid = inputs["image_grid_thw"].to(device)
+    if engine is not None and hasattr(engine, "_media_features"):
+        get = lambda p, g: engine._media_features("image", p, g, None)  # noqa: E731
     times = []
     with torch.inference_mode():
         for _ in range(runs):
@@ -435,6 +452,8 @@ def speed(args: argparse.Namespace) -> dict[str, Any] | None:
         entry["peak_gpu_GB"] = peak_gb(args.device)
         entry["ratio_b1"] = ratio(entry.get("decode_tok_s_b1"))
         report["configs"][name] = entry
+        # as it goes, on stderr: a run cut short still shows the configurations it finished
+        print(json.dumps({name: entry}, default=str), file=sys.stderr, flush=True)
         if on_gpu:
             torch.cuda.empty_cache()
 

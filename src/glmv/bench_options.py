@@ -18,7 +18,7 @@ DEFAULT_MIX = "question:0.5,follow_up:0.3,edit:0.2"
 DEFAULT_IMAGE = Path(__file__).resolve().parents[2] / "input" / "image_3.png"
 # Options that belong to one benchmark only: given to the other, they would do nothing, so they are refused.
 SPEED_ONLY = ("batches", "configs")
-LOAD_ONLY = ("rates", "requests", "mix", "seed", "engine")
+LOAD_ONLY = ("rates", "requests", "mix", "seed", "engine", "users", "rounds", "spread")
 
 DESCRIPTION = ("Time GLM-4.6V-Flash the tutorial's way and glmv's way against the GPU's bandwidth limit "
                "(default), or the OpenAI-compatible server under load (--serve). Without real weights the "
@@ -63,6 +63,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"request kinds and weights: question, follow_up, edit (default {DEFAULT_MIX})")
     g.add_argument("--seed", type=int, default=None, help="seed of the arrival times and the mix (default 0)")
     g.add_argument("--engine", choices=["fast"], default=None, help="the server's engine (the fast engine only)")
+    g.add_argument("--users", type=int, default=None, metavar="N",
+                   help="also run a closed loop of N users arriving within --spread seconds, each sending --rounds "
+                        "requests back to back (default: no closed loop)")
+    g.add_argument("--rounds", type=int, default=None, metavar="R", help="requests per user in the closed loop (default 4)")
+    g.add_argument("--spread", type=float, default=None, metavar="S",
+                   help="seconds over which the closed loop's users arrive (default 2)")
     p.add_argument("--warmup-only", action="store_true", help=argparse.SUPPRESS)  # the speed benchmark's fresh process
     p.add_argument("--w4", action="store_true", help=argparse.SUPPRESS)  # with --warmup-only: the 4-bit mode
 
@@ -75,7 +81,7 @@ def resolve(args: argparse.Namespace, has_cuda: bool) -> argparse.Namespace:
             flag = "--" + dest.replace("_", "-")
             other = "speed benchmark (without --serve)" if serve else "load benchmark: add --serve"
             raise GlmvError(f"{flag} applies to the {other}")
-    for dest in ("tokens", "max_batch", "max_seq_len", "requests"):
+    for dest in ("tokens", "max_batch", "max_seq_len", "requests", "rounds"):
         value = getattr(args, dest, None)
         if value is not None and value < 1:
             raise GlmvError(f"--{dest.replace('_', '-')} must be at least 1")
@@ -101,6 +107,11 @@ def resolve(args: argparse.Namespace, has_cuda: bool) -> argparse.Namespace:
         args.mix = args.mix or DEFAULT_MIX
         args.seed = 0 if args.seed is None else args.seed
         args.engine = args.engine or "fast"
+        if (args.users is not None and args.users < 0) or (args.spread is not None and not args.spread >= 0):
+            raise GlmvError("--users and --spread must be 0 or more")
+        args.users = args.users or 0
+        args.rounds = args.rounds or 4
+        args.spread = 2.0 if args.spread is None else args.spread
     else:
         args.model = args.model or "full-random"
         args.tokens = args.tokens or (128 if gpu else 8)

@@ -142,6 +142,55 @@ def run_rate(url: str, client: Any, png: bytes, rate: float, n: int, max_tokens:
     return out
 
 
+def run_users(url: str, client: Any, png: bytes, users: int, rounds: int, max_tokens: int,
+              mix: list[tuple[str, float]], seed: int, spread_s: float) -> dict[str, Any]:
+    """Closed loop: ``users`` users arrive at random times within ``spread_s`` seconds, each then sending
+    ``rounds`` requests one after another (the next as soon as the previous answer ends)."""
+    rng = random.Random(seed)
+    starts = sorted(rng.uniform(0, spread_s) for _ in range(users))
+    names, weights = [k for k, _ in mix], [w for _, w in mix]
+    plans = []
+    for _ in range(users):
+        kinds = [rng.choices(names, weights)[0] for _ in range(rounds)]
+        plans.append([(kind, workload(kind, png, rng)) for kind in kinds])
+    before = scrape(url)
+    results: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    t0 = time.perf_counter()
+
+    def user(u: int) -> None:
+        delay = t0 + starts[u] - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        for kind, msgs in plans[u]:
+            r = {"kind": kind, "user": u, **one_request(client, msgs, max_tokens)}
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=user, args=(u,)) for u in range(users)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    after = scrape(url)
+    ttft = [r["ttft_s"] for r in results]
+    per_req = [(r["tokens"] - 1) / (r["total_s"] - r["ttft_s"]) for r in results
+               if r["tokens"] > 1 and r["total_s"] > r["ttft_s"]]
+    prompt = after.get("glmv_prompt_tokens_total", 0.0) - before.get("glmv_prompt_tokens_total", 0.0)
+    cached = after.get("glmv_cached_prompt_tokens_total", 0.0) - before.get("glmv_cached_prompt_tokens_total", 0.0)
+    out = {"users": users, "rounds": rounds, "spread_s": spread_s, "requests": len(results),
+           "mix": {k: sum(r["kind"] == k for r in results) for k, _ in mix},
+           "p50_ttft_s": statistics.median(ttft), "p99_ttft_s": pct(ttft, 0.99), "max_ttft_s": max(ttft),
+           "per_request_tok_s": statistics.median(per_req) if per_req else None,
+           "aggregate_tok_s": sum(r["tokens"] for r in results) / wall, "wall_s": wall,
+           "prefix_hit_rate": cached / max(1.0, prompt)}
+    for kind, _ in mix:
+        ks = [r["ttft_s"] for r in results if r["kind"] == kind]
+        out[f"p50_ttft_{kind}_s"] = statistics.median(ks) if ks else None
+    return out
+
+
 def build_backend(args: argparse.Namespace) -> Any:
     from transformers import AutoProcessor
 
@@ -164,9 +213,17 @@ def format_table(report: dict[str, Any]) -> str:
         return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
     lines = [f"idle TTFT {f(report['idle_ttft_s'])} s, follow-up on the same image {f(report['follow_up_ttft_s'])} s "
-             f"({report['follow_up_cached_tokens']} cached tokens)",
-             "| rate/s | requests | p50 TTFT s | p99 TTFT s | per-request tok/s | aggregate tok/s | prefix hit rate | tokens/verify |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"({report['follow_up_cached_tokens']} cached tokens), idle decode {f(report.get('idle_tok_s'), 1)} tok/s"]
+    loop = report.get("closed_loop")
+    if loop:
+        lines.append(f"closed loop, {loop['users']} users x {loop['rounds']} requests: p50/p99 TTFT "
+                     f"{f(loop['p50_ttft_s'])}/{f(loop['p99_ttft_s'])} s ({f(loop['p99_over_idle_ttft'], 2)}x idle), "
+                     "aggregate "
+                     f"{f(loop['aggregate_tok_s'], 1)} tok/s ({f(loop['aggregate_over_idle_tok_s'], 2)}x idle decode), "
+                     f"prefix hit rate {f(loop['prefix_hit_rate'], 2)}")
+    lines += ["| rate/s | requests | p50 TTFT s | p99 TTFT s | per-request tok/s | aggregate tok/s | prefix hit rate "
+              "| tokens/verify |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in report["rates"]:
         lines.append(f"| {r['rate_per_s']} | {r['requests']} | {f(r['p50_ttft_s'])} | {f(r['p99_ttft_s'])} | "
                      f"{f(r['per_request_tok_s'], 1)} | {f(r['aggregate_tok_s'], 1)} | {f(r['prefix_hit_rate'], 2)} | "
@@ -229,8 +286,15 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
             "model": args.model, "device": torch.cuda.get_device_name() if gpu else "cpu", "tokens": tokens,
             "idle_ttft_s": idle["ttft_s"], "idle_prompt_tokens": idle["prompt_tokens"],
             "follow_up_ttft_s": follow["ttft_s"], "follow_up_cached_tokens": follow["cached_tokens"],
+            "idle_tok_s": (idle["tokens"] - 1) / max(1e-9, idle["total_s"] - idle["ttft_s"]),
             "rates": [],
         }
+        if args.users:
+            loop = run_users(url, client, png, args.users, args.rounds, tokens, mix, args.seed, args.spread)
+            loop["p99_over_idle_ttft"] = loop["p99_ttft_s"] / report["idle_ttft_s"]
+            loop["aggregate_over_idle_tok_s"] = loop["aggregate_tok_s"] / report["idle_tok_s"]
+            print(json.dumps(loop), flush=True)
+            report["closed_loop"] = loop
         for i, rate in enumerate(rates):
             r = run_rate(url, client, png, rate, n, tokens, mix, args.seed + i)
             print(json.dumps(r), file=sys.stderr, flush=True)

@@ -133,7 +133,7 @@ class GemvTuner:
 
     def tune_w4(self, w, bias=None, rows: int = 1) -> None:
         """Time the int4 kernel's block sizes for this shape at ``rows`` rows of input (once; saved)."""
-        from .w4 import GEMM_CONFIGS, GEMV_CONFIGS, dequantize_w4, w4_linear
+        from .w4 import configs_for, dequantize_w4, w4_linear
 
         n, k = w.packed.shape[0], w.packed.shape[1] * 2
         key = self.w4_key(n, k, rows)
@@ -141,7 +141,7 @@ class GemvTuner:
             return
         x = torch.randn(rows, k, device=w.packed.device, dtype=torch.bfloat16)
         ref = F.linear(x, dequantize_w4(w.packed, w.scale, w.mn), bias)
-        configs = GEMV_CONFIGS if rows == 1 else [c for c in GEMM_CONFIGS if c[0] <= max(16, rows)]
+        configs = configs_for(rows)
         best, best_t = None, float("inf")
         self.timings[key] = {}
         for cfg in configs:

@@ -38,8 +38,12 @@ def add_rmsnorm2_ref(res, a, w1, w2, eps):
 def rotate_pairs(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotary embedding on interleaved pairs: x [T, heads, D] rotated over its first 2*freqs.shape[-1] dims by the
     angles freqs [T, rot/2] (the layout the decode kernel uses); the rest of each head passes through."""
-    rot = 2 * freqs.shape[-1]
-    cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+    return rotate_pairs_cs(x, freqs.cos()[:, None, :], freqs.sin()[:, None, :])
+
+
+def rotate_pairs_cs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`rotate_pairs` with the angles' cosines and sines given ([T, 1, rot/2]; computed once for all layers)."""
+    rot = 2 * cos.shape[-1]
     xf = x.float()
     e, o = xf[..., 0:rot:2], xf[..., 1:rot:2]
     out = xf.clone()

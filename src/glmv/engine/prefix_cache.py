@@ -38,6 +38,7 @@ class PrefixStats:
 
 
 _HASH_WEIGHTS: dict[str, torch.Tensor] = {}
+FEATURE_BYTES = 256 * 2**20  # at most this much of the budget holds vision features (a screenshot's: ~10 MB)
 
 
 def _hash_weights(n: int, device: torch.device) -> torch.Tensor:
@@ -112,6 +113,10 @@ class PrefixCache:
         self.block_bytes = block * bytes_per_token
         self._blocks: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.stats = PrefixStats()
+        # the vision tower's output per image (by content digest): a follow-up whose cached blocks end inside
+        # the image (blocks are whole; the answer that follows differs) takes the image's features from here
+        self._features: OrderedDict[Any, torch.Tensor] = OrderedDict()
+        self._feature_bytes = 0
 
     @property
     def enabled(self) -> bool:
@@ -177,5 +182,28 @@ class PrefixCache:
             added += 1
         return added
 
+    @property
+    def feature_budget(self) -> int:
+        return min(FEATURE_BYTES, self.budget_bytes // 8)
+
+    def features(self, key: Any) -> torch.Tensor | None:
+        """Vision features stored under ``key`` (the media's kind and content digests), or None."""
+        t = self._features.get(key)
+        if t is not None:
+            self._features.move_to_end(key)
+        return t
+
+    def keep_features(self, key: Any, feats: torch.Tensor) -> None:
+        size = feats.numel() * feats.element_size()
+        if not self.enabled or size > self.feature_budget or key in self._features:
+            return
+        while self._features and self._feature_bytes + size > self.feature_budget:
+            _, old = self._features.popitem(last=False)
+            self._feature_bytes -= old.numel() * old.element_size()
+        self._features[key] = feats
+        self._feature_bytes += size
+
     def clear(self) -> None:
         self._blocks.clear()
+        self._features.clear()
+        self._feature_bytes = 0

@@ -256,7 +256,18 @@ GEMV_CONFIGS = [(8, 8, 4, 2, 0, 0), (4, 16, 4, 2, 0, 0), (8, 16, 8, 2, 0, 0), (8
 GEMM_CONFIGS = [(16, 32, 2, 4, 3, 1), (16, 64, 4, 4, 2, 1), (16, 32, 8, 4, 2, 1), (16, 32, 2, 4, 3, 4),
                 (16, 32, 8, 4, 2, 4), (16, 64, 4, 4, 2, 2), (16, 16, 4, 4, 3, 4), (32, 64, 4, 8, 2, 1),
                 (32, 32, 2, 4, 3, 1), (32, 32, 4, 4, 2, 4), (32, 64, 4, 8, 2, 2), (32, 64, 8, 8, 2, 1),
-                (32, 128, 4, 8, 2, 1), (32, 32, 8, 4, 2, 1), (32, 64, 2, 4, 3, 1)]
+                (32, 128, 4, 8, 2, 1), (32, 32, 8, 4, 2, 1), (32, 64, 2, 4, 3, 1),
+                # wide tiles split over K: the 4096-wide outputs get enough programs (an H200 has 132 SMs) while
+                # each program still amortises its input tile over 128-256 outputs
+                (32, 128, 4, 8, 2, 2), (32, 128, 4, 8, 2, 4), (32, 256, 4, 8, 2, 1), (32, 256, 4, 8, 2, 4),
+                (16, 128, 4, 8, 2, 1), (16, 128, 4, 8, 2, 2), (16, 128, 4, 8, 2, 4), (16, 256, 4, 8, 2, 2)]
+
+
+def configs_for(rows: int) -> list[tuple]:
+    """The block-size configurations the tuner tries for ``rows`` rows of input."""
+    if rows == 1:
+        return GEMV_CONFIGS
+    return [c for c in GEMM_CONFIGS if c[0] <= max(16, rows)]
 
 
 def w4_linear(x, packed, scale, mn, bias=None, silu: bool = False, config: tuple | None = None):
