@@ -37,6 +37,8 @@ from test_cli import run_cli
         (["ask", "-p", "x", "--base-url", "http://127.0.0.1:9/v1", "--model", "tiny"], "--model has no effect with --backend openai"),
         (["ask", "-p", "x", "--backend", "local", "--base-url", "http://127.0.0.1:9/v1"], "--base-url needs --backend openai"),
         (["ask", "-p", "x", "--remote-model", "m"], "--remote-model needs --backend openai --base-url URL"),
+        # the older spelling is named as typed (it said --remote-api-key, a flag the user never wrote)
+        (["ask", "-p", "x", "--api-key", "k"], "error: --api-key needs --backend openai --base-url URL"),
         (["ask", "-p", "x", "--max-steps", "2"], "--max-steps has no effect without --tools"),
         (["ask", "-p", "x", "--no-thinking", "--show-thinking"], "--show-thinking shows nothing with --no-thinking"),
         (["ask", "-p", "x", "--json", "--stream"], "--stream and --json do not mix"),

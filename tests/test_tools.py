@@ -117,6 +117,20 @@ def test_custom_tools_and_tool_exceptions():
     assert "no such city" in trace[1].error and result.output.answer == "Done."
 
 
+
+def test_the_tool_loop_is_still_importable_from_glmv_tools():
+    """The previous README showed ``from glmv.tools import ... run_tool_loop``; code written from it keeps working
+    (the loop itself is the task layer's now)."""
+    from glmv import tools
+
+    replies = iter([call("weather", city="Paris"), "Done."])
+    registry = ToolRegistry([Tool("weather", "Current weather.", {"type": "object", "properties": {
+        "city": {"type": "string"}}}, lambda args, ctx: [f"{args['city']}: 21 C"])])
+    result, trace, _ = tools.run_tool_loop(ScriptedBackend(lambda req: next(replies)), [user_message("weather?")],
+                                           registry, ToolContext(), SamplingParams())
+    assert trace[0].text == "Paris: 21 C" and result.output.answer == "Done."
+    assert tools.run_tool_loop is run_tool_loop
+
 @needs_browser
 def test_render_html_tool_uses_chromium_and_blocks_the_network():
     hits = []

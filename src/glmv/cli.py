@@ -194,13 +194,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: auto)")
 
 
+class _OlderSpelling(argparse.Action):
+    """Stores like the flag it is an older name of, and remembers the name used: errors quote what was typed."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.spelled = {**getattr(namespace, "spelled", {}), self.dest: option_string}
+
+
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("remote backend (any OpenAI-compatible server: vLLM, SGLang, another glmv serve)")
     g.add_argument("--backend", choices=["local", "openai"], default="local", help="where the model runs (default: local)")
     g.add_argument("--base-url", default=None, help="the server's API root, e.g. http://gpu-box:8000/v1")
     g.add_argument("--remote-api-key", default=None, metavar="KEY",
                    help="the key glmv sends to --base-url (default: $OPENAI_API_KEY)")
-    g.add_argument("--api-key", dest="remote_api_key", help=argparse.SUPPRESS)  # the older spelling, still taken
+    g.add_argument("--api-key", dest="remote_api_key", action=_OlderSpelling,  # the older spelling, still taken
+                   help=argparse.SUPPRESS)
     g.add_argument("--remote-model", default=None, help="model name on the server (default: the first it lists)")
 
 
@@ -541,7 +550,8 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
     else:
         for dest in ("base_url", "remote_api_key", "remote_model"):
             if dest in given:
-                raise UsageError(f"{_flag(dest)} needs --backend openai --base-url URL")
+                flag = getattr(args, "spelled", {}).get(dest) or _flag(dest)
+                raise UsageError(f"{flag} needs --backend openai --base-url URL")
     if "max_steps" in given and not args.tools:
         raise UsageError("--max-steps has no effect without --tools")
     if getattr(args, "refine", 0) < 0:  # was silently no refinement

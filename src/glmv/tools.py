@@ -183,3 +183,13 @@ class Step:
             args = args[:117] + "..."
         out = self.error or (self.text + "".join(f" [image {w}x{h}]" for w, h in self.images))
         return f"⚙ {self.name}({args}) → {out}"
+
+
+def __getattr__(name: str) -> Any:
+    """``run_tool_loop`` was defined here before the task layer, and the README showed it imported from here:
+    the name still resolves (lazily: the loop lives in :mod:`glmv.tasks`, which imports this module)."""
+    if name == "run_tool_loop":
+        from .tasks import run_tool_loop
+
+        return run_tool_loop
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
