@@ -145,3 +145,36 @@ def test_every_backend_has_the_whole_protocol():
     missing = {cls.__name__: sorted(m for m in members if not hasattr(cls, m))
                for cls in (LocalBackend, RemoteBackend, ScriptedBackend)}
     assert missing == {"LocalBackend": [], "RemoteBackend": [], "ScriptedBackend": []}
+
+
+def test_a_backend_written_to_the_short_protocol_gets_one_clear_error(sample_png):
+    import io
+
+    from glmv.backends.base import PROTOCOL_MEMBERS, Backend, check_backend
+    from glmv.cli import main
+    from glmv.errors import GlmvError
+    from glmv.server.app import build_app
+    from glmv.testing.scripted import ScriptedBackend
+
+    # the list check_backend uses is the protocol itself
+    assert set(PROTOCOL_MEMBERS) == {n for n in vars(Backend) if not n.startswith("_")} | set(Backend.__annotations__)
+
+    class Old:  # what the protocol asked for before this round: generate and close
+        name = "old"
+
+        def generate(self, request, cancel=None):
+            raise AssertionError("must not be reached")
+
+        def close(self):
+            pass
+
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["ask", str(sample_png), "-p", "hi", "--no-server"], backend_factory=lambda settings: Old(),
+                stdout=out, stderr=err)
+    assert code == 2 and out.getvalue() == ""
+    assert err.getvalue().startswith("error: the backend Old lacks default_sampling, max_batch")
+    assert "subclass glmv.backends.base.BackendBase" in err.getvalue() and err.getvalue().count("\n") == 1
+    with pytest.raises(GlmvError, match="the backend Old lacks"):
+        build_app(Old())
+    scripted = ScriptedBackend("hi")
+    assert check_backend(scripted) is scripted

@@ -154,7 +154,9 @@ def test_bench_is_a_described_subcommand():
     for argv, message in ((["--batches", "1,x"], "--batches '1,x': give numbers above 0"),
                           (["--serve", "--rates", "0"], "--rates '0': give numbers above 0"),
                           (["--serve", "--mix", "chat:1"], "--mix 'chat:1': give kind:weight pairs"),
-                          (["--tokens", "0"], "--tokens must be at least 1")):
+                          (["--tokens", "0"], "--tokens must be at least 1"),
+                          (["--device", "nope"], "--device 'nope': give cuda, cuda:N or cpu"),
+                          (["--serve", "--users", "-1"], "--users and --spread must be 0 or more")):
         code, out_text, err = run(["bench", *argv])
         assert (code, out_text) == (2, "") and err.startswith(f"error: {message}") and err.count("\n") == 1, err
 

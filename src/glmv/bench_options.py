@@ -9,6 +9,7 @@ default to None here and are resolved by :func:`resolve` once torch says whether
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from .errors import GlmvError
@@ -96,6 +97,10 @@ def resolve(args: argparse.Namespace, has_cuda: bool) -> argparse.Namespace:
         if not weights or not set(weights) <= {"question", "follow_up", "edit"} or min(weights.values()) < 0:
             raise GlmvError(f"--mix '{args.mix}': give kind:weight pairs, e.g. {DEFAULT_MIX}")
     args.device = args.device or ("cuda" if has_cuda else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise GlmvError(f"--device '{args.device}': give cuda, cuda:N or cpu")
+    if args.device.startswith("cuda") and not has_cuda:
+        raise GlmvError(f"--device {args.device}: no CUDA GPU is visible here; use --device cpu (with --model tiny)")
     gpu = args.device.startswith("cuda")
     if serve:
         args.model = args.model or ("full-random" if gpu else "tiny")

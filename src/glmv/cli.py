@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from . import __version__, tasks
-from .backends.base import Backend, Chunk, Result
+from .backends.base import Backend, Chunk, Result, check_backend
 from .errors import GlmvError
 from .limits import Budget, add_limit_arguments, limits_from_args
 from .prompts import TASKS, Message, user_message
@@ -1245,6 +1245,10 @@ def run_logs(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     return 0
 
 
+def _checked(factory: BackendFactory) -> BackendFactory:
+    return lambda settings: check_backend(factory(settings))
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -1266,6 +1270,8 @@ def main(
         return 2
     args.tutorial = tutorial
     debug = getattr(args, "debug", False) or bool(os.environ.get("GLMV_DEBUG"))
+    if backend_factory is not None:  # a caller's own backend: one clear message if it misses a protocol member
+        backend_factory = _checked(backend_factory)
     try:
         # Settings are built here, once, and handed to the command that runs the model (none for logs, ps, ...).
         settings = _settings_from_args(args) if args.command in MODEL_COMMANDS else Settings()

@@ -276,7 +276,7 @@ def refine(backend: Backend, target: LoadedImage, first_html: str, first_path: P
 
     cancel = cancel or threading.Event()
     html_, path = first_html, Path(first_path)
-    best = None
+    best, render = None, None  # render: the last scored version's screenshot (round 0 sets it)
     for r in range(rounds + 1):
         if r > 0:
             yield RoundStarted(r, rounds)

@@ -151,6 +151,20 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+PROTOCOL_MEMBERS = ("name", "default_sampling", "max_batch", "placement", "served_model", "base_url", "load", "generate",
+                    "queue_depth", "context_length", "serving_stats", "close")
+
+
+def check_backend(backend: Any) -> Any:
+    """``backend`` itself, once it is known to have every :class:`Backend` member: a backend written to an older,
+    shorter protocol gets one clear message here instead of an AttributeError deep inside a front end."""
+    missing = [m for m in PROTOCOL_MEMBERS if not hasattr(backend, m)]
+    if missing:
+        raise GlmvError(f"the backend {type(backend).__name__} lacks {', '.join(missing)}: subclass "
+                        "glmv.backends.base.BackendBase (it supplies defaults for all but generate)")
+    return backend
+
+
 class BackendBase:
     """Defaults for the :class:`Backend` members a backend has no use for. A new backend subclasses it,
     implements ``generate`` by handing its text to :class:`~glmv.backends.stream.ChunkAssembler`, and

@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..backends.base import Backend, Chunk, GenerationRequest
+from ..backends.base import Backend, Chunk, GenerationRequest, check_backend
 from ..documents import PlannedInput, RenderOptions, charge, decode_planned, plan_input
 from ..errors import ContextLengthError, GlmvError, LimitError, MediaError, RequestError
 from ..limits import Budget, Limits
@@ -356,6 +356,7 @@ class Metrics:
 # -- the app -------------------------------------------------------------------------------------
 def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
+    check_backend(backend)
     app = FastAPI(title="glmv", version="1", docs_url=None, redoc_url=None)
     metrics = Metrics(lambda: backend.queue_depth, backend.serving_stats)
     chat = ChatCompletions(backend, config, metrics)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from ..backends.base import check_backend
 from ..errors import GlmvError
 from ..settings import DEFAULT_MODEL, LARGE_MODEL, Settings
 
@@ -188,7 +189,7 @@ class ModelManager:
             del old
             gc.collect()
         try:
-            backend = self._factory(settings, self._log)
+            backend = check_backend(self._factory(settings, self._log))
         except Exception as exc:  # keep the page alive and say what happened
             self._fail(settings, str(exc) if isinstance(exc, GlmvError) else f"{type(exc).__name__}: {exc}")
             if freed and self._previous is not None:  # it failed after the old model was freed
