@@ -23,7 +23,7 @@ MODULES = {
     # core: plain data, parsing, media and prompt building; no model, no backend
     "glmv": "core", "errors": "core", "tokens": "core", "settings": "core", "parsing": "core", "prompts": "core",
     "media": "core", "documents": "core", "limits": "core", "outputs": "core", "grounding": "core",
-    "render": "core", "score": "core", "history": "core", "tiny": "core",
+    "render": "core", "score": "core", "history": "core", "tiny": "core", "privacy": "core",
     # loading a checkpoint (quantizing it with the engine's int4 format) is the local backend's business
     "loading": "backends",
     # flows over a backend: ask/ocr/html, refine, the tool loop

@@ -26,6 +26,7 @@ from .cli import (BackendFactory, Printer, UsageError, _check_document_flags, _c
                   _conversation, _log_answer, _refuse_ignored, _sampling_from_args, summary_line)
 from .errors import GlmvError
 from .limits import Budget, limits_from_args
+from .privacy import redact_text
 from .prompts import Message, user_message
 from .settings import DEFAULT_MAX_PIXELS, SamplingParams, Settings
 
@@ -242,7 +243,7 @@ def run_chat(args: argparse.Namespace, settings: Settings, injected: BackendFact
                     _check_utf8("your message", line)  # a Latin-1 terminal's bytes: say so, keep the chat
                     session.turn(line)
             except GlmvError as exc:
-                stderr.write(f"error: {exc}\n")
+                stderr.write(f"error: {redact_text(str(exc))}\n")
                 stderr.flush()
         return 0
     finally:

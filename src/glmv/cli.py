@@ -29,6 +29,7 @@ from . import __version__, tasks
 from .backends.base import Backend, Chunk, Result, check_backend
 from .errors import GlmvError
 from .limits import Budget, add_limit_arguments, limits_from_args
+from .privacy import redact_text
 from .prompts import TASKS, Message, user_message
 from .settings import (DEFAULT_LONG_SIDE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PIXELS, SAMPLING_BOUNDS, TINY_MODEL,
                        SamplingParams, Settings)
@@ -1266,7 +1267,7 @@ def main(
     try:
         args = parse_args(parser, argv)
     except UsageError as exc:
-        stderr.write(f"error: {exc}\n")
+        stderr.write(f"error: {redact_text(str(exc))}\n")  # URLs shown without their credentials
         return 2
     args.tutorial = tutorial
     debug = getattr(args, "debug", False) or bool(os.environ.get("GLMV_DEBUG"))
@@ -1308,7 +1309,7 @@ def main(
     except GlmvError as exc:
         if debug:
             raise
-        stderr.write(f"error: {exc}\n")
+        stderr.write(f"error: {redact_text(str(exc))}\n")  # URLs shown without their credentials
         return 2
     except KeyboardInterrupt:
         stderr.write("\nglmv: interrupted\n")
@@ -1319,7 +1320,7 @@ def main(
     except Exception as exc:  # a bug, not a user error: say so briefly
         if debug:
             raise
-        stderr.write(f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)\n")
+        stderr.write(f"error: unexpected {type(exc).__name__}: {redact_text(str(exc))} (run with --debug for the traceback)\n")
         return 1
 
 

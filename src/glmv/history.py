@@ -2,7 +2,8 @@
 
 Every answer the command line produces is one row: the conversation it belongs to, the command, model and
 backend, the prompt and system prompt, the inputs (paths or URLs, each with a sha256 of its bytes: never the
-bytes themselves, and a ``data:`` URI is recorded by its hash only), the answer and reasoning, the settings,
+bytes themselves, and a ``data:`` URI is recorded by its hash only; a URL without its credentials, see
+``privacy.py``), the answer and reasoning, the settings,
 token usage, timings and finish reason. A conversation is continued by reading its turns back and loading
 the inputs again from their paths. Logging is off with ``--no-log`` for one command, ``GLMV_HISTORY=off``
 for a shell, or ``glmv logs off`` for good (a marker file beside the database).
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import GlmvError
+from .privacy import MASK, redact_url
 from .prompts import Message
 from .settings import cache_root
 
@@ -79,8 +81,8 @@ def describe_input(source: str) -> dict[str, Any]:
     """How an input is remembered: its path (absolute) or URL, and the sha256 of its bytes where readable."""
     if source.startswith("data:"):
         return {"source": "data:", "sha256": hashlib.sha256(source.encode("utf-8")).hexdigest()}
-    if source == "-" or source.startswith(("http://", "https://")):
-        return {"source": source, "sha256": None}
+    if source == "-" or "://" in source:
+        return {"source": redact_url(source), "sha256": None}
     path = Path(source).expanduser()
     digest = None
     try:
@@ -170,6 +172,9 @@ class History:
             d = dict(row)
             for k in _JSON_COLUMNS:
                 d[k] = json.loads(d[k]) if d[k] else ({} if k != "inputs" else [])
+            for item in d["inputs"]:  # rows written before URLs were redacted on the way in
+                if isinstance(item, dict) and isinstance(item.get("source"), str):
+                    item["source"] = redact_url(item["source"])
             out.append(Entry(**d))
         return out
 
@@ -237,6 +242,9 @@ def replay(entries: list[Entry], load: Callable[[str, str | None], list[Any]],
             if source in ("-", "data:"):
                 what = "standard input" if source == "-" else "a data: URI"
                 warn(f"an input of an earlier turn ({what}) cannot be read again: left out")
+                continue
+            if "://" in source and MASK in source:
+                warn(f"'{source}' was recorded without its credentials and cannot be fetched again: left out")
                 continue
             try:
                 media.extend(load(source, e.settings.get("pages")))

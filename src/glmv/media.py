@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 from .errors import MediaError
+from .privacy import redact_url
 from .settings import DEFAULT_MAX_PIXELS, MAX_DECODE_PIXELS
 
 MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
@@ -67,7 +68,7 @@ def describe_source(source: Any) -> str:
         s = str(source)
         if s.startswith("data:"):
             return s[:40] + ("..." if len(s) > 40 else "")
-        return s
+        return redact_url(s)
     if isinstance(source, (bytes, bytearray)):
         return f"<{len(source)} bytes>"
     return f"<{type(source).__name__}>"
@@ -126,12 +127,12 @@ def read_source_bytes(source: Any, *, allow_remote: bool = True, stdin: IO[bytes
     scheme = urllib.parse.urlsplit(s).scheme.lower()
     if scheme in ("http", "https"):
         if not allow_remote:
-            raise MediaError(f"cannot read {what} '{s}': fetching URLs is disabled here (the operator must allow remote media)")
+            raise MediaError(f"cannot read {what} '{name}': fetching URLs is disabled here (the operator must allow remote media)")
         return download(s, remote or RemotePolicy(), what)
     if scheme == "file":
         s = urllib.parse.unquote(urllib.parse.urlsplit(s).path)
     elif len(scheme) > 1 and "://" in s:
-        raise MediaError(f"cannot read {what} '{s}': unsupported URL scheme '{scheme}' (use http, https, a file or a data: URI)")
+        raise MediaError(f"cannot read {what} '{name}': unsupported URL scheme '{scheme}' (use http, https, a file or a data: URI)")
     try:
         path = Path(s).expanduser()
         st = path.stat()
@@ -259,24 +260,26 @@ def download(url: str, policy: RemotePolicy | None = None, what: str = "image") 
     policy = policy or RemotePolicy()
     deadline = time.monotonic() + policy.timeout_s
     current = url
+    shown_url = redact_url(url)  # messages name the URL without its credentials
     for hop in range(policy.max_redirects + 1):
         parts = urllib.parse.urlsplit(current)
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https"):
-            raise MediaError(f"cannot fetch {what} '{url}': {'a redirect leads' if hop else 'it points'} to a "
+            raise MediaError(f"cannot fetch {what} '{shown_url}': {'a redirect leads' if hop else 'it points'} to a "
                              f"'{scheme}:' URL; only http and https are fetched")
         try:
             host, port = parts.hostname, parts.port or (443 if scheme == "https" else 80)
         except ValueError:
-            raise MediaError(f"cannot fetch {what} '{url}': invalid port in '{current}'") from None
+            raise MediaError(f"cannot fetch {what} '{shown_url}': invalid port in '{redact_url(current)}'") from None
         if not host:
-            raise MediaError(f"cannot fetch {what} '{url}': no host in '{current}'")
-        shown = current if len(current) <= 200 else current[:200] + "..."  # a redirect's target is the server's text
-        label = f"'{url}'" + (f" (redirected to '{shown}')" if hop else "")
+            raise MediaError(f"cannot fetch {what} '{shown_url}': no host in '{redact_url(current)}'")
+        shown = redact_url(current)  # before cutting: a cut userinfo would lose the '@' that marks it
+        shown = shown if len(shown) <= 200 else shown[:200] + "..."  # a redirect's target is the server's text
+        label = f"'{shown_url}'" + (f" (redirected to '{shown}')" if hop else "")
         address = _checked_address(label, host, port, policy, what)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise MediaError(f"cannot fetch {what} '{url}': no answer within {policy.timeout_s:g} s")
+            raise MediaError(f"cannot fetch {what} '{shown_url}': no answer within {policy.timeout_s:g} s")
         if scheme == "https":
             conn: http.client.HTTPConnection = _PinnedHTTPSConnection(host, port, address, remaining, policy.ssl_context)
         else:
@@ -288,26 +291,26 @@ def download(url: str, policy: RemotePolicy | None = None, what: str = "image") 
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.getheader("Location")
                 if not location:
-                    raise MediaError(f"cannot fetch {what} '{url}': HTTP {resp.status} redirect without a Location")
+                    raise MediaError(f"cannot fetch {what} '{shown_url}': HTTP {resp.status} redirect without a Location")
                 current = urllib.parse.urljoin(current, location.strip())
                 continue
             if resp.status != 200:
-                raise MediaError(f"cannot fetch {what} '{url}': HTTP {resp.status} {_status_phrase(resp.status)}")
-            return _read_bounded(resp, conn, url, policy, deadline, what)
+                raise MediaError(f"cannot fetch {what} '{shown_url}': HTTP {resp.status} {_status_phrase(resp.status)}")
+            return _read_bounded(resp, conn, shown_url, policy, deadline, what)
         except MediaError:
             raise
         except TimeoutError:
-            raise MediaError(f"cannot fetch {what} '{url}': no answer within {policy.timeout_s:g} s") from None
+            raise MediaError(f"cannot fetch {what} '{shown_url}': no answer within {policy.timeout_s:g} s") from None
         except ssl.SSLError as exc:
             reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or type(exc).__name__
-            raise MediaError(f"cannot fetch {what} '{url}': TLS failed ({reason})") from None
+            raise MediaError(f"cannot fetch {what} '{shown_url}': TLS failed ({reason})") from None
         except (OSError, http.client.HTTPException, ValueError) as exc:
             reason = getattr(exc, "strerror", None) or type(exc).__name__
-            raise MediaError(f"cannot fetch {what} '{url}': {reason} (check the address and your network, "
+            raise MediaError(f"cannot fetch {what} '{shown_url}': {reason} (check the address and your network, "
                              f"or pass a local file)") from None
         finally:
             conn.close()
-    raise MediaError(f"cannot fetch {what} '{url}': more than {policy.max_redirects} redirects")
+    raise MediaError(f"cannot fetch {what} '{shown_url}': more than {policy.max_redirects} redirects")
 
 
 def _status_phrase(status: int) -> str:

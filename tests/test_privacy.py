@@ -1,0 +1,124 @@
+"""Users' secrets and data: URLs are recorded and echoed without their credentials (history, glmv logs, --json,
+error messages), and the files holding conversations are private to their owner (0700 folders, 0600 files)."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import threading
+
+import pytest
+
+from conftest import png_bytes
+from glmv import history
+from glmv.cli import main
+from glmv.privacy import redact_text, redact_url
+from test_cli import run_cli
+
+SECRETS = ("hunter2", "tok123", "sig456", "AKIAXYZ", "amzsig789")
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://user:hunter2@host/x.png", "https://***@host/x.png"),
+    ("http://hunter2@host:8080/a/b.png?w=1", "http://***@host:8080/a/b.png?w=1"),
+    ("https://a:b@c@host/x.png", "https://***@host/x.png"),  # the last '@' ends the userinfo
+    ("https://host/x.png?token=tok123&w=2", "https://host/x.png?token=***&w=2"),
+    ("https://host/x.png?X-Amz-Credential=AKIAXYZ&X-Amz-Signature=amzsig789&X-Amz-Expires=60",
+     "https://host/x.png?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Expires=60"),
+    ("https://host/x.png?sv=1&sig=sig456#access_token=tok123", "https://host/x.png?sv=1&sig=***#access_token=***"),
+    ("ftp://u:hunter2@host/x", "ftp://***@host/x"),
+    ("https://host/x.png", "https://host/x.png"),
+    ("/home/me/user:pass@x.png", "/home/me/user:pass@x.png"),  # a path, not a URL
+    ("data:image/png;base64,AAAA", "data:image/png;base64,AAAA"),
+])
+def test_redact_url(url, shown):
+    assert redact_url(url) == shown
+
+
+def test_redact_text_finds_every_url_in_a_message():
+    text = "cannot fetch image 'https://u:hunter2@h/x.png?sig=sig456': refused; also see http://ok/y"
+    assert redact_text(text) == "cannot fetch image 'https://***@h/x.png?sig=***': refused; also see http://ok/y"
+
+
+def assert_no_secret(text: str | bytes) -> None:
+    for secret in SECRETS:
+        assert (secret.encode() if isinstance(text, bytes) else secret) not in text
+
+
+@pytest.fixture
+def fresh_history(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLMV_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("GLMV_HISTORY", raising=False)
+    return tmp_path / "cache" / "history.sqlite"
+
+
+@pytest.fixture
+def png_server(monkeypatch):
+    """A real HTTP server on 127.0.0.1 serving a PNG at any path; loopback is let through the address check
+    (the check itself is tested in test_media)."""
+    import glmv.media
+
+    data = png_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(glmv.media, "address_refusal", lambda address: None)
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def logs(*args: str) -> str:
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["logs", *args], stdout=out, stderr=err) == 0, err.getvalue()
+    return out.getvalue()
+
+
+def test_a_url_with_credentials_is_logged_and_shown_without_them(fresh_history, png_server):
+    url = f"http://user:hunter2@127.0.0.1:{png_server}/x.png?w=1&token=tok123&X-Amz-Signature=amzsig789"
+    r = run_cli(["ask", url, "-p", "what colour?", "--json"])
+    assert r.code == 0, r.err
+    assert_no_secret(r.out + r.err)
+    assert json.loads(r.out)["answer"] == "A red square."
+    (entry,) = json.loads(logs("--json"))["entries"]
+    assert entry["inputs"][0]["source"] == (f"http://***@127.0.0.1:{png_server}/x.png?w=1&token=***"
+                                           f"&X-Amz-Signature=***")
+    text = logs()
+    assert "what colour?" in text
+    assert_no_secret(text)
+    assert_no_secret(fresh_history.read_bytes())
+    # continuing cannot fetch it again without the credentials: it is left out with a warning, not an error
+    r = run_cli(["ask", "-c", "-p", "and now?"])
+    assert r.code == 0 and "recorded without its credentials" in r.err
+    assert_no_secret(r.err)
+
+
+def test_rows_written_before_redaction_are_shown_redacted(fresh_history):
+    with history.History() as h:
+        h.log(conversation_id="c1", command="ask", model="m", backend="local", prompt="p", system=None,
+              inputs=[{"source": "https://u:hunter2@host/x.png?sig=sig456", "sha256": None}], answer="a",
+              thinking=None, settings={}, usage={}, timings={}, finish_reason="stop")
+    assert_no_secret(logs("--json"))
+    assert_no_secret(logs())
+
+
+@pytest.mark.parametrize("args", [
+    ["ask", "https://user:hunter2@127.0.0.1:9/x.png?sig=sig456", "-p", "x"],  # refused: loopback
+    ["ask", "ftp://user:hunter2@example.com/x.png", "-p", "x"],  # refused: scheme
+    ["ocr", "https://user:hunter2@127.0.0.1:9/x.pdf", "--pages", "1"],
+])
+def test_error_messages_never_echo_credentials(fresh_history, args):
+    r = run_cli(args)
+    assert r.code == 2 and r.err.startswith("error: ") and "***@" in r.err
+    assert_no_secret(r.err)
