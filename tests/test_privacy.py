@@ -122,3 +122,69 @@ def test_error_messages_never_echo_credentials(fresh_history, args):
     r = run_cli(args)
     assert r.code == 2 and r.err.startswith("error: ") and "***@" in r.err
     assert_no_secret(r.err)
+
+
+# -- files with users' data are private to their owner --------------------------------------------------
+def mode(path) -> int:
+    import os
+    import stat
+
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def open_umask():
+    """The loosest umask a user could have: every file would be world-readable and writable."""
+    import os
+
+    old = os.umask(0)
+    yield
+    os.umask(old)
+
+
+def test_history_is_private_whatever_the_umask(fresh_history, open_umask, sample_png):
+    assert run_cli(["ask", str(sample_png), "-p", "what colour?"]).code == 0
+    assert mode(fresh_history) == 0o600 and mode(fresh_history.parent) == 0o700
+    assert not list(fresh_history.parent.glob("history.sqlite-*"))  # no journal left readable beside it
+
+
+def test_an_older_readable_history_is_tightened_when_opened(fresh_history):
+    import sqlite3
+
+    fresh_history.parent.mkdir(parents=True)
+    sqlite3.connect(fresh_history).close()
+    fresh_history.chmod(0o644)
+    fresh_history.parent.chmod(0o755)
+    history.History().close()
+    assert mode(fresh_history) == 0o600 and mode(fresh_history.parent) == 0o700
+
+
+def test_the_web_apps_store_is_private(tmp_path, open_umask, sample_png):
+    from glmv.ui.store import Store
+
+    folder = tmp_path / "ui"
+    (folder / "media").mkdir(parents=True)
+    old = folder / "media" / "old.png"
+    old.write_bytes(b"x")
+    old.chmod(0o644)
+    store = Store(folder)
+    kept = store.keep(str(sample_png))
+    store.save_chat("browser", "chat", "title", [["hi", "hello"]])
+    assert mode(folder) == 0o700 and mode(folder / "media") == 0o700
+    assert mode(store.path) == 0o600 and mode(kept) == 0o600 and mode(old) == 0o600
+
+
+def test_the_resident_record_and_its_folder_are_private(fresh_history, open_umask):
+    import io
+    import time
+
+    from glmv import resident
+
+    path = resident.new_state_path()
+    resident.write_state(path, resident.Resident(pid=1, port=1, model="m", settings={}, api_key="k",
+                                                 started=time.time(), log=str(path.with_suffix(".log"))))
+    assert mode(path) == 0o600 and mode(path.parent) == 0o700
+    path.parent.chmod(0o755)
+    with resident.start_lock(io.StringIO()):
+        pass
+    assert mode(path.parent) == 0o700 and mode(path.parent / ".start.lock") == 0o600

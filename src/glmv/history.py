@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import GlmvError
-from .privacy import MASK, redact_url
+from .privacy import MASK, private_sqlite, redact_url
 from .prompts import Message
 from .settings import cache_root
 
@@ -132,7 +132,7 @@ class History:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or db_path()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_sqlite(self.path)  # prompts and answers: for the user's eyes only (0600 in a 0700 folder)
             self.db = sqlite3.connect(self.path, timeout=10)
             self.db.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as exc:

@@ -3,9 +3,9 @@
 A resident model is a ``glmv serve`` process started in the background (its own session, output to a log
 file in the cache folder) that keeps the model loaded, so a later ``glmv ask`` pays a second, not the whole
 start-up. The server records itself in ``<cache>/resident/<id>.json`` once it listens (pid, port, model,
-settings, default sampling, a random API key: the file is private to the user, mode 0600) and removes the
-file when it exits, after an idle timeout too. Readers drop records of processes that are gone. Nothing here
-imports torch: the client side of this path must stay fast.
+settings, default sampling, a random API key: the file is private to the user, mode 0600 in a 0700 folder)
+and removes the file when it exits, after an idle timeout too. Readers drop records of processes that are
+gone. Nothing here imports torch: the client side of this path must stay fast.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 from .errors import GlmvError
+from .privacy import private_dir, private_file
 from .settings import TINY_MODEL, cache_root
 
 # Settings that change what the model computes; a client flag given explicitly must agree with the server.
@@ -146,7 +147,7 @@ def _listening(port: int) -> bool:
 
 def write_state(path: Path, resident: Resident) -> None:
     """Atomically, readable by the user only (the file holds the server's API key)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -199,9 +200,8 @@ def find_resident(model: str, explicit: dict[str, Any]) -> tuple[Resident | None
 def start_lock(stderr: TextIO) -> Iterator[None]:
     """Held while ``glmv start`` looks for a running server and starts one: two starts at once would otherwise
     both find none and load the model twice (twice the GPU memory). The second waits, then finds the first."""
-    d = state_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / ".start.lock", "a+b") as f:
+    d = private_dir(state_dir())
+    with open(private_file(d / ".start.lock"), "a+b") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -221,13 +221,13 @@ def new_state_path() -> Path:
 def start(serve_args: list[str], model: str, stderr: TextIO, wait_s: float | None = None) -> Resident:
     """Start ``glmv serve SERVE_ARGS`` in the background and wait until it listens; echo its progress."""
     state = new_state_path()
-    state.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(state.parent)  # records hold API keys, logs hold what the server said: the user's only
     _prune_logs(state.parent)
     log_path = state.with_suffix(".log")
     env = dict(os.environ, GLMV_API_KEY=secrets.token_urlsafe(24))  # in the environment, not on the command line
     cmd = [sys.executable, "-m", "glmv.cli", "serve", "--model", model, "--port", "0", "--state-file", str(state),
            *serve_args]
-    with open(log_path, "ab") as log:
+    with open(private_file(log_path), "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)  # Ctrl-C in this terminal must not reach it
     shown = 0

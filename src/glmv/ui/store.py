@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ..privacy import private_dir, private_file, private_sqlite
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chats (
     id TEXT PRIMARY KEY, browser TEXT NOT NULL, title TEXT NOT NULL, updated REAL NOT NULL,
@@ -38,8 +40,13 @@ class Store:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.media = self.folder / "media"
-        self.media.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "state.sqlite"
+        # Chats and uploaded images are the user's own: 0700 folders, 0600 files, older ones tightened too.
+        private_sqlite(self.path)
+        private_dir(self.media)
+        for kept in self.media.iterdir():
+            if kept.is_file():
+                private_file(kept)
         self._lock = threading.Lock()
         with self._db() as db:
             db.executescript(SCHEMA)
@@ -59,6 +66,7 @@ class Store:
         dest = self.media / f"{digest}{src.suffix.lower()}"
         if not dest.exists():
             tmp = dest.with_suffix(dest.suffix + ".part")
+            private_file(tmp)  # created 0600 first: copyfile keeps an existing file's mode
             shutil.copyfile(src, tmp)
             tmp.replace(dest)
         return str(dest)
