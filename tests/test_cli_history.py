@@ -95,6 +95,24 @@ def test_continue_sends_the_earlier_turns(fresh_history, sample_png):
         assert db.execute("SELECT COUNT(DISTINCT conversation_id) FROM responses").fetchone()[0] == 1
 
 
+def test_a_continued_conversation_is_held_to_the_same_limits_as_a_fresh_one(fresh_history, sample_png):
+    blue = sample_png.with_name("blue.png")
+    blue.write_bytes(png_bytes(color=(0, 0, 255)))
+    assert run_cli(["ask", str(sample_png), str(blue), "-p", "compare"], script="x" * 600).code == 0
+    fresh = run_cli(["ask", str(sample_png), str(blue), str(sample_png), str(blue), "-p", "again", "--max-images", "3"])
+    r = run_cli(["ask", "-c", str(sample_png), str(blue), "-p", "again", "--max-images", "3"])
+    assert r.code == fresh.code == 2 and r.err == fresh.err and r.out == ""
+    assert r.err.startswith("error: too much work in one request: 4 images") and "--max-images" in r.err
+    assert r.settings is None and r.backend.requests == []  # refused before the model was built
+    r = run_cli(["ask", "--cid", history.History().last_conversation_id(), "-p", "more", "--max-text-chars", "500"])
+    assert r.code == 2 and "characters of text" in r.err and "--max-text-chars" in r.err and not r.backend.requests
+    made = []
+    code = main(["chat", "-c", "--max-images", "1"], backend_factory=lambda s: made.append(s), stdin=io.StringIO("hi\n"),
+                stdout=io.StringIO(), stderr=(err := io.StringIO()))
+    assert code == 2 and "--max-images" in err.getvalue() and made == []
+    assert history.History().count() == 1  # the refused turns were not logged
+
+
 def test_chat_in_process(fresh_history, sample_png, tmp_path):
     backend = ScriptedBackend("<think>hmm</think>An answer.")
     lines = ["hello", f"/image {sample_png}", "what is this?", "/thinking off", "/set temperature 0",

@@ -602,8 +602,12 @@ def _logging(args: argparse.Namespace) -> bool:
     return not getattr(args, "no_log", False) and history.enabled()
 
 
-def _conversation(args: argparse.Namespace, stderr: TextIO, max_pixels: int) -> tuple[str | None, list[Message]]:
-    """-c / --cid: the conversation's id and its earlier turns (inputs loaded again from their paths)."""
+def _conversation(args: argparse.Namespace, stderr: TextIO, max_pixels: int, budget: Budget | None = None,
+                  allow_remote: bool = True) -> tuple[str | None, list[Message]]:
+    """-c / --cid: the conversation's id and its earlier turns (inputs loaded again from their paths).
+
+    The earlier turns are sent again, so they count against ``budget`` (the command's own, or a fresh one) as
+    a fresh request's inputs would: their text, then each input measured before it is decoded."""
     if not (args.cont or args.cid):
         return None, []
     from . import history
@@ -620,8 +624,11 @@ def _conversation(args: argparse.Namespace, stderr: TextIO, max_pixels: int) -> 
         raise UsageError(f"no conversation {cid} in the history (glmv logs lists them)" if args.cid
                          else "there is no earlier conversation to continue: ask without -c first")
 
+    budget = budget or Budget(limits_from_args(args))
+    budget.add_text(sum(len(e.prompt) + len(e.answer) + len(e.system or "") for e in entries))
+
     def load(source: str, pages: str | None) -> list[Any]:
-        return load_inputs(source, pages=pages, max_pixels=max_pixels)
+        return load_inputs(source, pages=pages, max_pixels=max_pixels, budget=budget, allow_remote=allow_remote)
 
     def warn(line: str) -> None:
         stderr.write(f"glmv: warning: {line}\n")
@@ -684,12 +691,14 @@ def run_task(
     if sources.count("-") > 1:
         raise GlmvError("standard input ('-') can be read only once")
     _check_document_flags(args, sources)
-    conversation_id, prior = _conversation(args, stderr, settings.max_pixels) if task == "ask" else (None, [])
-    from .documents import RenderOptions, load_all
-
-    # Everything is measured (headers, page counts) and checked against the limits before anything is decoded.
+    # Everything is measured (headers, page counts) and checked against the limits before anything is decoded,
+    # the earlier turns of a continued conversation included.
     budget = Budget(limits_from_args(args), separate_prompts=task == "ocr")
     budget.add_text(len(prompt) + len(args.system or ""))
+    conversation_id, prior = (_conversation(args, stderr, settings.max_pixels, budget, settings.allow_remote_media)
+                              if task == "ask" else (None, []))
+    from .documents import RenderOptions, load_all
+
     render = RenderOptions(args.pages, args.pdf_long_side, args.dpi, settings.max_pixels)
     media = load_all(sources, render, budget=budget, allow_remote=settings.allow_remote_media)
     if task == "html":

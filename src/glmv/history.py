@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import GlmvError
+from .errors import ContextLengthError, GlmvError, LimitError
 from .privacy import MASK, private_sqlite, redact_url
 from .prompts import Message
 from .settings import cache_root
@@ -231,7 +231,8 @@ def replay(entries: list[Entry], load: Callable[[str, str | None], list[Any]],
            warn: Callable[[str], None]) -> list[Message]:
     """The messages of earlier turns: each prompt with its inputs loaded again (``load(source, pages)``), then
     the answer. Inputs that cannot be read again (standard input, data: URIs, deleted files) are left out, with
-    a warning; a file that changed since is used as it is now, with a warning."""
+    a warning; a file that changed since is used as it is now, with a warning. ``load`` raising
+    :class:`LimitError` or :class:`ContextLengthError` (the conversation is over the work limits) ends it."""
     messages: list[Message] = []
     if entries and entries[0].system:
         messages.append(Message("system", [entries[0].system]))
@@ -248,6 +249,8 @@ def replay(entries: list[Entry], load: Callable[[str, str | None], list[Any]],
                 continue
             try:
                 media.extend(load(source, e.settings.get("pages")))
+            except (LimitError, ContextLengthError):
+                raise  # over the command's limits: refused as a fresh request would be, not quietly shortened
             except GlmvError as exc:
                 warn(f"{exc}: left out of the conversation")
                 continue
