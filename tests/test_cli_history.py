@@ -182,6 +182,49 @@ def test_idle_timeout_stops_a_real_server_but_not_mid_request():
     assert not thread.is_alive() and idle and 0.45 < idle[0] - served < 3.0
 
 
+def test_a_client_that_sends_headers_and_no_body_cannot_keep_a_resident_server_awake():
+    """Raw sockets against the real app on a real uvicorn: one sends a POST's headers and never its body, another
+    never finishes its headers. The first gets 408 and is closed; neither counts as activity: the server idles out."""
+    import socket
+
+    import uvicorn
+
+    from glmv.resident import ActivityTracker, watch_server
+    from glmv.server.app import ServerConfig, build_app
+
+    tracker = ActivityTracker(build_app(ScriptedBackend("ok"), ServerConfig(body_timeout_s=0.5)))
+    server = uvicorn.Server(uvicorn.Config(tracker, host="127.0.0.1", port=0, log_level="warning",
+                                           timeout_graceful_shutdown=2))
+    ready, idle = [], []
+    threading.Thread(target=watch_server, args=(server, tracker, 1.0, ready.append, lambda: idle.append(time.monotonic())),
+                     daemon=True).start()
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    t0 = time.monotonic()
+    while not ready:
+        assert time.monotonic() - t0 < 20
+        time.sleep(0.05)
+    stalled, partial = (socket.create_connection(("127.0.0.1", ready[0]), timeout=5) for _ in range(2))
+    try:
+        started = time.monotonic()
+        stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 100\r\n\r\n")
+        partial.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.2)
+        assert tracker.in_flight == 0  # headers alone are not a request in flight
+        answer = b""
+        while chunk := stalled.recv(65536):  # until the server closes the connection
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+        assert 0.4 < time.monotonic() - started < 3.0
+        thread.join(10)
+        assert not thread.is_alive() and idle and idle[0] - started < 4.0
+    finally:
+        stalled.close()
+        partial.close()
+        server.should_exit = True
+
+
 def test_chat_ctrl_c_stops_the_answer_not_the_program(fresh_history):
     """SIGINT (what Ctrl-C sends) while an answer streams, sent once the first piece is on its way."""
     import signal

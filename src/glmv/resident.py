@@ -309,7 +309,11 @@ def stop(resident: Resident, timeout_s: float = 15.0) -> bool:
 
 # -- the server side: activity tracking, idle shutdown, the state file ------------------------------
 class ActivityTracker:
-    """ASGI wrapper counting API requests in flight (streams included) and when the last one ended."""
+    """ASGI wrapper counting API requests in flight (streams included) and when the last one ended.
+
+    A request counts once its body has arrived whole (at once for a GET): a client that sends headers and
+    then nothing is not activity, so it cannot hold the idle timeout off (the server's guard answers it 408).
+    Such a request ending does not restart the idle clock either."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -320,12 +324,28 @@ class ActivityTracker:
         if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        self.in_flight += 1
+        counted = False
+
+        def begin() -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                self.in_flight += 1
+
+        async def tracked_receive() -> dict[str, Any]:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                begin()
+            return message
+
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            begin()
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, tracked_receive, send)
         finally:
-            self.in_flight -= 1
-            self.last = time.monotonic()
+            if counted:
+                self.in_flight -= 1
+                self.last = time.monotonic()
 
 
 def watch_server(server: Any, tracker: ActivityTracker, idle_timeout_s: float | None,

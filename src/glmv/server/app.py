@@ -35,7 +35,7 @@ from ..limits import Budget, Limits
 from ..parsing import PartialCall, ToolCall
 from ..prompts import Message
 from ..settings import DEFAULT_MAX_PIXELS, SamplingParams
-from .guard import RequestGuard
+from .guard import BODY_TIMEOUT_S, RequestGuard
 from .responses import ChunkEvents, completion, dump, error_body, finish_reason, model_list, sse
 from .schemas import (MAX_JSON_DEPTH, ChatCompletionRequest, ChatMessage, FilePart, ImagePart, TextPart, VideoPart,
                       json_depth)
@@ -51,6 +51,7 @@ class ServerConfig:
     max_body_bytes: int = 64 * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
     limits: Limits = field(default_factory=Limits)  # work per request, checked before decoding or tokenizing
+    body_timeout_s: float = BODY_TIMEOUT_S  # a body that stalls this long gets 408 (see guard.py)
 
 
 class APIError(Exception):
@@ -386,7 +387,8 @@ def build_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
         return error_response(APIError(500, "internal server error", "server_error"))
 
     app.add_middleware(RequestGuard, max_body_bytes=config.max_body_bytes, api_key=config.api_key,
-                       count=lambda status: metrics.requests.labels(str(status)).inc())
+                       count=lambda status: metrics.requests.labels(str(status)).inc(),
+                       body_timeout_s=config.body_timeout_s)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

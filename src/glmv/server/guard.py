@@ -5,11 +5,14 @@ hides the client's ``http.disconnect`` from the endpoint. This middleware counts
 (with a Content-Length or chunked), answers 413 as soon as the limit is passed, and closes the
 connection so the rest is never read. A Content-Length over the limit is refused before a byte of the
 body is read (so ``Expect: 100-continue`` clients never send it). The app then receives the body in one
-message and, after it, the real receive channel, so a client that leaves is still seen.
+message and, after it, the real receive channel, so a client that leaves is still seen. A client that sends
+the headers and then stalls (no body byte for ``body_timeout_s``) gets 408 and its connection is closed: it
+would otherwise hold a request open forever, and with it a resident server's idle timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from typing import Any, Awaitable, Callable
@@ -23,6 +26,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 BODY_METHODS = ("POST", "PUT", "PATCH")
+BODY_TIMEOUT_S = 30.0  # the longest pause between two parts of a request body
 
 
 async def send_error(send: Send, status: int, message: str, type_: str = "invalid_request_error",
@@ -43,9 +47,11 @@ class RequestGuard:
     ``count(status)`` is called for every request refused here (the server's metrics)."""
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int, api_key: str | None = None,
-                 count: Callable[[int], None] = lambda status: None) -> None:
+                 count: Callable[[int], None] = lambda status: None,
+                 body_timeout_s: float = BODY_TIMEOUT_S) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.api_key = api_key
         self.count = count
 
@@ -77,7 +83,13 @@ class RequestGuard:
         chunks: list[bytes] = []
         total = 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except asyncio.TimeoutError:
+                self.count(408)
+                await send_error(send, 408, f"the request body stopped arriving (nothing for {self.body_timeout_s:g} "
+                                 f"s): send the whole body without pausing", code="request_timeout", close=True)
+                return
             if message["type"] == "http.disconnect":
                 return  # the client left while sending: nobody to answer
             part = message.get("body", b"")
