@@ -178,3 +178,26 @@ def test_a_backend_written_to_the_short_protocol_gets_one_clear_error(sample_png
         build_app(Old())
     scripted = ScriptedBackend("hi")
     assert check_backend(scripted) is scripted
+
+
+# Flows that must exist once (issue #12): (the core module that owns it, its steps front ends must not redo).
+ONCE = {"grounding": ("find_boxes", "draw_boxes", "boxes_json", "boxes_report", "no_boxes_note")}
+
+
+@pytest.mark.parametrize("owner", sorted(ONCE))
+def test_front_ends_call_a_flow_never_redo_its_steps(owner):
+    """Front ends turn input into a call of the flow (``grounding.annotate``) and show what comes back; calling
+    its steps themselves would be a second copy of the flow that can drift from the first."""
+    steps = ONCE[owner]
+    offenders = []
+    for path in SOURCES:
+        if layer_of(module_name(path)) != "front ends":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            name = getattr(node, "id", None) or getattr(node, "attr", None)
+            if isinstance(node, (ast.Name, ast.Attribute)) and name in steps:
+                offenders.append(f"{path.relative_to(SRC)}:{node.lineno} uses {name}")
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith(owner):
+                offenders += [f"{path.relative_to(SRC)}:{node.lineno} imports {a.name}" for a in node.names
+                              if a.name in steps]
+    assert not offenders, f"the {owner} flow is redone outside {owner}.py: " + "; ".join(offenders)

@@ -276,6 +276,30 @@ def test_find_mode_says_why_nothing_was_drawn(tmp_path, image, answer, note):
     assert stats.endswith(note) and png is None and files is None
 
 
+def test_find_and_glmv_ground_give_the_same_boxes_picture_and_note(tmp_path, image, monkeypatch):
+    """One grounding flow (grounding.annotate): the web app's Find and `glmv ground` cannot disagree."""
+    import io
+
+    from PIL import Image
+
+    from glmv.cli import main
+
+    answer = "the thing: [[250,250,750,750]] and [[0,0,100,100]]"
+    app, _ = make_app(tmp_path, answer)
+    *_, stats, png, files = last(app.find(image, "the thing", False, 64, "s1"))
+    backend = ScriptedBackend(answer)
+    backend.default_sampling = Settings().sampling
+    monkeypatch.chdir(tmp_path)
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["ground", image, "-p", "the thing", "-o", "cli.png"], backend_factory=lambda s: backend, stdout=out,
+                stderr=err) == 0
+    report = json.loads(out.getvalue())
+    found = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text(encoding="utf-8"))
+    assert found == {"image_size": report["image_size"], "boxes": report["boxes"]} and len(found["boxes"]) == 2
+    assert Image.open(png).tobytes() == Image.open(tmp_path / "cli.png").tobytes()
+    assert stats.endswith(" · 2 boxes drawn") and "glmv: 2 boxes drawn -> cli.png" in err.getvalue()
+
+
 def test_glmv_ground_writes_the_png_and_prints_json(tmp_path, image, monkeypatch):
     import io
 

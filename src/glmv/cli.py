@@ -864,12 +864,11 @@ def _add_ground_parser(sub: Any) -> None:
 
 def run_ground(args: argparse.Namespace, settings: Settings, backend_factory: BackendFactory, stdout: TextIO,
                stderr: TextIO) -> int:
-    import io
     import urllib.parse
 
-    from .grounding import boxes_json, draw_boxes, find_boxes, find_prompt, no_boxes_note
+    from .grounding import annotate, find_prompt
     from .media import load_image
-    from .outputs import ensure_writable_dir, write_atomic
+    from .outputs import ensure_writable_dir
 
     what = args.prompt.strip()
     if not what:
@@ -892,17 +891,11 @@ def run_ground(args: argparse.Namespace, settings: Settings, backend_factory: Ba
                                         thinking=args.thinking)).result
     finally:
         backend.close()
-    boxes = find_boxes(result.output.answer, what)
-    report = json.loads(boxes_json(boxes, *image.image.size))
-    report["answer"] = result.output.answer
-    if boxes:
-        buf = io.BytesIO()
-        draw_boxes(image.image, boxes).save(buf, format="PNG")
-        write_atomic(out, buf.getvalue())
+    found = annotate(image.image, result.output.answer, what)
+    report = {**found.report(), "answer": result.output.answer}
+    if found.save(out):
         report["image"] = str(out)
-        stderr.write(f"glmv: {len(boxes)} box{'es' if len(boxes) > 1 else ''} drawn -> {out}\n")
-    else:
-        stderr.write(f"glmv: {no_boxes_note(result.output.answer)}; no image written\n")
+    stderr.write(f"glmv: {found.note}" + (f" -> {out}\n" if found.boxes else "; no image written\n"))
     stdout.write(json.dumps(report, ensure_ascii=False, indent=1) + "\n")
     return 0
 

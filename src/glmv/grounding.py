@@ -3,15 +3,19 @@
 GLM-4.6V answers "where is X" with boxes ``[[x1,y1,x2,y2]]`` on a 0–1000 scale of the image's width and
 height, usually inside ``<|begin_of_box|>…<|end_of_box|>``. This module owns the prompt that asks for them,
 the labelled boxes of an answer (:func:`find_boxes`, over the parser's ``extract_boxes``), their conversion
-to pixels and the annotated image (:func:`draw_boxes`). The CLI's ``glmv ground`` and the web app's Find
-mode both use it.
+to pixels and the annotated image (:func:`draw_boxes`). The flow from an answer to what the user gets
+(boxes, annotated image, JSON, the status note, the files written) is :func:`annotate` and
+:meth:`Annotation.save`, once: the CLI's ``glmv ground`` and the web app's Find mode (and Chat's Find) call
+them and only show what comes back.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 SCALE = 1000  # GLM's box coordinates are per mille of the image's width and height
@@ -90,11 +94,54 @@ def draw_boxes(image: Any, boxes: list[Box]) -> Any:
     return out
 
 
-def boxes_json(boxes: list[Box], width: int, height: int) -> str:
-    """The boxes as JSON: label, the 0–1000 box the model gave, and the box in pixels of the image."""
-    return json.dumps({"image_size": [width, height], "boxes": [
+def boxes_report(boxes: list[Box], width: int, height: int) -> dict[str, Any]:
+    """The boxes as data: label, the 0–1000 box the model gave, and the box in pixels of the image."""
+    return {"image_size": [width, height], "boxes": [
         {"label": b.label, "box_1000": [b.x1, b.y1, b.x2, b.y2], "box_px": list(b.pixels(width, height))}
-        for b in boxes]}, indent=2, ensure_ascii=False)
+        for b in boxes]}
 
 
-__all__ = ["Box", "FIND_PROMPT", "boxes_json", "draw_boxes", "find_boxes", "find_prompt", "no_boxes_note"]
+def boxes_json(boxes: list[Box], width: int, height: int) -> str:
+    return json.dumps(boxes_report(boxes, width, height), indent=2, ensure_ascii=False)
+
+
+@dataclass
+class Annotation:
+    """What one grounding answer gives: its boxes, the image with them drawn (None without boxes) and the note
+    for the status line ("2 boxes drawn", or why nothing was)."""
+
+    boxes: list[Box]
+    size: tuple[int, int]
+    annotated: Any | None  # PIL.Image.Image
+    note: str
+
+    def report(self) -> dict[str, Any]:
+        return boxes_report(self.boxes, *self.size)
+
+    def save(self, png: Path, json_path: Path | None = None) -> list[Path]:
+        """Write the annotated PNG (and the boxes' JSON), each atomically; the paths written (none without
+        boxes)."""
+        from .outputs import write_atomic
+
+        if self.annotated is None:
+            return []
+        buf = io.BytesIO()
+        self.annotated.save(buf, format="PNG")
+        written = [write_atomic(Path(png), buf.getvalue())]
+        if json_path is not None:
+            text = json.dumps(self.report(), indent=2, ensure_ascii=False) + "\n"
+            written.append(write_atomic(Path(json_path), text))
+        return written
+
+
+def annotate(image: Any, answer: str, label: str) -> Annotation:
+    """The boxes of ``answer`` (unlabelled ones named ``label``, what was asked for) drawn on the PIL ``image``."""
+    boxes = find_boxes(answer, label)
+    if not boxes:
+        return Annotation([], image.size, None, no_boxes_note(answer))
+    note = f"{len(boxes)} box{'es' if len(boxes) > 1 else ''} drawn"
+    return Annotation(boxes, image.size, draw_boxes(image, boxes), note)
+
+
+__all__ = ["Annotation", "Box", "FIND_PROMPT", "annotate", "boxes_json", "boxes_report", "draw_boxes", "find_boxes",
+           "find_prompt", "no_boxes_note"]

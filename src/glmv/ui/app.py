@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 from .. import tasks
 from ..backends.base import Chunk, Result
 from ..errors import GlmvError
-from ..grounding import boxes_json, draw_boxes, find_boxes, find_prompt, no_boxes_note
+from ..grounding import annotate, find_prompt
 from ..media import LoadedImage, load_image
 from ..outputs import write_atomic
 from ..prompts import Message, user_message
@@ -334,14 +334,12 @@ class WebApp:
 
     def _annotate(self, img: LoadedImage, answer: str, label: str) -> tuple[str | None, list[str] | None, str]:
         """Draw the answer's boxes on the image; (PNG path, [PNG, JSON], a note for the stats line)."""
-        boxes = find_boxes(answer, label)
-        if not boxes:
-            return None, None, f" · {no_boxes_note(answer)}"
+        found = annotate(img.image, answer, label)
+        if not found.boxes:
+            return None, None, f" · {found.note}"
         folder = self._download_dir()
-        png = folder / "found.png"
-        draw_boxes(img.image, boxes).save(png)
-        data = write_atomic(folder / "found.json", boxes_json(boxes, *img.image.size) + "\n")
-        return str(png), [str(png), str(data)], f" · {len(boxes)} box{'es' if len(boxes) > 1 else ''} drawn"
+        png, data = found.save(folder / "found.png", folder / "found.json")
+        return str(png), [str(png), str(data)], f" · {found.note}"
 
     def ocr(self, image, prompt, thinking_on, max_new, session) -> Iterator[tuple[str, str, str, str, list[str] | None]]:
         img = self._image(image, "OCR")
