@@ -208,6 +208,25 @@ def test_bench_runs_on_the_tiny_model(tmp_path):
     assert json.loads(p.stdout) == report  # --json: one object on stdout, the same as --json-out's file
 
 
+def test_bench_never_reports_a_negative_prompt_prefill():
+    """Prefill and the vision tower are timed in separate passes: under load the tower alone can take longer
+    than the whole prefill did. That difference is not measurable (None in JSON, "-" in the table)."""
+    from glmv.bench import format_table, prompt_prefill_seconds
+
+    assert prompt_prefill_seconds(0.010, 0.012) is None and prompt_prefill_seconds(0.010, None) is None
+    assert prompt_prefill_seconds(0.020, 0.005) == pytest.approx(0.015) and prompt_prefill_seconds(0.01, 0.01) == 0
+    report = {"gpu": "g", "torch": "t", "transformers": "x", "date": "d", "copy_bandwidth_GBps": 1.0,
+              "text_weight_GB": 1.0, "batch1_limit_tok_s": 1.0, "prompt_tokens": 1, "processor_s": 0.003,
+              "batches": [1], "configs": {
+                  "old": {"ttft_with_processor_s": 0.05, "processor_s": 0.003, "vision_s": 0.012,
+                          "prompt_prefill_s": -0.002, "first_step_s": 0.004},  # a report written before the fix
+                  "new": {"ttft_with_processor_s": 0.05, "processor_s": 0.003, "vision_s": 0.012,
+                          "prompt_prefill_s": prompt_prefill_seconds(0.010, 0.012), "first_step_s": 0.004}}}
+    table = format_table(report)
+    assert "| old | 50.0 | 3.0 / 12.0 / - / 4.0 |" in table and "| new | 50.0 | 3.0 / 12.0 / - / 4.0 |" in table
+    assert "-2.0" not in table
+
+
 def test_cli_quant_needs_cuda_and_engine_flag(tiny_path):
     for flags in (["--quant", "w4"], ["--int4"]):
         p = glmv_in_process("ask", "-p", "hi", "--model", "tiny", *flags)

@@ -227,8 +227,18 @@ def ttft(engine: Any, processor: Any, image: Path, device: str, runs: int | None
     vision = vision_seconds(engine.model, inp, device, engine, runs=3 if warm_passes(device) else 1)
     if vision is not None:
         out["vision_s"] = vision
-        out["prompt_prefill_s"] = out["prefill_s"] - vision
+        out["prompt_prefill_s"] = prompt_prefill_seconds(out["prefill_s"], vision)
     return out
+
+
+def prompt_prefill_seconds(prefill_s: float, vision_s: float | None) -> float | None:
+    """Prefill without the vision tower: the whole prefill minus the tower timed alone. The two are separate
+    passes, so under load (another process on the GPU, clocks moving) the tower alone can take longer than the
+    whole prefill did; the difference is then not measurable (None, shown as "-"), never a negative time."""
+    if vision_s is None:
+        return None
+    rest = prefill_s - vision_s
+    return rest if rest >= 0 else None
 
 
 def vision_seconds(model: Any, inputs: dict[str, Any], device: str, engine: Any = None, runs: int = 3) -> float | None:
@@ -549,8 +559,8 @@ def format_table(report: dict[str, Any]) -> str:
     def f(x: Any, nd: int = 1) -> str:
         return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
-    def ms(x: Any) -> str:
-        return "-" if x is None else f"{1e3 * x:.1f}"
+    def ms(x: Any) -> str:  # a negative time (a report from before prompt_prefill_seconds) was not measurable
+        return "-" if x is None or x < 0 else f"{1e3 * x:.1f}"
 
     aggs_head = "".join(f"agg b{b} | " for b in report["batches"][1:])
     lines = [
