@@ -188,3 +188,20 @@ def test_the_resident_record_and_its_folder_are_private(fresh_history, open_umas
     with resident.start_lock(io.StringIO()):
         pass
     assert mode(path.parent) == 0o700 and mode(path.parent / ".start.lock") == 0o600
+
+
+def test_a_remote_servers_base_url_is_shown_without_its_password(fresh_history):
+    from glmv.backends.remote import RemoteBackend
+    from glmv.errors import ModelLoadError
+    from glmv.settings import Settings
+    from glmv.ui.manager import display_name
+
+    backend = RemoteBackend("http://user:hunter2@127.0.0.1:9/v1?key=tok123", model="m")
+    with pytest.raises(ModelLoadError) as exc:
+        backend.load()
+    assert "http://***@127.0.0.1:9/v1" in str(exc.value)
+    assert_no_secret(str(exc.value))
+    assert display_name(backend, Settings()) == "m (served by http://***@127.0.0.1:9/v1?key=***)"
+    r = run_cli(["ask", "-p", "hi", "--backend", "openai", "--base-url", "http://user:hunter2@127.0.0.1:9/v1"])
+    assert r.code == 2 and "***@127.0.0.1:9" in r.err
+    assert_no_secret(r.err)

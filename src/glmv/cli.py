@@ -494,7 +494,7 @@ def _remote_backend(args: argparse.Namespace, stderr: TextIO | None = None) -> B
         key = args.remote_api_key or os.environ.get("OPENAI_API_KEY")
         backend = RemoteBackend(args.base_url, model=args.remote_model, api_key=key).load()
         if stderr is not None:
-            stderr.write(f"glmv: using {backend.model} at {args.base_url}\n")
+            stderr.write(f"glmv: using {backend.model} at {backend.shown_url}\n")
         return backend
 
     return factory

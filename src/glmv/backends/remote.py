@@ -17,6 +17,7 @@ from typing import Any, Iterator
 from ..errors import GenerationError, ModelLoadError, RequestError
 from ..media import LoadedImage, image_to_data_uri
 from ..parsing import ToolCall
+from ..privacy import redact_url
 from ..prompts import Message, validate_messages
 from ..settings import SamplingParams
 from .base import BackendBase, Chunk, GenerationRequest
@@ -72,6 +73,7 @@ class RemoteBackend(BackendBase):
                 raise ModelLoadError("--backend openai needs the openai package: pip install 'glmv[server]'") from None
         self._openai = openai
         self.base_url = base_url
+        self.shown_url = redact_url(base_url)  # for messages: a --base-url may carry user:password@
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "not-needed", timeout=timeout_s, max_retries=0)
         self.model = model
         self.default_sampling = sampling or SamplingParams()
@@ -81,14 +83,14 @@ class RemoteBackend(BackendBase):
         try:
             models = [m.id for m in self.client.models.list().data]
         except self._openai.APIConnectionError as exc:
-            raise ModelLoadError(f"cannot reach the server at {self.base_url}: {exc} (is it running? check --base-url)") from None
+            raise ModelLoadError(f"cannot reach the server at {self.shown_url}: {exc} (is it running? check --base-url)") from None
         except self._openai.AuthenticationError:
-            raise ModelLoadError(f"the server at {self.base_url} refused the API key (pass --api-key)") from None
+            raise ModelLoadError(f"the server at {self.shown_url} refused the API key (pass --api-key)") from None
         except self._openai.APIError as exc:
-            raise ModelLoadError(f"the server at {self.base_url} answered an error: {exc}") from None
+            raise ModelLoadError(f"the server at {self.shown_url} answered an error: {exc}") from None
         if self.model is None:
             if not models:
-                raise ModelLoadError(f"the server at {self.base_url} lists no models; pass --remote-model NAME")
+                raise ModelLoadError(f"the server at {self.shown_url} lists no models; pass --remote-model NAME")
             self.model = models[0]
         return self
 
@@ -134,9 +136,9 @@ class RemoteBackend(BackendBase):
         except self._openai.UnprocessableEntityError as exc:
             raise RequestError(f"the server refused the request: {_message(exc)}") from None
         except self._openai.APIConnectionError as exc:
-            raise GenerationError(f"cannot reach the server at {self.base_url}: {exc}") from None
+            raise GenerationError(f"cannot reach the server at {self.shown_url}: {exc}") from None
         except self._openai.APIStatusError as exc:
-            raise GenerationError(f"the server at {self.base_url} answered {exc.status_code}: {_message(exc)}") from None
+            raise GenerationError(f"the server at {self.shown_url} answered {exc.status_code}: {_message(exc)}") from None
         return self._stream(request, stream, cancel or threading.Event(), t0)
 
     def _stream(self, request: GenerationRequest, stream: Any, cancel: threading.Event, t0: float) -> Iterator[Chunk]:
@@ -175,17 +177,17 @@ class RemoteBackend(BackendBase):
                     finish = "stop"
                     break
         except self._openai.APIError as exc:
-            raise GenerationError(f"the server at {self.base_url} failed mid-answer: {exc}") from None
+            raise GenerationError(f"the server at {self.shown_url} failed mid-answer: {exc}") from None
         except OSError as exc:  # httpx's transport errors (the official client does not wrap them mid-stream)
-            raise GenerationError(f"the server at {self.base_url} failed mid-answer: {exc}") from None
+            raise GenerationError(f"the server at {self.shown_url} failed mid-answer: {exc}") from None
         except Exception as exc:
             if type(exc).__module__.split(".")[0] != "httpx":
                 raise
-            raise GenerationError(f"the server at {self.base_url} failed mid-answer: {exc}") from None
+            raise GenerationError(f"the server at {self.shown_url} failed mid-answer: {exc}") from None
         finally:
             stream.close()
         if finish is None:  # every OpenAI-style stream ends with a finish_reason: without one, the answer is cut
-            raise GenerationError(f"the server at {self.base_url} stopped sending before the answer was complete "
+            raise GenerationError(f"the server at {self.shown_url} stopped sending before the answer was complete "
                                   f"(no finish_reason): it may have crashed or been stopped")
         for slot in calls.values():
             try:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from ..backends.base import check_backend
 from ..errors import GlmvError
+from ..privacy import redact_url
 from ..settings import DEFAULT_MODEL, LARGE_MODEL, Settings
 
 # Parameters of the known checkpoints (billions): text + vision.
@@ -244,5 +245,5 @@ class ModelManager:
 def display_name(backend: Any, settings: Settings) -> str:
     """The model as a user should see it: a remote server's own model name, else the checkpoint's."""
     if backend.served_model and backend.base_url:
-        return f"{backend.served_model} (served by {backend.base_url})"
+        return f"{backend.served_model} (served by {redact_url(backend.base_url)})"
     return settings.model
