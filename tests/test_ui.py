@@ -490,3 +490,34 @@ def test_file_guard_refuses_private_folders_but_not_gradios_cache(tmp_path):
     for path in (tmp_path / "generated_20261129_141423.html", tmp_path / "gradio" / ".." / "x.html"):
         assert get(str(path))[0] == 403
     assert served == ["/gradio_api/file=" + str(tmp_path / "gradio" / "3f2a" / "found.png")]
+
+
+def test_gradios_upload_folder_is_private(tmp_path, image, monkeypatch):
+    """Uploads (users' images and documents) land in Gradio's cache folder: made 0700 whatever the umask, and
+    an older readable one tightened, so other local users cannot list or read them."""
+    import os
+    import stat
+
+    import httpx
+
+    from glmv.ui.page import build_ui, serve_ui
+    from test_server import free_port
+
+    cache = tmp_path / "gradio"
+    cache.mkdir(mode=0o755)
+    cache.chmod(0o755)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    app, _ = make_app(tmp_path, "ok")
+    demo = build_ui(app)
+    port = free_port()
+    serve_ui(app, demo, port=port, block=False)
+    try:
+        with open(image, "rb") as f:
+            r = httpx.post(f"http://127.0.0.1:{port}/gradio_api/upload", files={"files": ("shot.png", f, "image/png")},
+                           timeout=30)
+        assert r.status_code == 200, r.text
+        (uploaded,) = r.json()
+        assert Path(uploaded).resolve().is_relative_to(cache.resolve()) and Path(uploaded).is_file()
+        assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700
+    finally:
+        demo.close()

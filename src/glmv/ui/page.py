@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import GlmvError
+from ..privacy import private_dir
 from ..prompts import TASKS
 from ..settings import DEFAULT_MAX_NEW_TOKENS, SAMPLING_BOUNDS, SamplingParams
 from .app import (LEFT_QUEUE, MODEL_CHOICES, PRECISIONS, VIEWPORTS, ZOOMS, Knobs, WebApp, iframe,
@@ -514,6 +515,9 @@ def serve_ui(app: WebApp, demo: Any, host: str = "127.0.0.1", port: int = 7860, 
     from gradio.utils import get_upload_folder
     from starlette.middleware import Middleware
 
+    # Gradio keeps every upload (users' images and documents) in its cache folder, /tmp/gradio by default,
+    # made with the umask's mode: another local user could list and read them. Private like the store.
+    private_dir(Path(get_upload_folder()))
     allowed = [str(app.html_dir.resolve())]
     if app.store is not None:
         allowed.append(str(app.store.media.resolve()))
