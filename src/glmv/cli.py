@@ -1322,7 +1322,8 @@ def main(
     except Exception as exc:  # a bug, not a user error: say so briefly
         if debug:
             raise
-        stderr.write(f"error: unexpected {type(exc).__name__}: {redact_text(str(exc))} (run with --debug for the traceback)\n")
+        stderr.write(f"error: unexpected {type(exc).__name__}: {redact_text(str(exc))} "
+                     f"(run with --debug for the traceback)\n")
         return 1
 
 

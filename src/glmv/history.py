@@ -3,10 +3,10 @@
 Every answer the command line produces is one row: the conversation it belongs to, the command, model and
 backend, the prompt and system prompt, the inputs (paths or URLs, each with a sha256 of its bytes: never the
 bytes themselves, and a ``data:`` URI is recorded by its hash only; a URL without its credentials, see
-``privacy.py``), the answer and reasoning, the settings,
-token usage, timings and finish reason. A conversation is continued by reading its turns back and loading
-the inputs again from their paths. Logging is off with ``--no-log`` for one command, ``GLMV_HISTORY=off``
-for a shell, or ``glmv logs off`` for good (a marker file beside the database).
+``privacy.py``), the answer and reasoning, the settings, token usage, timings and finish reason. A
+conversation is continued by reading its turns back and loading the inputs again from their paths. Logging is
+off with ``--no-log`` for one command, ``GLMV_HISTORY=off`` for a shell, or ``glmv logs off`` for good (a
+marker file beside the database). The database is private to the user (0600 in a 0700 folder).
 """
 
 from __future__ import annotations
