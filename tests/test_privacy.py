@@ -205,3 +205,15 @@ def test_a_remote_servers_base_url_is_shown_without_its_password(fresh_history):
     r = run_cli(["ask", "-p", "hi", "--backend", "openai", "--base-url", "http://user:hunter2@127.0.0.1:9/v1"])
     assert r.code == 2 and "***@127.0.0.1:9" in r.err
     assert_no_secret(r.err)
+
+
+def test_a_shared_sticky_folder_is_never_tightened(tmp_path):
+    """GLMV_CACHE=/tmp (as root, where chmod would succeed) must not lock other users out of /tmp."""
+    from glmv.privacy import private_dir, private_sqlite
+
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    private_sqlite(shared / "history.sqlite")
+    private_dir(shared)
+    assert mode(shared) == 0o1777 and mode(shared / "history.sqlite") == 0o600

@@ -67,10 +67,13 @@ def redact_text(text: str) -> str:
 
 
 def _tighten(path: Path, mode: int) -> None:
-    """chmod ``path`` to ``mode`` when others (or the group) could read it; a file someone else owns is left
-    alone (chmod would fail, and it is not ours to change)."""
+    """chmod ``path`` to ``mode`` when others (or the group) could read it. A file someone else owns is left
+    alone (chmod would fail, and it is not ours to change), and so is a shared sticky folder such as /tmp
+    (``GLMV_CACHE=/tmp`` run as root must not lock everyone else out of it)."""
     try:
         st = os.stat(path)
+        if st.st_mode & stat.S_ISVTX:
+            return
         if stat.S_IMODE(st.st_mode) != mode and st.st_uid == os.getuid():
             os.chmod(path, mode)
     except OSError:
