@@ -9,6 +9,7 @@ page may serve.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import secrets
@@ -304,14 +305,21 @@ def build_ui(app: WebApp) -> Any:
 
         h_outputs = [h_think_box, h_think, h_code, h_stats, h_file, h_saved, h_preview, versions, h_versions]
 
+        def save_studio(bid, img, vers, saved):
+            """Store the versions before the page shows them: a reload right after the result (the generator
+            is closed at its yield) must not lose them. Returns what is now stored."""
+            if store is not None and bid and vers and vers != saved:
+                store.save_studio(bid, kept(img), [dict(v, render=kept(v.get("render"))) if v.get("render") else v
+                                                   for v in vers])
+                return copy.deepcopy(vers)
+            return saved
+
         def html_out(gen, show, img, bid):
-            final = None
+            saved = None
             for th, code, st, path, prev, vers, choices, chosen in gen:
-                final = vers
+                saved = save_studio(bid, img, vers, saved)
                 yield (think_box(show, th), th, code, st, path, f"Saved to `{path}`" if path else gr.skip(), prev,
                        vers, gr.update(choices=choices, value=chosen))
-            if store is not None and bid and final:
-                store.save_studio(bid, kept(img), final)
 
         def html(img, prompt, show, think, max_tokens, temp, top, view, zoom, vers, bid, request: gr.Request):
             knobs = Knobs(max_tokens, temp, top)
@@ -324,19 +332,15 @@ def build_ui(app: WebApp) -> Any:
                                               session(request), zoom), show, img, bid)
 
         def html_refine(img, rounds, think, max_tokens, temp, top, view, zoom, vers, current, bid, request: gr.Request):
-            final = None
+            saved = None
             for code, st, path, prev, new_vers, choices, chosen, pair, table in app.html_refine(
                     img, rounds, think, Knobs(max_tokens, temp, top), view, vers, current, session(request), zoom):
                 if code is None:  # progress: only the status line changes
                     yield (gr.skip(), st, *[gr.skip()] * 7)
                     continue
-                final = new_vers
+                saved = save_studio(bid, img, new_vers, saved)
                 yield (code, st, path, f"Saved to `{path}`", prev, new_vers, gr.update(choices=choices, value=chosen),
                        pair, table)
-            if store is not None and bid and final:
-                for v in final:
-                    v["render"] = kept(v.get("render"))
-                store.save_studio(bid, kept(img), final)
 
         def pick(label, vers, view, img, zoom):
             code, path, prev, pair, table = app.pick_version(label, vers, view, img, zoom)
@@ -350,10 +354,16 @@ def build_ui(app: WebApp) -> Any:
                  request: gr.Request):
             last = None
             knobs = Knobs(max_tokens, temp, top)
-            for last in app.chat(message, hist, view, show, tools_on, think, knobs, session(request),
-                                 find=find_on):
+            # Each update is shown one step late, so the last one (the final status) leaves only after the chat
+            # is stored: a reload right after the answer (the generator closed at its yield) keeps it.
+            for item in app.chat(message, hist, view, show, tools_on, think, knobs, session(request), find=find_on):
+                if last is not None:
+                    yield (*last, gr.skip(), gr.skip())
+                last = item
+            if last is None:
+                return
+            if store is None or not bid or last[2] == LEFT_QUEUE:
                 yield (*last, gr.skip(), gr.skip())
-            if last is None or store is None or not bid or last[2] == LEFT_QUEUE:
                 return
             new_view = [dict(e, content={"path": kept(e["content"]["path"])}) if isinstance(e.get("content"), dict)
                         else e for e in last[0]]
