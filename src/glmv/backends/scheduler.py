@@ -14,6 +14,7 @@ Cancelling a queued job takes it out of the queue; a running one stops at its ne
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -23,7 +24,20 @@ from typing import Any, Protocol
 from ..errors import GenerationError
 from ..settings import SamplingParams
 
+# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). The inference thread
+# lets go of the GIL at every device wait (the graph replay, the copy of the new tokens); if a consumer thread
+# (detokenizing, assembling chunks, the server's event loop, a new request's image processing) holds it then,
+# the next step starts only when that thread lets go or this interval ends: with eight users a 6 ms decode step
+# could wait as long again. Set once the continuous batcher runs (process-wide; shorter slices cost little).
+SWITCH_INTERVAL_S = 0.0005
+
 OOM_MESSAGE = "out of GPU memory: lower --max-pixels, --max-new-tokens or the number of images"
+
+
+class Outbox(queue.SimpleQueue):
+    """A job's results: ("tokens", ids) per step, then ("done", info) or ("error", exc). A SimpleQueue: its
+    put is one C call, no Python-level lock and condition, so handing a step's tokens to each request costs the
+    inference thread little (a subclass, so a test can wrap ``put`` on one instance)."""
 
 
 @dataclass(eq=False)  # identity: the queue removes jobs by identity (comparing tensors would raise)
@@ -34,7 +48,7 @@ class Job:
     cancel: threading.Event
     seed: int | None
     speculate: bool = False
-    out: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)
+    out: Outbox = field(default_factory=Outbox)
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -274,6 +288,7 @@ class Scheduler:
     def _continuous(self, runner: Runner) -> None:
         """The fast engine: admit queued jobs into free cache rows between steps, run one step, repeat."""
         batcher = runner.batcher
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         while True:
             with self._cv:
                 while not self._pending and not batcher.busy and not self._stopping:
@@ -323,4 +338,4 @@ class Scheduler:
                                     fail=lambda exc: job.out.put(("error", _failure(exc)))))
 
 
-__all__ = ["BatchStreamer", "CancelCriteria", "Job", "Runner", "Scheduler", "collate", "hf_generate_kwargs"]
+__all__ = ["BatchStreamer", "CancelCriteria", "Job", "Outbox", "Runner", "Scheduler", "collate", "hf_generate_kwargs"]
