@@ -10,15 +10,22 @@ times every decode step on the inference thread:
   copy of the new tokens);
 - ``host``: ``period - forward``, also per decoding row.
 
-Only steps where every request decodes (no prefill chunk, no draft verification) are counted. ``--server``
-also runs the requests through the real HTTP server with the official ``openai`` client, the clients in a
-separate process (``--clients-in-server`` puts them on threads inside the server's process instead, as the
-load benchmark used to). ``--profile`` prints the inference thread's top functions (cProfile).
+Only steps where every request decodes (no prefill chunk, no draft verification) are counted. Also reported:
+the CPU time per generated token of each kind of thread (the inference thread; the consumers that detokenize
+and assemble chunks; the server's event loop; the clients, when they run in this process).
 
-On a CPU the tiny model's forward is small, so the host share is a proxy for what the same Python costs next
-to a ~6 ms GPU step; it is not a GPU measurement.
+``--device-ms 8`` stretches every decode call to 8 ms with the GIL released (``time.sleep``), as a GPU step
+waits in ``cudaStreamSynchronize``: what the step takes beyond that is the serving loop's cost, including the
+wait for the GIL when the thread wants it back (the GIL hand-off the GPU suffers from). ``--server`` also runs
+the requests through the real HTTP server with the official ``openai`` client, the clients in a separate
+process (``--clients-in-server``: on threads inside the server's process, as the load benchmark used to);
+``--rounds``/``--image`` make requests arrive (and be parsed) while others decode; ``--busy`` keeps a thread
+busy in pure Python meanwhile. ``--profile`` prints the inference thread's top functions (cProfile).
 
-    PYTHONPATH=src python scripts/host_overhead.py [--rows 1,8] [--tokens 96] [--server] [--profile] [--json]
+This is a CPU proxy: the tiny model's forward is small and the machine's other load shows in every figure;
+it is not a GPU measurement.
+
+    PYTHONPATH=src python scripts/host_overhead.py [--rows 1,8] [--tokens 96] [--server] [--device-ms 8] [--json]
 """
 
 from __future__ import annotations
@@ -123,12 +130,14 @@ class StepTimer:
         if not periods:
             return {"rows": rows, "steps": 0}
         period, forward = statistics.median(periods), statistics.median(forwards)
+        mean = statistics.fmean(periods)
         host = statistics.median(p - f for p, f in zip(periods, forwards))
         every = [w for (_, _, n, pure), w in zip(self.records, self.wakes) if n and pure]
         tokens = sum(n for _, _, n, _ in self.records)  # every decoded token, for CPU per token
         cpu = {"inference": self.cpu, **self.threads.cpu}
         return {"rows": rows, "steps": len(periods), "period_ms": period * 1e3, "forward_ms": forward * 1e3,
                 "host_ms": host * 1e3, "host_ms_per_row": host * 1e3 / rows, "tok_s": rows / period,
+                "period_ms_mean": mean * 1e3, "tok_s_mean": rows / mean,
                 "wake_ms": statistics.median(wakes) * 1e3, "wake_ms_mean": statistics.fmean(wakes) * 1e3,
                 "all_decode_steps": len(every), "all_wake_ms_mean": statistics.fmean(every) * 1e3,
                 "all_wake_ms_max": max(every) * 1e3,
@@ -229,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="with --server: requests per user, back to back (new requests arrive while others decode)")
     ap.add_argument("--image", help="with --server: a PNG sent with every request (parsed and processed by the server)")
+    ap.add_argument("--busy", action="store_true",
+                    help="a thread busy in pure Python meanwhile (as a request being parsed, an image processed, "
+                         "client threads in the server's process)")
     ap.add_argument("--profile", action="store_true", help="print the inference thread's top functions")
     ap.add_argument("--device-ms", type=float, default=0.0,
                     help="stretch each decode call to this many ms with the GIL released, as a GPU step waits "
@@ -247,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     ignore_eos(backend)
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
-    report: dict[str, Any] = {"machine": "cpu", "tokens": args.tokens, "device_ms": args.device_ms, "switch_interval_s": sys.getswitchinterval(),
+    report: dict[str, Any] = {"machine": "cpu", "tokens": args.tokens, "device_ms": args.device_ms, "busy": args.busy, "switch_interval_s": sys.getswitchinterval(),
                               "results": []}
     modes = [("in-process", None)]
     if args.server:
@@ -257,12 +269,17 @@ def main(argv: list[str] | None = None) -> int:
         for mode, separate in modes:
             for n in rows:
                 timer = StepTimer(backend, args.profile, args.device_ms)
+                stop = threading.Event()
+                if args.busy:
+                    threading.Thread(target=lambda: [sum(range(100)) for _ in iter(stop.is_set, True)],
+                                     daemon=True).start()
                 try:
                     if separate is None:
                         in_process(backend, n, args.tokens)
                     else:
                         through_server(backend, n, args.tokens, separate, args.rounds, args.image)
                 finally:
+                    stop.set()
                     timer.restore()
                 backend.batcher.cache.clear()
                 res = {"mode": mode + ("" if separate in (None, True) else " (clients in-process)"), **timer.summary(n)}
@@ -270,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.json:
                     print(f"{res['mode']:32s} rows {n}: " + (
                         f"step {res['period_ms']:.2f} ms = forward {res['forward_ms']:.2f} + host {res['host_ms']:.2f} "
-                        f"({res['host_ms_per_row']:.2f}/row), {res['tok_s']:.0f} tok/s over {res['steps']} steps"
-                        + (f"; after the device wait the thread ran {res['wake_ms']:.2f} ms late (median; mean "
+                        f"({res['host_ms_per_row']:.2f}/row) (medians), {res['tok_s']:.0f} tok/s; mean step "
+                        f"{res['period_ms_mean']:.2f} ms over {res['steps']} steps"
+                        + (f"; past the device time the thread ran {res['wake_ms']:.2f} ms late (median; mean "
                            f"{res['wake_ms_mean']:.2f}; over all {res['all_decode_steps']} decode steps mean "
                            f"{res['all_wake_ms_mean']:.2f}, max {res['all_wake_ms_max']:.2f})" if args.device_ms else "")
                         if res["steps"] else "no steps with every row decoding"), flush=True)
