@@ -28,8 +28,33 @@ from ..settings import SamplingParams
 # lets go of the GIL at every device wait (the graph replay, the copy of the new tokens); if a consumer thread
 # (detokenizing, assembling chunks, the server's event loop, a new request's image processing) holds it then,
 # the next step starts only when that thread lets go or this interval ends: with eight users a 6 ms decode step
-# could wait as long again. Set once the continuous batcher runs (process-wide; shorter slices cost little).
+# could wait as long again. Process-wide: set while any continuous batcher runs, restored when the last stops.
 SWITCH_INTERVAL_S = 0.0005
+
+
+class _SwitchInterval:
+    """Shortens ``sys.setswitchinterval`` while at least one inference thread runs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = 0.0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._saved, SWITCH_INTERVAL_S))
+            self._users += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                sys.setswitchinterval(self._saved)
+
+
+_switch_interval = _SwitchInterval()
 
 OOM_MESSAGE = "out of GPU memory: lower --max-pixels, --max-new-tokens or the number of images"
 
@@ -287,8 +312,10 @@ class Scheduler:
 
     def _continuous(self, runner: Runner) -> None:
         """The fast engine: admit queued jobs into free cache rows between steps, run one step, repeat."""
-        batcher = runner.batcher
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        with _switch_interval:
+            self._serve(runner, runner.batcher)
+
+    def _serve(self, runner: Runner, batcher: Any) -> None:
         while True:
             with self._cv:
                 while not self._pending and not batcher.busy and not self._stopping:
