@@ -594,3 +594,24 @@ def test_chunked_prefill_matches_the_model_forward_for_an_image_and_a_video(fast
         k_chunked = eng.k_cache[:, 1, :, : inputs["input_ids"].shape[1]]
         assert inputs["input_ids"].shape[1] > 3 * 16
         assert torch.allclose(whole, chunked, atol=1e-4) and torch.allclose(k_whole, k_chunked, atol=1e-4)
+
+
+def test_host_overhead_script_times_decode_steps(capsys):
+    """scripts/host_overhead.py through the real scheduler, in-process and through the HTTP server."""
+    import importlib.util
+    import json
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("host_overhead", REPO / "scripts" / "host_overhead.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--rows", "2", "--tokens", "6", "--server", "--clients-in-server", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    modes = [r["mode"] for r in report["results"]]
+    assert modes == ["in-process", "server (clients in-process)"]
+    for r in report["results"]:
+        assert r["rows"] == 2 and r["steps"] >= 3, r
+        assert 0 < r["forward_ms"] <= r["period_ms"] and r["host_ms"] >= 0
+        assert r["cpu_ms_per_token"]["inference"] > 0 and r["cpu_ms_per_token"]["consumer"] > 0
+    assert report["results"][1]["cpu_ms_per_token"]["event loop"] > 0
