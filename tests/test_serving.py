@@ -606,7 +606,7 @@ def test_host_overhead_script_times_decode_steps(capsys):
     spec = importlib.util.spec_from_file_location("host_overhead", REPO / "scripts" / "host_overhead.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    assert script.main(["--rows", "2", "--tokens", "6", "--server", "--clients-in-server", "--json"]) == 0
+    assert script.main(["--rows", "2", "--tokens", "16", "--server", "--clients-in-server", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     modes = [r["mode"] for r in report["results"]]
     assert modes == ["in-process", "server (clients in-process)"]
