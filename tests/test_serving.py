@@ -338,6 +338,37 @@ def test_speculation_gives_the_same_greedy_output_in_fewer_passes(fast):
     assert fast.serving_stats()["spec_tokens_per_step"] > 1.0
 
 
+def test_the_inference_thread_runs_with_a_short_gil_switch_interval(fast):
+    """The inference thread lets go of the GIL at every device call; with Python's default 5 ms switch interval
+    a thread busy in Python (detokenizing, parsing a request with an image, client threads) could keep it
+    waiting up to 5 ms each time. (A timing test of the effect was too noisy on a shared 2-core machine: from
+    2x to 75x slower per token at 5 ms; scripts/host_overhead.py --busy shows it.)"""
+    import sys
+
+    from glmv.backends.scheduler import SWITCH_INTERVAL_S
+
+    assert fast.scheduler._thread is not None and fast.scheduler._thread.is_alive()
+    assert sys.getswitchinterval() == SWITCH_INTERVAL_S <= 0.001
+
+
+def test_the_switch_interval_is_restored_when_the_last_inference_thread_stops():
+    import sys
+
+    from glmv.backends.scheduler import SWITCH_INTERVAL_S, _SwitchInterval
+
+    before = sys.getswitchinterval()
+    guard = _SwitchInterval()
+    try:
+        sys.setswitchinterval(0.004)
+        with guard:
+            with guard:  # two backends' inference threads
+                assert sys.getswitchinterval() == SWITCH_INTERVAL_S
+            assert sys.getswitchinterval() == SWITCH_INTERVAL_S  # one still runs
+        assert sys.getswitchinterval() == 0.004
+    finally:
+        sys.setswitchinterval(before)
+
+
 def test_speculation_pauses_while_more_requests_decode(fast):
     """Driven through the engine's batcher directly: a speculating request alone verifies drafts; with more
     than SPEC_MAX_ROWS requests decoding, none are verified (each verification is a pass the others wait for)."""
@@ -563,3 +594,24 @@ def test_chunked_prefill_matches_the_model_forward_for_an_image_and_a_video(fast
         k_chunked = eng.k_cache[:, 1, :, : inputs["input_ids"].shape[1]]
         assert inputs["input_ids"].shape[1] > 3 * 16
         assert torch.allclose(whole, chunked, atol=1e-4) and torch.allclose(k_whole, k_chunked, atol=1e-4)
+
+
+def test_host_overhead_script_times_decode_steps(capsys):
+    """scripts/host_overhead.py through the real scheduler, in-process and through the HTTP server."""
+    import importlib.util
+    import json
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("host_overhead", REPO / "scripts" / "host_overhead.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--rows", "2", "--tokens", "16", "--server", "--clients-in-server", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    modes = [r["mode"] for r in report["results"]]
+    assert modes == ["in-process", "server (clients in-process)"]
+    for r in report["results"]:
+        assert r["rows"] == 2 and r["steps"] >= 3, r
+        assert 0 < r["forward_ms"] <= r["period_ms"] and r["host_ms"] >= 0
+        assert r["cpu_ms_per_token"]["inference"] > 0 and r["cpu_ms_per_token"]["consumer"] > 0
+    assert report["results"][1]["cpu_ms_per_token"]["event loop"] > 0

@@ -4,7 +4,9 @@ Starts the real server (``glmv serve``'s app, on 127.0.0.1) around the fast engi
 chat requests through the official ``openai`` client with Poisson arrivals at several rates. The mix:
 questions about a screenshot, follow-up questions on a screenshot already asked about (served from the
 prefix cache), and HTML edits (the page's code in the prompt: prompt-lookup speculation drafts from it).
-Each request is timed from sending to its first streamed token and to its end.
+Each request is timed from sending to its first streamed token and to its end. The clients run in a process
+of their own (spawned, with one thread per user), so their Python work does not compete with the server's
+threads for its interpreter lock: the figures are the server's, as separate users would see them.
 
 Per rate: p50/p99 time to first token, median per-request decode tokens/s, aggregate tokens/s (all tokens
 over the wall time), the prefix cache's hit rate (cached prompt tokens / prompt tokens) and the tokens
@@ -21,14 +23,14 @@ import argparse
 import base64
 import io
 import json
+import multiprocessing
 import random
 import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
-
-import torch
 
 QUESTIONS = ("What is the title of this page?", "Describe this screenshot.", "List the buttons you can see.",
              "What is the main colour of the header?", "Summarise the text on this page.")
@@ -191,7 +193,38 @@ def run_users(url: str, client: Any, png: bytes, users: int, rounds: int, max_to
     return out
 
 
+def warm_up(url: str, client: Any, png: bytes, seed: int, max_batch: int) -> None:
+    """The first request pays one-time costs; a burst of every kind captures the decode graphs of each batch
+    size (and the verification graphs) before anything is timed."""
+    rng = random.Random(seed)
+    one_request(client, workload("question", png, rng), 4)
+    burst = [threading.Thread(target=one_request, args=(client, workload(kind, png, rng), 8))
+             for kind in ("question", "follow_up", "edit") * max_batch][:max_batch]
+    for th in burst:
+        th.start()
+    for th in burst:
+        th.join()
+
+
+def idle_and_follow_up(url: str, client: Any, png: bytes, tokens: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A screenshot question with nothing else running, then a follow-up on the same screenshot."""
+    idle = one_request(client, workload("question", png, random.Random(1)), tokens)
+    return idle, one_request(client, workload("follow_up", png, random.Random(1)), tokens)
+
+
+PHASES = {f.__name__: f for f in (warm_up, idle_and_follow_up, run_users, run_rate)}
+
+
+def _client_phase(name: str, url: str, *args: Any) -> Any:
+    """In the client process: one phase of the benchmark, through its own ``openai`` client."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    return PHASES[name](url, client, *args)
+
+
 def build_backend(args: argparse.Namespace) -> Any:
+    import torch
     from transformers import AutoProcessor
 
     from .backends.local import LocalBackend
@@ -239,8 +272,7 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
     n, tokens = args.requests, args.tokens
     mix = [(k, float(w)) for k, w in (part.split(":") for part in args.mix.split(","))]
 
-    import openai
-
+    import torch
     from PIL import Image
 
     from .server.app import ServerConfig, build_app
@@ -262,26 +294,21 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
+    # spawned, not forked: the server's process has the inference and server threads running
+    clients = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+
+    def phase(name: str, *phase_args: Any) -> Any:
+        return clients.submit(_client_phase, name, url, *phase_args).result()
+
     try:
         deadline = time.time() + 60
         while not server.started:
             if time.time() > deadline:
                 raise RuntimeError("the server did not start")
             time.sleep(0.05)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
-        rng = random.Random(args.seed)
-        # warm-up: the first request pays one-time costs; a burst of every kind captures the decode graphs of each
-        # batch size (and the verification graphs) before anything is timed
-        one_request(client, workload("question", png, rng), 4)
-        burst = [threading.Thread(target=one_request, args=(client, workload(kind, png, rng), 8))
-                 for kind in ("question", "follow_up", "edit") * args.max_batch][: args.max_batch]
-        for th in burst:
-            th.start()
-        for th in burst:
-            th.join()
+        phase("warm_up", png, args.seed, args.max_batch)
         backend.batcher.cache.clear()
-        idle = one_request(client, workload("question", png, random.Random(1)), tokens)
-        follow = one_request(client, workload("follow_up", png, random.Random(1)), tokens)
+        idle, follow = phase("idle_and_follow_up", png, tokens)
         report: dict[str, Any] = {
             "model": args.model, "device": torch.cuda.get_device_name() if gpu else "cpu", "tokens": tokens,
             "idle_ttft_s": idle["ttft_s"], "idle_prompt_tokens": idle["prompt_tokens"],
@@ -290,16 +317,17 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
             "rates": [],
         }
         if args.users:
-            loop = run_users(url, client, png, args.users, args.rounds, tokens, mix, args.seed, args.spread)
+            loop = phase("run_users", png, args.users, args.rounds, tokens, mix, args.seed, args.spread)
             loop["p99_over_idle_ttft"] = loop["p99_ttft_s"] / report["idle_ttft_s"]
             loop["aggregate_over_idle_tok_s"] = loop["aggregate_tok_s"] / report["idle_tok_s"]
             print(json.dumps(loop), flush=True)
             report["closed_loop"] = loop
         for i, rate in enumerate(rates):
-            r = run_rate(url, client, png, rate, n, tokens, mix, args.seed + i)
+            r = phase("run_rate", png, rate, n, tokens, mix, args.seed + i)
             print(json.dumps(r), file=sys.stderr, flush=True)
             report["rates"].append(r)
     finally:
+        clients.shutdown(cancel_futures=True)
         server.should_exit = True
         thread.join(10)
         backend.close()

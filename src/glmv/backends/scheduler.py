@@ -14,6 +14,7 @@ Cancelling a queued job takes it out of the queue; a running one stops at its ne
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -23,7 +24,45 @@ from typing import Any, Protocol
 from ..errors import GenerationError
 from ..settings import SamplingParams
 
+# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). The inference thread
+# lets go of the GIL at every device wait (the graph replay, the copy of the new tokens); if a consumer thread
+# (detokenizing, assembling chunks, the server's event loop, a new request's image processing) holds it then,
+# the next step starts only when that thread lets go or this interval ends: with eight users a 6 ms decode step
+# could wait as long again. Process-wide: set while any continuous batcher runs, restored when the last stops.
+SWITCH_INTERVAL_S = 0.0005
+
+
+class _SwitchInterval:
+    """Shortens ``sys.setswitchinterval`` while at least one inference thread runs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = 0.0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._saved, SWITCH_INTERVAL_S))
+            self._users += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                sys.setswitchinterval(self._saved)
+
+
+_switch_interval = _SwitchInterval()
+
 OOM_MESSAGE = "out of GPU memory: lower --max-pixels, --max-new-tokens or the number of images"
+
+
+class Outbox(queue.SimpleQueue):
+    """A job's results: ("tokens", ids) per step, then ("done", info) or ("error", exc). A SimpleQueue: its
+    put is one C call, no Python-level lock and condition, so handing a step's tokens to each request costs the
+    inference thread little (a subclass, so a test can wrap ``put`` on one instance)."""
 
 
 @dataclass(eq=False)  # identity: the queue removes jobs by identity (comparing tensors would raise)
@@ -34,7 +73,7 @@ class Job:
     cancel: threading.Event
     seed: int | None
     speculate: bool = False
-    out: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)
+    out: Outbox = field(default_factory=Outbox)
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -273,7 +312,10 @@ class Scheduler:
 
     def _continuous(self, runner: Runner) -> None:
         """The fast engine: admit queued jobs into free cache rows between steps, run one step, repeat."""
-        batcher = runner.batcher
+        with _switch_interval:
+            self._serve(runner, runner.batcher)
+
+    def _serve(self, runner: Runner, batcher: Any) -> None:
         while True:
             with self._cv:
                 while not self._pending and not batcher.busy and not self._stopping:
@@ -323,4 +365,4 @@ class Scheduler:
                                     fail=lambda exc: job.out.put(("error", _failure(exc)))))
 
 
-__all__ = ["BatchStreamer", "CancelCriteria", "Job", "Runner", "Scheduler", "collate", "hf_generate_kwargs"]
+__all__ = ["BatchStreamer", "CancelCriteria", "Job", "Outbox", "Runner", "Scheduler", "collate", "hf_generate_kwargs"]

@@ -154,6 +154,7 @@ class FastEngine:
         self._rep = torch.ones(b, device=self.device)
         self._greedy = torch.zeros(b, dtype=torch.bool, device=self.device)
         self._active = torch.ones(b, dtype=torch.bool, device=self.device)  # rows a decode step advances
+        self._active_key: tuple | None = None  # (bucket, rows) that _active holds, set by decode()
         self._out = torch.zeros(b, dtype=torch.long, device=self.device)
         self._host_out = torch.zeros(b, dtype=torch.long, pin_memory=self.is_cuda)
         self._graphs: dict[int, Any] = {}
@@ -393,6 +394,7 @@ class FastEngine:
         self._seen[:b].zero_()
         self._greedy[:b].fill_(True)
         self._active[:b].fill_(True)
+        self._active_key = None
 
     # -- prompts: positions and embeddings -----------------------------------------------------
     def prompt_positions(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, int]:
@@ -607,11 +609,14 @@ class FastEngine:
         """One decode step for these rows (the others keep their state); returns one new id per row.
         ``greedy``: every row samples greedily (a cheaper graph); None: look it up on the device."""
         b = self._bucket(max(rows) + 1)
-        mask = torch.zeros(b, dtype=torch.bool)
-        mask[rows] = True
-        self._active[:b].copy_(mask)
+        key = (b, tuple(rows))
+        if key != self._active_key:  # a host-to-device copy (and, on CUDA, a wait) only when the rows change
+            mask = torch.zeros(b, dtype=torch.bool)
+            mask[rows] = True
+            self._active[:b].copy_(mask)
+            self._active_key = key
         if greedy is None:
-            greedy = bool(self._greedy[:b][mask.to(self.device)].all())
+            greedy = bool(self._greedy[:b][self._active[:b]].all())
         if self.use_graphs:
             self._capture_now(b, greedy)
             self._graphs[(b, greedy)].replay()

@@ -19,6 +19,7 @@ import json
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -490,32 +491,60 @@ class ChatCompletions:
 
 
 class _ChunkStream:
-    """Runs a backend's chunk iterator on its own thread and hands chunks to the event loop."""
+    """Runs a backend's chunk iterator on its own thread and hands chunks to the event loop.
+
+    Chunks wait in a deque; the loop is woken (``call_soon_threadsafe``, a write to its self-pipe) only when
+    no wake-up is already pending, so under load, when the loop lags behind, one wake-up carries many chunks."""
 
     def __init__(self, chunks: Any, loop: asyncio.AbstractEventLoop, cancel: threading.Event) -> None:
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._items: deque[Any] = deque()
+        self._ready = asyncio.Event()
+        self._lock = threading.Lock()
+        self._woken = False  # a wake-up is scheduled on the loop and has not run yet
         self._chunks = chunks
         self._loop = loop
         self._cancel = cancel
         threading.Thread(target=self._pump, daemon=True, name="glmv-request").start()
 
+    def _send(self, item: Any) -> None:
+        with self._lock:
+            self._items.append(item)
+            if self._woken:
+                return
+            self._woken = True
+        self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._woken = False
+        self._ready.set()
+
     def _pump(self) -> None:
         try:
             for chunk in self._chunks:
-                self._loop.call_soon_threadsafe(self.queue.put_nowait, chunk)
+                self._send(chunk)
         except BaseException as exc:  # delivered to the consumer
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, exc)
+            self._send(exc)
         finally:
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, None)
+            self._send(None)
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
         while True:
-            item = await self.queue.get()
+            with self._lock:
+                item = self._items.popleft() if self._items else _EMPTY
+                if item is _EMPTY:
+                    self._ready.clear()
+            if item is _EMPTY:
+                await self._ready.wait()
+                continue
             if item is None:
                 return
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+
+_EMPTY = object()  # no chunk waiting
 
 
 async def _start(backend: Backend, request: GenerationRequest, cancel: threading.Event) -> _ChunkStream:
