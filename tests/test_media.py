@@ -56,6 +56,22 @@ def test_downscaled_to_pixel_budget(tmp_path):
     assert img.original_size == (4000, 3000)
 
 
+
+def test_full_image_gives_back_the_original_pixels(tmp_path):
+    """Outputs in the input's own pixels (grounding) need the original: decoded again from the kept bytes, the
+    caller's PIL image, or (nothing kept) the scaled image enlarged back; an unscaled image is kept as is."""
+    from glmv.media import LoadedImage
+
+    src = Image.effect_noise((300, 200), 64).convert("RGB")
+    p = tmp_path / "noise.png"
+    src.save(p)
+    scaled = load_image(p, max_pixels=6_000)
+    assert scaled.size == (94, 63) and scaled.full_image().tobytes() == src.tobytes()
+    assert load_image(src, max_pixels=6_000).full_image().tobytes() == src.tobytes()
+    assert LoadedImage(scaled.image, "page", (300, 200)).full_image().size == (300, 200)
+    whole = load_image(p)
+    assert whole.origin is None and whole.full_image() is whole.image
+
 def test_fit_to_pixels_keeps_small_images():
     assert fit_to_pixels(100, 50, 10_000) == (100, 50)
 

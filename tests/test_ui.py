@@ -322,6 +322,46 @@ def test_glmv_ground_writes_the_png_and_prints_json(tmp_path, image, monkeypatch
     assert main(["ground", image, "-p", "x", "-o", "a.jpg"], backend_factory=lambda s: backend, stdout=out, stderr=err2) == 2
 
 
+def test_large_image_boxes_are_in_the_files_own_pixels_everywhere(tmp_path, monkeypatch):
+    """An image scaled down for the model: `glmv ground`, Find's downloads and `glmv ask --json` all give the
+    boxes in the input file's pixels (0-1000 box x original size / 1000), and the PNG is the original drawn on."""
+    import io
+
+    from PIL import Image
+
+    from glmv.cli import main
+
+    src = Image.new("RGB", (2400, 1800), "white")
+    src.paste((0, 90, 0), (0, 0, 2400, 1800), mask=Image.frombytes("1", (2400, 1800), b"\x55" * (300 * 1800)))
+    path = tmp_path / "big.png"
+    src.save(path)  # 1-px green/white stripes: scaling down and back up would blur them
+    answer, expected = "<|begin_of_box|>[100,200,500,600]<|end_of_box|>", [240, 360, 1200, 1080]
+    small = ["--max-pixels", "120000"]  # 400x300 for the model
+    backend = ScriptedBackend(answer)
+    backend.default_sampling = Settings().sampling
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    assert main(["ground", str(path), "-p", "the thing", "-o", "cli.png", *small], backend_factory=lambda s: backend,
+                stdout=out, stderr=io.StringIO()) == 0
+    ground = json.loads(out.getvalue())
+    assert ground["image_size"] == [2400, 1800] and ground["boxes"][0]["box_px"] == expected
+    assert ground["boxes"][0]["box_1000"] == [100, 200, 500, 600]
+    out = io.StringIO()
+    assert main(["ask", str(path), "-p", "where?", "--json", *small], backend_factory=lambda s: backend, stdout=out,
+                stderr=io.StringIO()) == 0
+    assert json.loads(out.getvalue())["boxes"][0]["pixels"] == expected
+    app, scripted = make_app(tmp_path, answer)
+    app.max_pixels = 120_000
+    *_, png, files = last(app.find(str(path), "the thing", False, 64, "s1"))
+    sent = [c for c in scripted.requests[-1].messages[-1].content if hasattr(c, "image")]
+    assert [c.size for c in sent] == [(400, 300)]  # the model saw the scaled image
+    found = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text(encoding="utf-8"))
+    assert found == {"image_size": ground["image_size"], "boxes": ground["boxes"]}
+    for drawn in (Image.open(png).convert("RGB"), Image.open(tmp_path / "cli.png").convert("RGB")):
+        assert drawn.size == (2400, 1800) and drawn.getpixel((240, 700)) != src.getpixel((240, 700))  # the box edge
+        assert drawn.crop((1500, 0, 2400, 1800)).tobytes() == src.crop((1500, 0, 2400, 1800)).tobytes()
+
+
 # -- the line in front of the model ------------------------------------------------------------------------
 def test_slots_admit_in_order_and_let_waiting_users_leave():
     from glmv.ui.slots import Slots

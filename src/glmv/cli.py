@@ -891,7 +891,7 @@ def run_ground(args: argparse.Namespace, settings: Settings, backend_factory: Ba
                                         thinking=args.thinking)).result
     finally:
         backend.close()
-    found = annotate(image.image, result.output.answer, what)
+    found = annotate(image, result.output.answer, what)  # drawn and reported in the file's own pixels
     report = {**found.report(), "answer": result.output.answer}
     if found.save(out):
         report["image"] = str(out)

@@ -95,7 +95,8 @@ def draw_boxes(image: Any, boxes: list[Box]) -> Any:
 
 
 def boxes_report(boxes: list[Box], width: int, height: int) -> dict[str, Any]:
-    """The boxes as data: label, the 0–1000 box the model gave, and the box in pixels of the image."""
+    """The boxes as data: label, the 0–1000 box the model gave, and the box in pixels of the ``width`` x
+    ``height`` image (the input file's size: see :func:`annotate`)."""
     return {"image_size": [width, height], "boxes": [
         {"label": b.label, "box_1000": [b.x1, b.y1, b.x2, b.y2], "box_px": list(b.pixels(width, height))}
         for b in boxes]}
@@ -135,12 +136,17 @@ class Annotation:
 
 
 def annotate(image: Any, answer: str, label: str) -> Annotation:
-    """The boxes of ``answer`` (unlabelled ones named ``label``, what was asked for) drawn on the PIL ``image``."""
+    """The boxes of ``answer`` (unlabelled ones named ``label``, what was asked for) drawn on ``image``, a PIL
+    image or a :class:`~glmv.media.LoadedImage`. One rule for every output: pixels are the input file's own
+    pixels (as ``glmv ask --json`` gives them), so a LoadedImage that was scaled down for the model is drawn on
+    at its original size and its boxes are reported in that size; the 0–1000 boxes are the model's, unchanged."""
+    full = getattr(image, "full_image", None)
+    size = tuple(image.original_size) if full is not None else image.size
     boxes = find_boxes(answer, label)
     if not boxes:
-        return Annotation([], image.size, None, no_boxes_note(answer))
+        return Annotation([], size, None, no_boxes_note(answer))
     note = f"{len(boxes)} box{'es' if len(boxes) > 1 else ''} drawn"
-    return Annotation(boxes, image.size, draw_boxes(image, boxes), note)
+    return Annotation(boxes, size, draw_boxes(full() if full is not None else image, boxes), note)
 
 
 __all__ = ["Annotation", "Box", "FIND_PROMPT", "annotate", "boxes_json", "boxes_report", "draw_boxes", "find_boxes",

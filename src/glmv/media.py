@@ -24,7 +24,7 @@ import sys
 import time
 import urllib.parse
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -57,10 +57,28 @@ class LoadedImage:
     image: Any  # PIL.Image.Image
     source: str
     original_size: tuple[int, int]
+    # What a scaled-down image was made from (the file's bytes, or the caller's PIL image), kept so that
+    # outputs in the input file's own pixels (grounding's annotated PNG) can be drawn at full size; the bytes
+    # are compressed, so this costs far less memory than keeping the decoded original.
+    origin: bytes | Any | None = field(default=None, repr=False, compare=False)
 
     @property
     def size(self) -> tuple[int, int]:
         return self.image.size
+
+    def full_image(self) -> Any:
+        """The image at its original size (the input file's pixels): decoded again from the kept bytes when it was
+        scaled down, else (nothing kept, e.g. a rendered PDF page) the scaled image enlarged back to that size."""
+        from PIL import Image
+
+        if self.image.size == self.original_size:
+            return self.image
+        if isinstance(self.origin, (bytes, bytearray)):
+            w, h = self.original_size
+            return decode_image(bytes(self.origin), self.source, max_pixels=w * h, max_decode_pixels=w * h).image
+        if isinstance(self.origin, Image.Image) and self.origin.size == self.original_size:
+            return self.origin.convert("RGB")
+        return self.image.resize(self.original_size, Image.Resampling.BICUBIC)
 
 
 def describe_source(source: Any) -> str:
@@ -418,7 +436,8 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
             target = fit_to_pixels(*img.size, max_pixels)
             if target != img.size:
                 img = img.resize(target, Image.Resampling.BICUBIC)
-            return LoadedImage(image=img.copy(), source=name, original_size=original)
+            return LoadedImage(image=img.copy(), source=name, original_size=original,
+                               origin=data if target != original else None)
     except MediaError:
         raise
     except Image.DecompressionBombError:
@@ -447,7 +466,9 @@ def load_image(
         img = source.convert("RGB")
         original = img.size
         target = fit_to_pixels(*img.size, max_pixels)
-        return LoadedImage(img.resize(target) if target != img.size else img, "<image>", original)
+        if target == img.size:
+            return LoadedImage(img, "<image>", original)
+        return LoadedImage(img.resize(target), "<image>", original, origin=source)
     name = "<stdin>" if source == "-" else describe_source(source)
     data = read_source_bytes(source, allow_remote=allow_remote, stdin=stdin, remote=remote)
     return decode_image(data, name, max_pixels=max_pixels, max_decode_pixels=max_decode_pixels)

@@ -334,7 +334,7 @@ class WebApp:
 
     def _annotate(self, img: LoadedImage, answer: str, label: str) -> tuple[str | None, list[str] | None, str]:
         """Draw the answer's boxes on the image; (PNG path, [PNG, JSON], a note for the stats line)."""
-        found = annotate(img.image, answer, label)
+        found = annotate(img, answer, label)  # drawn and reported in the uploaded file's own pixels
         if not found.boxes:
             return None, None, f" · {found.note}"
         folder = self._download_dir()
