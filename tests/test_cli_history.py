@@ -143,11 +143,28 @@ def test_chat_in_process(fresh_history, sample_png, tmp_path):
     assert code == 0 and len(backend.requests[0].messages) == 9 and "(continuing " in err.getvalue()
 
 
-def test_idle_timeout_stops_a_real_server_but_not_mid_request():
+def watched_server(app, idle_after_s: float, **config):
+    """A real uvicorn serving ``app`` under the resident model's idle watch. Returns the server, its thread, the
+    port once it listens (``ready[0]``) and the moments the watch found it idle."""
     import uvicorn
 
     from glmv.resident import ActivityTracker, watch_server
 
+    tracker = ActivityTracker(app)
+    server = uvicorn.Server(uvicorn.Config(tracker, host="127.0.0.1", port=0, log_level="warning", **config))
+    ready, idle = [], []
+    threading.Thread(target=watch_server, args=(server, tracker, idle_after_s, ready.append,
+                                                lambda: idle.append(time.monotonic())), daemon=True).start()
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    t0 = time.monotonic()
+    while not ready:
+        assert time.monotonic() - t0 < 20
+        time.sleep(0.05)
+    return server, thread, tracker, ready, idle
+
+
+def test_idle_timeout_stops_a_real_server_but_not_mid_request():
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":
             while (await receive())["type"] != "lifespan.shutdown":
@@ -162,17 +179,7 @@ def test_idle_timeout_stops_a_real_server_but_not_mid_request():
             await send({"type": "http.response.body", "body": b"x", "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 
-    tracker = ActivityTracker(app)
-    server = uvicorn.Server(uvicorn.Config(tracker, host="127.0.0.1", port=0, log_level="warning"))
-    ready, idle = [], []
-    threading.Thread(target=watch_server, args=(server, tracker, 0.5, ready.append, lambda: idle.append(time.monotonic())),
-                     daemon=True).start()
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    t0 = time.monotonic()
-    while not ready:
-        assert time.monotonic() - t0 < 20
-        time.sleep(0.05)
+    server, thread, _, ready, idle = watched_server(app, 0.5)
     import urllib.request
 
     body = urllib.request.urlopen(f"http://127.0.0.1:{ready[0]}/v1/slow", timeout=10).read()
@@ -187,23 +194,10 @@ def test_a_client_that_sends_headers_and_no_body_cannot_keep_a_resident_server_a
     never finishes its headers. The first gets 408 and is closed; neither counts as activity: the server idles out."""
     import socket
 
-    import uvicorn
-
-    from glmv.resident import ActivityTracker, watch_server
     from glmv.server.app import ServerConfig, build_app
 
-    tracker = ActivityTracker(build_app(ScriptedBackend("ok"), ServerConfig(body_timeout_s=0.5)))
-    server = uvicorn.Server(uvicorn.Config(tracker, host="127.0.0.1", port=0, log_level="warning",
-                                           timeout_graceful_shutdown=2))
-    ready, idle = [], []
-    threading.Thread(target=watch_server, args=(server, tracker, 1.0, ready.append, lambda: idle.append(time.monotonic())),
-                     daemon=True).start()
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    t0 = time.monotonic()
-    while not ready:
-        assert time.monotonic() - t0 < 20
-        time.sleep(0.05)
+    server, thread, tracker, ready, idle = watched_server(
+        build_app(ScriptedBackend("ok"), ServerConfig(body_timeout_s=0.5)), 1.0, timeout_graceful_shutdown=2)
     stalled, partial = (socket.create_connection(("127.0.0.1", ready[0]), timeout=5) for _ in range(2))
     try:
         started = time.monotonic()
