@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .media import LoadedImage
+
 SCALE = 1000  # GLM's box coordinates are per mille of the image's width and height
 
 FIND_PROMPT = (
@@ -140,13 +142,13 @@ def annotate(image: Any, answer: str, label: str) -> Annotation:
     image or a :class:`~glmv.media.LoadedImage`. One rule for every output: pixels are the input file's own
     pixels (as ``glmv ask --json`` gives them), so a LoadedImage that was scaled down for the model is drawn on
     at its original size and its boxes are reported in that size; the 0–1000 boxes are the model's, unchanged."""
-    full = getattr(image, "full_image", None)
-    size = tuple(image.original_size) if full is not None else image.size
+    loaded = isinstance(image, LoadedImage)
+    size = tuple(image.original_size) if loaded else image.size
     boxes = find_boxes(answer, label)
     if not boxes:
         return Annotation([], size, None, no_boxes_note(answer))
     note = f"{len(boxes)} box{'es' if len(boxes) > 1 else ''} drawn"
-    return Annotation(boxes, size, draw_boxes(full() if full is not None else image, boxes), note)
+    return Annotation(boxes, size, draw_boxes(image.full_image() if loaded else image, boxes), note)
 
 
 __all__ = ["Annotation", "Box", "FIND_PROMPT", "annotate", "boxes_json", "boxes_report", "draw_boxes", "find_boxes",
