@@ -224,7 +224,9 @@ def start(serve_args: list[str], model: str, stderr: TextIO, wait_s: float | Non
     private_dir(state.parent)  # records hold API keys, logs hold what the server said: the user's only
     _prune_logs(state.parent)
     log_path = state.with_suffix(".log")
-    env = dict(os.environ, GLMV_API_KEY=secrets.token_urlsafe(24))  # in the environment, not on the command line
+    # The key goes in the environment, not on the command line. Hex, not urlsafe: a key starting with "-" reads
+    # as a flag, so `--api-key KEY` failed about one time in 64.
+    env = dict(os.environ, GLMV_API_KEY=secrets.token_hex(24))
     cmd = [sys.executable, "-m", "glmv.cli", "serve", "--model", model, "--port", "0", "--state-file", str(state),
            *serve_args]
     with open(private_file(log_path), "ab") as log:
